@@ -1,0 +1,179 @@
+"""Adapter files: only what was trained (LoRA A/B + head) and the small config to rebuild the rest.
+
+``adapter.safetensors`` holds the tensors, ``adapter.json`` the LoRA settings, the class labels and
+the base model's identity (where it came from, its architecture, a fingerprint of its weights), so
+an adapter is refused, with the mismatch named, by any base it was not trained on. ``merge`` folds
+the update into the base and writes a plain classifier that needs neither LoRA nor the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbone import Backbone, BackboneSpec, backbone_skeleton, load_backbone
+from .classifier import Classifier
+from .errors import LorafitError
+from .files import load_safetensors, save_safetensors, write_json
+from .lora import LoRAConfig, freeze_for_lora, inject_lora, lora_layers, unwrap_merged
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter.json"
+MERGED_WEIGHTS = "model.safetensors"
+MERGED_CONFIG = "classifier.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ClassifierSpec:
+    """Everything needed to rebuild a LoRA classifier around its base model."""
+
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    labels: list[str] = field(default_factory=lambda: ["ham", "spam"])
+    pooling: str | None = None  # None: the backbone's default ("last" for decoders)
+    architecture: dict = field(default_factory=dict)  # filled from the loaded base
+    fingerprint: str = ""  # filled from the loaded base's weights
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": "lorafit-adapter", "version": FORMAT_VERSION,
+            "backbone": self.backbone.to_dict(), "lora": self.lora.to_dict(), "labels": list(self.labels),
+            "num_classes": self.num_classes, "pooling": self.pooling, "architecture": self.architecture,
+            "fingerprint": self.fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassifierSpec":
+        return cls(BackboneSpec.from_dict(d["backbone"]), LoRAConfig.from_dict(d["lora"]), list(d["labels"]),
+                   d.get("pooling"), d.get("architecture", {}), d.get("fingerprint", ""))
+
+
+def weight_fingerprint(module: nn.Module) -> str:
+    """A cheap identity for base weights: a hash of the first values of every tensor, rounded to bf16
+    so that storing the frozen base in another precision keeps the same fingerprint."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        if t.is_floating_point():
+            h.update(name.encode())
+            h.update(t.detach().reshape(-1)[:8].to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_classifier(spec: ClassifierSpec, backbone: Backbone | None = None, seed: int = 42) -> tuple[Classifier, Backbone]:
+    """Load the base, inject LoRA, add the head, freeze: the model ready to train (or to load into)."""
+    backbone = backbone or load_backbone(spec.backbone)
+    spec.architecture = backbone.architecture
+    spec.fingerprint = weight_fingerprint(backbone.module)
+    spec.pooling = spec.pooling or backbone.default_pooling
+    torch.manual_seed(seed)  # LoRA A and the head start from the same values for the same seed
+    inject_lora(backbone.module, spec.lora)
+    model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling)
+    freeze_for_lora(model, trainable=(model.head,))
+    return model, backbone
+
+
+def adapter_state(model: Classifier) -> dict[str, torch.Tensor]:
+    """The trained tensors only: every LoRA A/B and the head."""
+    state = {}
+    for name, m in lora_layers(model).items():
+        state[f"{name}.lora_A"] = m.lora_A
+        state[f"{name}.lora_B"] = m.lora_B
+    state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
+    return state
+
+
+def save_adapter(directory: str | Path, model: Classifier, spec: ClassifierSpec) -> None:
+    directory = Path(directory)
+    save_safetensors(directory / ADAPTER_WEIGHTS, adapter_state(model), metadata={"format": "lorafit-adapter"})
+    write_json(directory / ADAPTER_CONFIG, spec.to_dict())
+
+
+def read_spec(directory: str | Path, name: str = ADAPTER_CONFIG) -> ClassifierSpec:
+    path = Path(directory) / name
+    if not path.is_file():
+        raise LorafitError(f"{path}: not found (expected a lorafit run or adapter folder)")
+    try:
+        return ClassifierSpec.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, KeyError, TypeError, LorafitError) as e:
+        raise LorafitError(f"{path}: not a lorafit adapter config ({e})") from e
+
+
+def check_compatible(saved: ClassifierSpec, built: ClassifierSpec, where: str) -> None:
+    """Refuse an adapter whose base, rank, targets or classes differ from the model it would load into."""
+    if saved.architecture != built.architecture:
+        diff = sorted(k for k in set(saved.architecture) | set(built.architecture)
+                      if saved.architecture.get(k) != built.architecture.get(k))
+        k = diff[0]
+        raise LorafitError(f"{where}: adapter was trained on another base model "
+                           f"({k} {saved.architecture.get(k)} vs {built.architecture.get(k)})")
+    if saved.fingerprint and saved.fingerprint != built.fingerprint:
+        raise LorafitError(f"{where}: adapter was trained on other base weights "
+                           f"(fingerprint {saved.fingerprint} vs {built.fingerprint} of {built.backbone.model})")
+    if saved.lora.rank != built.lora.rank:
+        raise LorafitError(f"{where}: adapter has LoRA rank {saved.lora.rank}, the model rank {built.lora.rank}")
+    if saved.num_classes != built.num_classes:
+        raise LorafitError(f"{where}: adapter has {saved.num_classes} classes, the model {built.num_classes}")
+
+
+def load_adapter_into(model: Classifier, spec: ClassifierSpec, directory: str | Path) -> None:
+    """Copy a saved adapter into a classifier built for ``spec`` (shapes and keys checked by name)."""
+    directory = Path(directory)
+    check_compatible(read_spec(directory), spec, str(directory))
+    tensors = load_safetensors(directory / ADAPTER_WEIGHTS)
+    target = adapter_state(model)
+    if set(tensors) != set(target):
+        missing = sorted(set(target) - set(tensors)) or sorted(set(tensors) - set(target))
+        raise LorafitError(f"{directory / ADAPTER_WEIGHTS}: LoRA layers differ from the model's ({missing[0]})")
+    with torch.no_grad():
+        for k, t in target.items():
+            if t.shape != tensors[k].shape:
+                raise LorafitError(f"{directory / ADAPTER_WEIGHTS}: {k} has shape {tuple(tensors[k].shape)}, "
+                                   f"expected {tuple(t.shape)}")
+            t.copy_(tensors[k])
+
+
+def load_classifier(directory: str | Path, backbone_spec: BackboneSpec | None = None) -> tuple[Classifier, Backbone, ClassifierSpec]:
+    """A saved run or adapter folder -> the classifier, rebuilt on its base (or on ``backbone_spec``)."""
+    directory = Path(directory)
+    if (directory / MERGED_CONFIG).is_file() and not (directory / ADAPTER_CONFIG).is_file():
+        return load_merged(directory)
+    saved = read_spec(directory)
+    spec = ClassifierSpec(backbone_spec or saved.backbone, saved.lora, saved.labels, saved.pooling)
+    model, backbone = build_classifier(spec)
+    load_adapter_into(model, spec, directory)
+    model.eval()
+    return model, backbone, spec
+
+
+def save_merged(directory: str | Path, model: Classifier, spec: ClassifierSpec, backbone: Backbone) -> None:
+    """Fold every LoRA update into its base weight and save a plain classifier (no LoRA layers left)."""
+    directory = Path(directory)
+    unwrap_merged(model)
+    save_safetensors(directory / MERGED_WEIGHTS, model.state_dict(), metadata={"format": "lorafit-merged"})
+    backbone.save_assets(directory)
+    write_json(directory / MERGED_CONFIG, {**spec.to_dict(), "format": "lorafit-merged"})
+
+
+def load_merged(directory: str | Path) -> tuple[Classifier, Backbone, ClassifierSpec]:
+    """A folder written by :func:`save_merged` -> a plain classifier; the base model is not needed."""
+    directory = Path(directory)
+    spec = read_spec(directory, MERGED_CONFIG)
+    backbone = backbone_skeleton(spec.architecture, directory, spec.backbone)
+    model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling)
+    tensors = load_safetensors(directory / MERGED_WEIGHTS)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if missing or unexpected:
+        raise LorafitError(f"{directory / MERGED_WEIGHTS}: weights do not fit the saved architecture "
+                           f"({(missing or unexpected)[0]})")
+    model.eval()
+    return model, backbone, spec

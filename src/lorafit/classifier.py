@@ -1,0 +1,49 @@
+"""A sequence classifier: a backbone's hidden state at one pooled position, through a linear head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import LorafitError
+from .model import GPTModel
+
+POOLINGS = ("last", "first", "mean")
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, T, D) -> (B, D). ``last`` reads the last real token of each right-padded row, so a
+    prediction never depends on how much padding its batch has (``logits[:, -1]`` would read a pad)."""
+    if how == "last":
+        last = attention_mask.sum(dim=1) - 1  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
+    if how == "first":
+        return hidden[:, 0]  # (B, D)
+    if how == "mean":
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)  # (B, D)
+    raise LorafitError(f"pooling must be one of {', '.join(POOLINGS)}, got {how!r}")
+
+
+class Classifier(nn.Module):
+    """``head(pool(backbone.hidden_states(ids)))``: the head runs only at the pooled position."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int, num_classes: int, pooling: str = "last"):
+        super().__init__()
+        if num_classes < 2:
+            raise LorafitError(f"a classifier needs at least 2 classes, got {num_classes}")
+        if pooling not in POOLINGS:
+            raise LorafitError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if isinstance(backbone, GPTModel):
+            backbone.out_head = None  # replaced by the classification head, as in the book
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, num_classes)
+        self.pooling = pooling
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone.hidden_states(input_ids, attention_mask)  # (B, T, D)
+        return self.head(pool(hidden, attention_mask, self.pooling)).float()  # (B, C)

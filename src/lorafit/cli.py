@@ -1,0 +1,274 @@
+"""``lorafit``: a thin command-line shell over the Python API (every command is a few calls into it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import LorafitError, UsageError
+
+
+def _model_args(p: argparse.ArgumentParser, default: str = "gpt2-small") -> None:
+    g = p.add_argument_group("base model")
+    g.add_argument("--model", default=default,
+                   help="gpt2-small|medium|large|xl (OpenAI's weights via the Hugging Face cache), a Hugging Face "
+                        "or OpenAI-layout folder, a book .pth state dict, or hf:<hub id or folder> (default: %(default)s)")
+    g.add_argument("--random-init", action="store_true", help="fresh weights of the preset's shape; no download")
+    g.add_argument("--tokenizer", metavar="DIR", help="folder with encoder.json + vocab.bpe (or vocab.json + merges.txt)")
+    g.add_argument("--gguf-file", metavar="NAME", help="GGUF file inside an hf: model folder or repo")
+    g.add_argument("--n-heads", type=int, help="attention heads, for .pth files whose width is not a GPT-2 size")
+
+
+def _lora_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
+    g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default: %(default)s)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path (default: %(default)s)")
+    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    g.add_argument("--targets", default="all",
+                   help="comma-separated: all (every linear in the blocks), attention, qv, feedforward, "
+                        "or module names / regexes such as W_query,W_value (default: %(default)s)")
+    g.add_argument("--num-classes", type=int, default=2, help="classes of the head, for inspect (default: %(default)s)")
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast where the hardware has native bf16, else fp32 (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning of GPT-2 and friends into text classifiers")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a classifier and write a run directory")
+    _model_args(p)
+    _lora_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="FILE", help="labelled texts (CSV, TSV, JSONL or the SMS file); default: download the SMS Spam Collection")
+    g.add_argument("--val", metavar="FILE", help="validation file (with --test; otherwise --data is split 70/10/20)")
+    g.add_argument("--test", metavar="FILE", help="test file")
+    g.add_argument("--text-col", help="text column (default: text)")
+    g.add_argument("--label-col", help="label column (default: label)")
+    g.add_argument("--no-balance", action="store_true", help="keep every example (stratified split) instead of under-sampling")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-accum", type=int, default=1, help="batches per optimiser step")
+    g.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--eval-every", type=int, default=50, help="steps between evaluations on a validation slice")
+    g.add_argument("--eval-batches", type=int, default=5, help="batches in that validation slice")
+    g.add_argument("--class-weights", choices=["auto"], help="auto: weight the loss by inverse class frequency")
+    g.add_argument("--seed", type=int, default=42, help="fixes split, initialisation and order (default: %(default)s)")
+    g.add_argument("--out", metavar="DIR", help="run directory (default: runs/<model>-r<rank>-s<seed>)")
+    g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _runtime_args(p)
+
+    p = sub.add_parser("eval", help="re-evaluate a saved run (its own splits, or --data)")
+    p.add_argument("--run", required=True, metavar="DIR")
+    p.add_argument("--data", metavar="FILE")
+    p.add_argument("--text-col")
+    p.add_argument("--label-col")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _runtime_args(p)
+
+    p = sub.add_parser("predict", help="label texts with a saved run")
+    p.add_argument("--run", required=True, metavar="DIR")
+    p.add_argument("texts", nargs="*", help="messages to classify")
+    p.add_argument("--file", metavar="FILE", help="one message per line")
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    p.add_argument("--batch-size", type=int, default=32)
+    _runtime_args(p)
+
+    p = sub.add_parser("inspect", help="print the model with LoRA injected and the parameter accounting")
+    _model_args(p)
+    _lora_args(p)
+    p.add_argument("--seed", type=int, default=42)
+
+    p = sub.add_parser("merge", help="fold a run's adapter into its base and save a plain classifier")
+    p.add_argument("--run", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("generate", help="continue a prompt with the language model (checks the weights)")
+    _model_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int, default=42)
+    return parser
+
+
+def _backbone_spec(args):
+    from .backbone import BackboneSpec
+
+    return BackboneSpec(model=args.model, random_init=args.random_init, tokenizer=args.tokenizer,
+                        gguf_file=args.gguf_file, n_heads=args.n_heads, seed=args.seed)
+
+
+def _lora_config(args):
+    from .lora import LoRAConfig
+
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    return LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, use_rslora=args.rslora,
+                      targets=targets)
+
+
+def cmd_train(args) -> None:
+    from .adapter import ClassifierSpec
+    from .run import DataConfig, train_run
+    from .train import TrainConfig
+
+    spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args))
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                       grad_accum=args.grad_accum, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                       clip_grad=args.clip_grad or None, eval_every=args.eval_every, eval_batches=args.eval_batches,
+                       class_weights=args.class_weights, seed=args.seed)
+    dcfg = DataConfig(data=args.data, val=args.val, test=args.test, text_col=args.text_col,
+                      label_col=args.label_col, balance=not args.no_balance)
+    name = Path(args.model.removeprefix("hf:")).name or "model"
+    out = Path(args.out or f"runs/{name}-r{args.rank}-s{args.seed}")
+    command = "lorafit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = train_run(spec, dcfg, tcfg, out, device=args.device, precision=args.precision, overwrite=args.overwrite,
+                       command=command, progress=not args.quiet)
+    r = result.report
+    acc = ", ".join(f"{k} {100 * v['accuracy']:.2f} %" for k, v in r["metrics"].items())
+    print(f"accuracy: {acc}")
+    print(f"training: {r['speed']['train_seconds']:.1f} s, {r['speed']['train_examples_per_s']:.2f} examples/s; "
+          f"peak RSS {r['speed']['peak_rss_mb']:.0f} MB")
+    print(f"run written to {out}/ (report.md, adapter.safetensors, plots)")
+
+
+def cmd_eval(args) -> None:
+    from .run import evaluate_run
+
+    result = evaluate_run(args.run, args.data, text_col=args.text_col, label_col=args.label_col, device=args.device,
+                          precision=args.precision, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for split, m in result["metrics"].items():
+        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
+        print(f"{split:>5}: accuracy {100 * m['accuracy']:.2f} % ({m['n']} examples), loss {m['loss']:.4f}, "
+              f"macro F1 {m['macro_f1']:.4f}, ROC-AUC {auc}")
+
+
+def cmd_predict(args) -> None:
+    from .run import predict_texts
+
+    texts = list(args.texts)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UsageError(f"--file {path}: not found")
+        try:
+            texts += [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise LorafitError(f"--file {path}: not UTF-8 text") from e
+    if not texts:
+        raise UsageError("predict needs texts: give them as arguments or with --file")
+    for row in predict_texts(args.run, texts, device=args.device, precision=args.precision, batch_size=args.batch_size):
+        if args.json:
+            print(json.dumps(row))
+        else:
+            print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
+
+
+def cmd_inspect(args) -> None:
+    import torch
+
+    from .accounting import count_parameters, format_counts
+    from .backbone import load_backbone
+    from .classifier import Classifier
+    from .lora import freeze_for_lora, inject_lora
+
+    backbone = load_backbone(_backbone_spec(args))
+    model = backbone.module
+    torch.manual_seed(args.seed)
+    replaced = inject_lora(model, _lora_config(args))
+    freeze_for_lora(model)
+    print(model)
+    print(f"\nLoRA injected into {len(replaced)} layers; every other parameter is frozen.\n")
+    print(format_counts(count_parameters(model), "Parameters after LoRA injection and freezing"))
+    old_head = getattr(model, "out_head", None)
+    clf = Classifier(model, backbone.hidden_size, args.num_classes, backbone.default_pooling)
+    freeze_for_lora(clf, trainable=(clf.head,))
+    print(f"\nhead before: {old_head}\nhead after:  {clf.head}  (trainable)\n")
+    print(format_counts(count_parameters(clf), f"Parameters with the {args.num_classes}-class head"))
+
+
+def cmd_merge(args) -> None:
+    from .adapter import MERGED_CONFIG, load_classifier, save_merged
+
+    out = Path(args.out)
+    if (out / MERGED_CONFIG).exists() and not args.overwrite:
+        raise LorafitError(f"--out {out}: already holds a merged model; pass --overwrite to replace it")
+    model, backbone, spec = load_classifier(args.run)
+    save_merged(out, model, spec, backbone)
+    print(f"merged classifier written to {out}/ (model.safetensors, {MERGED_CONFIG}); "
+          f"use it like a run: lorafit predict --run {out} ...")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from .backbone import load_backbone
+    from .generate import generate
+
+    if args.model.startswith("hf:"):
+        raise UsageError("generate works with GPT-2 models (presets, folders, .pth), not hf: backbones")
+    backbone = load_backbone(_backbone_spec(args))
+    enc = backbone.encoder
+    idx = torch.tensor([enc.encode([args.prompt])[0] or [enc.pad_id]])
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate(backbone.module, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   eos_id=enc.pad_id, generator=gen)
+    print(enc.decode(out[0].tolist()))
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspect": cmd_inspect,
+            "merge": cmd_merge, "generate": cmd_generate}
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"lorafit: warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.formatwarning = _warning_line
+    try:
+        COMMANDS[args.command](args)
+    except LorafitError as e:
+        if args.debug:
+            raise
+        if isinstance(e, UsageError):
+            parser.exit(2, f"lorafit {args.command}: error: {e}\n")
+        print(f"lorafit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lorafit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not a user mistake: one line, and the way to see more
+        if args.debug:
+            raise
+        print(f"lorafit: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""GPT-2 with the module names of *Build a Large Language Model (From Scratch)*.
+
+Names follow the book's ``GPTModel`` (tok_emb, trf_blocks[i].att.W_query, ff.layers[0], norm1.scale,
+out_head, ...) so that the book's saved state dicts load as they are; the arithmetic is GPT-2's
+(tanh-approximated GELU, pre-norm blocks, learned positions), so OpenAI's weights give OpenAI's logits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LorafitError
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a GPT-2 model; the four presets are OpenAI's released sizes."""
+
+    vocab_size: int = 50257  # BPE tokens, <|endoftext|> included
+    context_length: int = 1024  # learned positions
+    emb_dim: int = 768  # width of the residual stream
+    n_heads: int = 12  # attention heads (emb_dim must divide evenly)
+    n_layers: int = 12  # transformer blocks
+    drop_rate: float = 0.0  # dropout after embeddings, attention and feed-forward
+    qkv_bias: bool = True  # OpenAI's checkpoints have biases on the query/key/value projections
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        problems = [f"{f.name} must be positive" for f in fields(self)
+                    if f.type in ("int", int) and getattr(self, f.name) <= 0]
+        if self.emb_dim % max(self.n_heads, 1):
+            problems.append(f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            problems.append(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        if problems:
+            raise LorafitError("invalid GPT config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    "gpt2-small": GPTConfig(emb_dim=768, n_layers=12, n_heads=12),
+    "gpt2-medium": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16),
+    "gpt2-large": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20),
+    "gpt2-xl": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25),
+}
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with the book's parameter names (scale, shift) so its state dicts load unchanged."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+
+class GELU(nn.Module):
+    """GPT-2's GELU: the tanh approximation ("gelu_new"), not the exact erf form."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim), GELU(), nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention through ``scaled_dot_product_attention``.
+
+    Right-padded batches need no mask here: with a causal mask a real token only sees earlier
+    positions, which are real too, so padding never changes a real token's output.
+    """
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        d = cfg.emb_dim
+        self.n_heads = cfg.n_heads
+        self.head_dim = d // cfg.n_heads
+        self.drop_rate = cfg.drop_rate
+        self.W_query = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.W_key = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.W_value = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape  # (B, T, D)
+        q = self.W_query(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.W_key(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        v = self.W_value(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.drop_rate if self.training else 0.0
+        )  # (B, H, T, hd)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.att = MultiHeadAttention(cfg)
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
+        self.norm2 = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))  # (B, T, D)
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))  # (B, T, D)
+
+
+class GPTModel(nn.Module):
+    """GPT-2: token + position embeddings, ``n_layers`` pre-norm blocks, final norm, untied out_head."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith((".scale",)):
+                nn.init.ones_(p)
+            elif name.endswith((".shift", ".bias")):
+                nn.init.zeros_(p)
+            elif name.endswith(("out_proj.weight", "ff.layers.2.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def hidden_states(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-normed hidden states (B, T, D): what both the LM head and a classifier read.
+
+        ``attention_mask`` is accepted for interface parity with other backbones and not needed:
+        batches are right-padded and attention is causal, so real tokens never see padding.
+        """
+        _, t = in_idx.shape
+        if t > self.cfg.context_length:
+            raise LorafitError(f"sequence of {t} tokens exceeds the context length {self.cfg.context_length}")
+        pos = torch.arange(t, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))  # (B, T, D)
+        x = self.trf_blocks(x)  # (B, T, D)
+        return self.final_norm(x)  # (B, T, D)
+
+    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+        if self.out_head is None:
+            raise LorafitError("this GPTModel is a classifier backbone: its out_head was replaced")
+        return self.out_head(self.hidden_states(in_idx))  # (B, T, vocab)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,85 @@
+"""report.json (everything, machine-readable) and report.md (the same, for people)."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+
+
+def library_versions() -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("lorafit", "torch", "tiktoken", "safetensors", "numpy", "pandas", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f} %"
+
+
+def render_markdown(r: dict) -> str:
+    p = r["parameters"]
+    lines = [
+        f"# lorafit run: {r['name']}",
+        "",
+        f"Base model `{r['model']['backbone']['model']}`"
+        + (" (random init)" if r["model"]["backbone"]["random_init"] else "")
+        + f", LoRA rank {r['model']['lora']['rank']}, alpha {r['model']['lora']['alpha']:g}, "
+        f"targets {', '.join(r['model']['lora']['targets'])}, {len(r['model']['labels'])} classes "
+        f"({', '.join(r['model']['labels'])}).",
+        "",
+        "## Parameters",
+        "",
+        "| group | parameters |",
+        "|---|---:|",
+        f"| LoRA A | {p['lora_A']:,} |",
+        f"| LoRA B | {p['lora_B']:,} |",
+        f"| head | {p['head_and_other_trainable']:,} |",
+        f"| frozen base | {p['frozen']:,} |",
+        f"| **total** | **{p['total']:,}** |",
+        f"| **trainable** | **{p['trainable']:,} ({p['percent_trainable']:.2f} %)** |",
+        "",
+        "## Accuracy",
+        "",
+        "| split | examples | accuracy | loss | macro F1 | ROC-AUC |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for split, m in r["metrics"].items():
+        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
+        lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {m['loss']:.4f} | {m['macro_f1']:.4f} | {auc} |")
+    test = r["metrics"].get("test")
+    if test:
+        labels = list(test["per_class"])
+        lines += ["", "## Test set, per class", "", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+        for name, c in test["per_class"].items():
+            lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
+        lines += ["", "Confusion matrix (rows: true, columns: predicted)", "",
+                  "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+        for name, row in zip(labels, test["confusion_matrix"]):
+            lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    s = r["speed"]
+    lines += [
+        "",
+        "## Speed and memory",
+        "",
+        f"- training: {s['train_seconds']:.1f} s, {s['train_examples_per_s']:.2f} examples/s, "
+        f"{s['train_tokens_per_s']:.0f} tokens/s ({s['device']}, {s['precision']})",
+        f"- evaluation (merged weights): {s['eval_examples_per_s']:.2f} examples/s",
+        f"- wall time: {s['wall_seconds']:.1f} s; peak memory: {s['peak_rss_mb']:.0f} MB RSS"
+        + (f", {s['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in s else ""),
+        "",
+        "## Reproduce",
+        "",
+        f"```\n{r['command']}\n```",
+        "",
+        f"Seed {r['train']['seed']}; best adapter from epoch {r['best_epoch']}; "
+        + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+        "",
+        "![loss](loss.png) ![accuracy](accuracy.png) ![confusion matrix](confusion_matrix.png)",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""The training loop: AdamW over the trainable parameters, length-bucketed batches, periodic evaluation.
+
+A plain function over explicit objects (model, encoded data, config), so a notebook can call it
+directly; everything the CLI adds (files, reports) happens in :mod:`lorafit.run` around it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .batching import Encoded, iterate, lengths_of, train_order
+from .errors import LorafitError
+from .evaluate import classification_metrics, predict_proba
+from .runtime import autocast
+
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; defaults reproduce the seed report's one-epoch run."""
+
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 5e-4  # AdamW learning rate
+    weight_decay: float = 0.1
+    grad_accum: int = 1  # batches per optimiser step
+    schedule: str = "constant"  # or "cosine" (decays to 10 % of lr after warmup)
+    warmup_steps: int = 0  # linear warmup, in optimiser steps
+    clip_grad: float | None = 1.0  # max gradient norm; None turns clipping off
+    eval_every: int = 50  # optimiser steps between evaluations on a validation slice (0: never)
+    eval_batches: int = 5  # size of that slice, in batches
+    class_weights: str | None = None  # "auto": inverse class frequency in the loss
+    bucket: int = 32  # length-sort within chunks of this many batches (1: plain shuffling)
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        problems = [f"--{f.name.replace('_', '-')} must be >= 1, got {getattr(self, f.name)}"
+                    for f in fields(self) if f.name in ("epochs", "batch_size", "grad_accum")
+                    and getattr(self, f.name) < 1]
+        if self.lr <= 0:
+            problems.append(f"--lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.class_weights not in (None, "auto"):
+            problems.append(f"--class-weights must be 'auto', got {self.class_weights!r}")
+        if min(self.warmup_steps, self.eval_every, self.eval_batches) < 0:
+            problems.append("--warmup-steps, --eval-every and --eval-batches must be >= 0")
+        if problems:
+            raise LorafitError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class History:
+    """What happened, step by step: enough to plot the book's loss figure and to fill the report."""
+
+    train: list[dict] = field(default_factory=list)  # per optimiser step: step, epoch, examples_seen, loss
+    val: list[dict] = field(default_factory=list)  # per evaluation: step, epoch, examples_seen, loss, accuracy
+    epochs: list[dict] = field(default_factory=list)  # per epoch: full validation accuracy and loss
+    best: dict | None = None  # the epoch record whose adapter was kept
+    train_seconds: float = 0.0
+    train_examples: int = 0
+    train_tokens: int = 0
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return cfg.lr
+
+
+def class_weight_tensor(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, normalised to mean 1: rare classes count as much as common ones."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = counts.sum() / (num_classes * np.maximum(counts, 1))
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, labels: list[str],
+        device: torch.device, dtype: torch.dtype | None = None,
+        on_best: Callable[[dict], None] | None = None, log: Callable[[dict], None] | None = None,
+        progress: bool = True) -> History:
+    """Train the trainable parameters of ``model``; ``on_best`` is called whenever full validation
+    accuracy improves (to save that adapter), ``log`` with every metrics record as it happens."""
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LorafitError("the model has no trainable parameters (inject LoRA and add a head first)")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    weight = class_weight_tensor(train.labels, len(labels)).to(device) if cfg.class_weights == "auto" else None
+    lengths = lengths_of(train)
+    n_batches = -(-len(train.ids) // cfg.batch_size)
+    total_steps = cfg.epochs * -(-n_batches // cfg.grad_accum)
+    history, log = History(), log or (lambda record: None)
+    step, seen = 0, 0
+    best_acc = -1.0
+    start, eval_seconds = time.perf_counter(), 0.0  # evaluation time is kept out of examples/s
+    for epoch in range(cfg.epochs):
+        order = train_order(lengths, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]), cfg.bucket)
+        bar = tqdm(iterate(train, order, pad_id), total=len(order), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, unit="batch")
+        optimizer.zero_grad(set_to_none=True)
+        accum_loss, accum_n = 0.0, 0
+        for i, batch in enumerate(bar):
+            batch = batch.to(device)
+            with autocast(device, dtype):
+                logits = model(batch.input_ids, batch.attention_mask)  # (B, C)
+            loss = F.cross_entropy(logits.float(), batch.labels, weight=weight)
+            if not torch.isfinite(loss):
+                raise LorafitError(f"training diverged: loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
+                                   "lower --lr or use --precision fp32")
+            (loss / cfg.grad_accum).backward()
+            accum_loss += loss.item() * len(batch.index)
+            accum_n += len(batch.index)
+            seen += len(batch.index)
+            history.train_tokens += batch.n_tokens
+            if (i + 1) % cfg.grad_accum and i + 1 != len(order):
+                continue
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, cfg)
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"event": "train", "step": step, "epoch": epoch + (i + 1) / len(order), "examples_seen": seen,
+                      "loss": accum_loss / accum_n, "lr": optimizer.param_groups[0]["lr"]}
+            history.train.append(record)
+            log(record)
+            accum_loss, accum_n = 0.0, 0
+            elapsed = time.perf_counter() - start - eval_seconds
+            bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{seen / elapsed:.1f}")
+            if cfg.eval_every and step % cfg.eval_every == 0 and len(val.ids):
+                t0 = time.perf_counter()
+                n = min(len(val.ids), cfg.eval_batches * cfg.batch_size)
+                part = Encoded(val.ids[:n], val.labels[:n], 0)
+                m = classification_metrics(part.labels, predict_proba(model, part, pad_id, batch_size=cfg.batch_size,
+                                                                      device=device, dtype=dtype), labels)
+                record = {"event": "eval", "step": step, "epoch": record["epoch"], "examples_seen": seen,
+                          "val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_examples": n}
+                history.val.append(record)
+                log(record)
+                eval_seconds += time.perf_counter() - t0
+        history.train_seconds = time.perf_counter() - start - eval_seconds
+        t0 = time.perf_counter()
+        m = classification_metrics(val.labels, predict_proba(model, val, pad_id, batch_size=cfg.batch_size,
+                                                             device=device, dtype=dtype), labels) if len(val.ids) else None
+        record = {"event": "epoch", "epoch": epoch + 1, "step": step, "examples_seen": seen,
+                  "val_loss": m["loss"] if m else None, "val_accuracy": m["accuracy"] if m else None,
+                  "seconds": history.train_seconds}
+        history.epochs.append(record)
+        log(record)
+        eval_seconds += time.perf_counter() - t0
+        acc = m["accuracy"] if m else float(epoch)  # without validation data: keep the last epoch
+        if acc > best_acc:
+            best_acc, history.best = acc, record
+            if on_best:
+                on_best(record)
+    history.train_examples = seen
+    return history

@@ -1,0 +1,250 @@
+"""Pretrained GPT-2 weights from wherever users keep them, all into the same :class:`GPTModel`.
+
+Sources: a preset name (OpenAI's weights through the Hugging Face hub cache), a Hugging Face directory,
+OpenAI's original TensorFlow checkpoint directory, a book ``.pth`` state dict (``weights_only=True``),
+or fresh weights (``random_init``). Every format is first turned into Hugging Face's GPT-2 key names
+and then mapped onto the book's names by one table, :func:`hf_to_lorafit`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import LorafitError
+from .model import PRESETS, GPTConfig, GPTModel
+
+HUB_REPOS = {
+    "gpt2-small": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+HUB_FILES = ("config.json", "model.safetensors", "vocab.json", "merges.txt")
+
+# Hugging Face GPT-2 key (per block: h.{i}.) -> lorafit key (per block: trf_blocks.{i}.).
+_BLOCK_TABLE = {
+    "ln_1.weight": "norm1.scale",
+    "ln_1.bias": "norm1.shift",
+    "attn.c_proj.weight": "att.out_proj.weight",
+    "attn.c_proj.bias": "att.out_proj.bias",
+    "ln_2.weight": "norm2.scale",
+    "ln_2.bias": "norm2.shift",
+    "mlp.c_fc.weight": "ff.layers.0.weight",
+    "mlp.c_fc.bias": "ff.layers.0.bias",
+    "mlp.c_proj.weight": "ff.layers.2.weight",
+    "mlp.c_proj.bias": "ff.layers.2.bias",
+}
+_TOP_TABLE = {
+    "wte.weight": "tok_emb.weight",
+    "wpe.weight": "pos_emb.weight",
+    "ln_f.weight": "final_norm.scale",
+    "ln_f.bias": "final_norm.shift",
+    "lm_head.weight": "out_head.weight",
+}
+# Conv1D stores [in, out]; nn.Linear wants [out, in].
+_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers of older files
+
+
+@dataclass
+class LoadedModel:
+    """A GPT-2 backbone and where it came from (the directory is searched for tokenizer files)."""
+
+    model: GPTModel
+    source: str  # what the user named: preset, directory or file
+    directory: Path | None  # folder holding the weights, or None for random init
+
+
+def hf_to_lorafit(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face GPT-2 state dict onto lorafit's names; c_attn is split into q, k, v."""
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items() if not _IGNORED.search(k)}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k in _TOP_TABLE:
+            out[_TOP_TABLE[k]] = v
+            continue
+        m = re.fullmatch(r"h\.(\d+)\.(.+)", k)
+        if not m or int(m.group(1)) >= n_layers:
+            raise LorafitError(f"unexpected key {k!r} in a GPT-2 checkpoint of {n_layers} layers")
+        i, rest = m.group(1), m.group(2)
+        if rest.endswith(_TRANSPOSED):
+            v = v.t()
+        prefix = f"trf_blocks.{i}."
+        if rest in ("attn.c_attn.weight", "attn.c_attn.bias"):
+            kind = rest.rsplit(".", 1)[1]
+            for name, part in zip(("W_query", "W_key", "W_value"), v.chunk(3, dim=0)):
+                out[f"{prefix}att.{name}.{kind}"] = part.contiguous()
+        elif rest in _BLOCK_TABLE:
+            out[prefix + _BLOCK_TABLE[rest]] = v.contiguous()
+        else:
+            raise LorafitError(f"unexpected key {k!r} in a GPT-2 checkpoint")
+    out.setdefault("out_head.weight", out.get("tok_emb.weight"))  # tied in HF files: untie by copying
+    return out
+
+
+def load_state_into(model: GPTModel, sd: dict[str, torch.Tensor], source: str) -> GPTModel:
+    """Copy ``sd`` into ``model``, refusing missing keys, extra keys and shape mismatches by name."""
+    expected = model.state_dict()
+    missing = [k for k in expected if sd.get(k) is None]
+    extra = [k for k in sd if k not in expected]
+    if missing:
+        raise LorafitError(f"{source}: missing weights {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else ""))
+    if extra:
+        raise LorafitError(f"{source}: unexpected weights {', '.join(extra[:4])}" + (" ..." if len(extra) > 4 else ""))
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise LorafitError(f"{source}: {k} has shape {tuple(sd[k].shape)}, the config expects {tuple(v.shape)}")
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(sd[k].to(v.dtype))
+    return model
+
+
+def empty_model(cfg: GPTConfig) -> GPTModel:
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    return model.to_empty(device="cpu")
+
+
+def config_from_hf(d: dict, source: str) -> GPTConfig:
+    if d.get("model_type", "gpt2") != "gpt2":
+        raise LorafitError(f"{source}: model_type is {d['model_type']!r}; GPT-2 expected (use --model hf:... for other models)")
+    try:
+        return GPTConfig(
+            vocab_size=d["vocab_size"], context_length=d.get("n_positions", d.get("n_ctx")), emb_dim=d["n_embd"],
+            n_heads=d["n_head"], n_layers=d["n_layer"], layer_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+        )
+    except (KeyError, TypeError) as e:
+        raise LorafitError(f"{source}: config.json lacks the GPT-2 field {e}") from e
+
+
+def load_hf_directory(directory: Path) -> GPTModel:
+    """A Hugging Face GPT-2 folder: config.json + model.safetensors (or pytorch_model.bin, safely)."""
+    cfg_path = directory / "config.json"
+    try:
+        cfg = config_from_hf(json.loads(cfg_path.read_text(encoding="utf-8")), str(cfg_path))
+    except json.JSONDecodeError as e:
+        raise LorafitError(f"{cfg_path}: not valid JSON ({e})") from e
+    if (directory / "model.safetensors").is_file():
+        from .files import load_safetensors
+
+        sd = load_safetensors(directory / "model.safetensors")
+    elif (directory / "pytorch_model.bin").is_file():
+        sd = _torch_load(directory / "pytorch_model.bin")
+    else:
+        raise LorafitError(f"{directory}: no model.safetensors (or pytorch_model.bin) beside config.json")
+    return load_state_into(empty_model(cfg), hf_to_lorafit(sd, cfg.n_layers), str(directory))
+
+
+def load_openai_directory(directory: Path) -> GPTModel:
+    """OpenAI's original release (hparams.json + model.ckpt.*), as the book's download script leaves it."""
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise LorafitError(
+            f"{directory}: reading OpenAI's TensorFlow checkpoint needs tensorflow: pip install 'lorafit[tf]'"
+        ) from e
+    hp = json.loads((directory / "hparams.json").read_text(encoding="utf-8"))
+    cfg = GPTConfig(vocab_size=hp["n_vocab"], context_length=hp["n_ctx"], emb_dim=hp["n_embd"],
+                    n_heads=hp["n_head"], n_layers=hp["n_layer"])
+    ckpt = tf.train.latest_checkpoint(str(directory))
+    if ckpt is None:
+        raise LorafitError(f"{directory}: hparams.json found but no TensorFlow checkpoint (checkpoint, model.ckpt.*)")
+    sd = {}
+    for name, _ in tf.train.list_variables(ckpt):
+        parts = name.removeprefix("model/").split("/")  # e.g. h0/attn/c_attn/w
+        if parts[0].startswith("h") and parts[0][1:].isdigit():
+            parts[0] = f"h.{parts[0][1:]}"
+        leaf = {"w": "weight", "g": "weight", "b": "bias"}.get(parts[-1])
+        key = ".".join(parts[:-1] + [leaf]) if leaf else ".".join(parts) + ".weight"
+        arr = np.asarray(tf.train.load_variable(ckpt, name))
+        if arr.ndim == 3:  # conv1d weights are [1, in, out]
+            arr = arr[0]
+        sd[key] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    return load_state_into(empty_model(cfg), hf_to_lorafit(sd, cfg.n_layers), str(directory))
+
+
+def _torch_load(path: Path) -> dict:
+    """Load a .pth/.bin without unpickling code: tensors and plain containers only."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types; the message is what matters
+        raise LorafitError(f"{path}: cannot be read as a weights-only PyTorch file ({str(e).splitlines()[0]})") from e
+    if isinstance(obj, dict) and "model_state_dict" in obj:  # the book's model + optimizer checkpoint
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise LorafitError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def config_from_state_dict(sd: dict[str, torch.Tensor], n_heads: int | None = None) -> GPTConfig:
+    """Infer the architecture from a book-style state dict; every GPT-2 size has 64-wide heads."""
+    vocab, emb = sd["tok_emb.weight"].shape
+    n_layers = len({k.split(".")[1] for k in sd if k.startswith("trf_blocks.")})
+    return GPTConfig(
+        vocab_size=vocab, context_length=sd["pos_emb.weight"].shape[0], emb_dim=emb,
+        n_heads=n_heads or max(emb // 64, 1), n_layers=n_layers,
+        qkv_bias="trf_blocks.0.att.W_query.bias" in sd,
+    )
+
+
+def load_book_state_dict(path: Path, n_heads: int | None = None) -> GPTModel:
+    """A state dict saved from the book's ``GPTModel`` (its causal-mask buffers are skipped)."""
+    sd = {k: v for k, v in _torch_load(path).items() if not k.endswith(".att.mask")}
+    if "tok_emb.weight" not in sd or "pos_emb.weight" not in sd:
+        raise LorafitError(f"{path}: not a GPTModel state dict (no tok_emb.weight / pos_emb.weight)")
+    cfg = config_from_state_dict(sd, n_heads)
+    return load_state_into(empty_model(cfg), sd, str(path))
+
+
+def hub_download(preset: str) -> Path:
+    """Fetch (or find in the cache) OpenAI's weights for ``preset``; offline-safe with a clear error."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo = HUB_REPOS[preset]
+    try:
+        paths = [Path(hf_hub_download(repo, f)) for f in HUB_FILES]
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+        raise LorafitError(
+            f"{preset}: weights not in the Hugging Face cache and the hub is unreachable{offline}; "
+            f"download {', '.join(HUB_FILES)} from https://huggingface.co/{repo} into a folder and pass --model FOLDER"
+        ) from e
+    return paths[0].parent
+
+
+def load_gpt2(source: str, *, random_init: bool = False, n_heads: int | None = None, seed: int = 42) -> LoadedModel:
+    """Build a GPT-2 from a preset name, a folder (Hugging Face or OpenAI layout) or a ``.pth`` file."""
+    if random_init:
+        if source not in PRESETS:
+            raise LorafitError(f"--random-init needs a preset ({', '.join(PRESETS)}), got {source!r}")
+        torch.manual_seed(seed)
+        return LoadedModel(GPTModel(PRESETS[source]), source, None)
+    if source in PRESETS:
+        directory = hub_download(source)
+        return LoadedModel(load_hf_directory(directory), source, directory)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return LoadedModel(load_hf_directory(path), source, path)
+        if (path / "hparams.json").is_file():
+            return LoadedModel(load_openai_directory(path), source, path)
+        raise LorafitError(
+            f"{path}: neither a Hugging Face folder (config.json + model.safetensors) "
+            "nor OpenAI's layout (hparams.json + model.ckpt.*)"
+        )
+    if path.is_file() and path.suffix in (".pth", ".pt"):
+        return LoadedModel(load_book_state_dict(path, n_heads), source, path.parent)
+    if path.exists():
+        raise LorafitError(f"{path}: expected a model folder or a .pth state dict")
+    raise LorafitError(
+        f"--model {source!r}: no such file or folder, and not a preset ({', '.join(PRESETS)})"
+    )
