@@ -111,11 +111,10 @@ def read_spec(directory: str | Path, name: str = ADAPTER_CONFIG) -> ClassifierSp
 def check_compatible(saved: ClassifierSpec, built: ClassifierSpec, where: str) -> None:
     """Refuse an adapter whose base, rank, targets or classes differ from the model it would load into."""
     if saved.architecture != built.architecture:
-        diff = sorted(k for k in set(saved.architecture) | set(built.architecture)
-                      if saved.architecture.get(k) != built.architecture.get(k))
-        k = diff[0]
-        raise LorafitError(f"{where}: adapter was trained on another base model "
-                           f"({k} {saved.architecture.get(k)} vs {built.architecture.get(k)})")
+        diff = [f"{k} {saved.architecture.get(k)} vs {built.architecture.get(k)}"
+                for k in dict.fromkeys([*saved.architecture, *built.architecture])
+                if saved.architecture.get(k) != built.architecture.get(k)]
+        raise LorafitError(f"{where}: adapter was trained on another base model ({', '.join(diff)})")
     if saved.fingerprint and saved.fingerprint != built.fingerprint:
         raise LorafitError(f"{where}: adapter was trained on other base weights "
                            f"(fingerprint {saved.fingerprint} vs {built.fingerprint} of {built.backbone.model})")

@@ -1,0 +1,91 @@
+"""Fixtures: tiny models, a tiny byte-level BPE and tiny data, all written by the tests (no network)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorafit.model import GPTConfig
+from lorafit.tokenizer import _byte_alphabet
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_GPT2 = SHARED / "models" / "gpt2"
+SHARED_SMS = SHARED / "data" / "sms_spam_collection" / "SMSSpamCollection"
+
+TINY = dict(vocab_size=300, context_length=64, emb_dim=32, n_heads=4, n_layers=2)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    """No test may touch the network or the user's caches."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "lorafit-home"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    torch.manual_seed(0)
+
+
+def write_bpe(directory: Path, merges: list[tuple[str, str]] = (("h", "e"), ("l", "l"), ("he", "ll")),
+              names: tuple[str, str] = ("encoder.json", "vocab.bpe")) -> Path:
+    """A GPT-2-format BPE: the 256 byte tokens, a few merges, and <|endoftext|> last."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {ch: i for i, (ch, _) in enumerate(_byte_alphabet())}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (directory / names[0]).write_text(json.dumps(vocab), encoding="utf-8")
+    (directory / names[1]).write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    return directory
+
+
+@pytest.fixture
+def bpe_dir(tmp_path) -> Path:
+    return write_bpe(tmp_path / "bpe")
+
+
+@pytest.fixture
+def tiny_cfg() -> GPTConfig:
+    return GPTConfig(**TINY)
+
+
+def hf_gpt2_config(cfg: GPTConfig):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                      n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      tie_word_embeddings=True)
+
+
+@pytest.fixture
+def hf_gpt2_dir(tmp_path, tiny_cfg) -> Path:
+    """A random tiny GPT-2 written by transformers' save_pretrained, with its tokenizer files."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(hf_gpt2_config(tiny_cfg)).eval()
+    d = tmp_path / "hf-gpt2"
+    model.save_pretrained(d)
+    write_bpe(d, names=("vocab.json", "merges.txt"))
+    return d
+
+
+def write_sms_like(path: Path, n: int = 160, seed: int = 0) -> Path:
+    """A trivially separable spam/ham file in the SMS Spam Collection's format (label<TAB>text)."""
+    rng = random.Random(seed)
+    spam = ["WIN cash prize now!!! call", "FREE entry txt WIN to claim", "URGENT! you won a prize, claim now"]
+    ham = ["see you at lunch later", "ok thanks, running late", "are we still on for dinner tonight"]
+    lines = []
+    for i in range(n):
+        label = "spam" if i % 2 else "ham"
+        base = rng.choice(spam if label == "spam" else ham)
+        lines.append(f"{label}\t{base} {rng.randint(0, 99)}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def sms_file(tmp_path) -> Path:
+    return write_sms_like(tmp_path / "SMSSpamCollection")
