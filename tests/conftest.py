@@ -56,7 +56,8 @@ def hf_gpt2_config(cfg: GPTConfig):
 
     return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
                       n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, bos_token_id=cfg.vocab_size - 1,
+                      eos_token_id=cfg.vocab_size - 1)
 
 
 @pytest.fixture

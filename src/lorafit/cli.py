@@ -140,7 +140,7 @@ def cmd_train(args) -> None:
                       label_col=args.label_col, balance=not args.no_balance)
     name = Path(args.model.removeprefix("hf:")).name or "model"
     out = Path(args.out or f"runs/{name}-r{args.rank}-s{args.seed}")
-    command = "lorafit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
     result = train_run(spec, dcfg, tcfg, out, device=args.device, precision=args.precision, overwrite=args.overwrite,
                        command=command, progress=not args.quiet)
     r = result.report
@@ -248,7 +248,9 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded in report.json, so a run can be repeated exactly
     warnings.formatwarning = _warning_line
     try:
         COMMANDS[args.command](args)

@@ -1,0 +1,131 @@
+"""Data: the seed's split sizes, user files in every format, and padding that never changes a prediction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lorafit import LorafitError, load_splits, prepare_splits, read_table
+from lorafit.batching import collate, encode_texts, eval_order, lengths_of, train_order
+from lorafit.classifier import Classifier, pool
+from lorafit.model import GPTConfig, GPTModel
+
+from conftest import SHARED_SMS, TINY
+
+
+@pytest.mark.skipif(not SHARED_SMS.is_file(), reason="../shared/data/sms_spam_collection is not present")
+def test_seed_split_sizes_on_the_real_file():
+    a = load_splits(SHARED_SMS, seed=42)
+    assert (len(a.train), len(a.val), len(a.test)) == (1045, 149, 300)
+    assert a.labels == ["ham", "spam"]
+    for part in (a.train, a.val, a.test):
+        assert set(part.label) == {"ham", "spam"}
+    b = load_splits(SHARED_SMS, seed=42)
+    assert a.train.equals(b.train) and a.val.equals(b.val) and a.test.equals(b.test)
+    assert not a.train.equals(load_splits(SHARED_SMS, seed=7).train)
+    full = load_splits(SHARED_SMS, seed=42, balance=False)
+    assert len(full.train) + len(full.val) + len(full.test) == 5574
+    # stratified: each split keeps the 6.5 : 1 ratio
+    for part in (full.train, full.val, full.test):
+        assert abs((part.label == "spam").mean() - 747 / 5574) < 0.01
+
+
+def test_formats_and_columns(tmp_path):
+    rows = [{"msg": f"text {i}", "y": i % 3} for i in range(30)]
+    (tmp_path / "d.csv").write_text("msg,y\n" + "".join(f'"{r["msg"]}, quoted",{r["y"]}\n' for r in rows))
+    (tmp_path / "d.tsv").write_text("msg\ty\n" + "".join(f'{r["msg"]}\t{r["y"]}\n' for r in rows))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("d.csv", "d.tsv", "d.jsonl"):
+        df = read_table(tmp_path / name, text_col="msg", label_col="y")
+        assert len(df) == 30 and sorted(set(df.label)) == ["0", "1", "2"]
+    assert read_table(tmp_path / "d.csv", "msg", "y").text[0] == "text 0, quoted"
+    s = prepare_splits(read_table(tmp_path / "d.jsonl", "msg", "y"), seed=1)
+    assert s.labels == ["0", "1", "2"]
+
+
+def test_integer_labels_sort_numerically(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"t{i},{i % 11}\n" for i in range(44)))
+    assert prepare_splits(read_table(tmp_path / "d.csv")).labels == [str(i) for i in range(11)]
+
+
+def test_missing_columns_list_what_was_found(tmp_path):
+    (tmp_path / "d.csv").write_text("message;category\nhello;ham\n")
+    with pytest.raises(LorafitError, match=r"no column 'text', 'label'; columns found: message;category"):
+        read_table(tmp_path / "d.csv")
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "empty"),
+    (b"text,label\nok,a\n\xff\xfe bad,b\n", "not UTF-8 .*line 3"),
+    (b"text,label\n  ,a\n ,b\n", "every text is empty"),
+])
+def test_bad_files(tmp_path, content, match):
+    (tmp_path / "d.csv").write_bytes(content)
+    with pytest.raises(LorafitError, match=match):
+        read_table(tmp_path / "d.csv")
+
+
+def test_blank_texts_are_skipped_and_counted(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\nhello,a\n   ,b\nworld,b\n")
+    df = read_table(tmp_path / "d.csv")
+    assert list(df.text) == ["hello", "world"] and df.attrs["skipped_empty"] == 1
+
+
+def test_single_class_and_unseen_labels(tmp_path):
+    (tmp_path / "one.csv").write_text("text,label\n" + "".join(f"t{i},a\n" for i in range(10)))
+    with pytest.raises(LorafitError, match="only one class"):
+        load_splits(tmp_path / "one.csv")
+    (tmp_path / "two.csv").write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(10)))
+    (tmp_path / "val.csv").write_text("text,label\nx,a\ny,c\n")
+    with pytest.raises(LorafitError, match="'c' were never seen in training"):
+        load_splits(tmp_path / "two.csv", val=tmp_path / "val.csv", test=tmp_path / "val.csv")
+
+
+def test_truncation_warns_with_a_count(bpe_dir):
+    from lorafit.backbone import TiktokenEncoder
+    from lorafit.tokenizer import load_tokenizer
+
+    enc = TiktokenEncoder(load_tokenizer(bpe_dir))
+    with pytest.warns(UserWarning, match="2 text\\(s\\) longer than 5 tokens"):
+        out = encode_texts(enc, ["abcdefgh", "ab", "abcdefghijk"], None, 5)
+    assert [len(x) for x in out.ids] == [5, 2, 5] and out.truncated == 2
+
+
+def test_batches_pad_to_their_own_longest_and_bucket():
+    lengths = np.array([3, 50, 4, 48, 5, 47, 6, 49] * 8)
+    order = train_order(lengths, 4, np.random.default_rng(0), bucket=4)
+    assert sorted(np.concatenate(order).tolist()) == list(range(len(lengths)))  # every example once
+    padded = sum(len(b) * lengths[b].max() for b in order)
+    plain = sum(len(b) * lengths[b].max() for b in train_order(lengths, 4, np.random.default_rng(0), bucket=1))
+    real = lengths.sum()
+    assert padded - real < 0.5 * (plain - real)  # bucketing removes most of the padding
+    assert [b.tolist() for b in order] == [b.tolist() for b in train_order(lengths, 4, np.random.default_rng(0), bucket=4)]
+    assert all(np.all(np.diff(lengths[b]) >= 0) for b in eval_order(lengths, 4))
+
+
+def test_prediction_never_depends_on_padding():
+    """Last-real-token pooling on right-padded batches equals running each sequence alone."""
+    torch.manual_seed(0)
+    model = Classifier(GPTModel(GPTConfig(**TINY)), TINY["emb_dim"], 3).eval()
+    from lorafit.batching import Encoded
+
+    g = torch.Generator().manual_seed(0)
+    data = Encoded([torch.randint(0, 300, (n,), generator=g).tolist() for n in (1, 9, 4, 17, 2)], None, 0)
+    batch = collate(data, np.arange(5), pad_id=299)
+    with torch.no_grad():
+        batched = model(batch.input_ids, batch.attention_mask)
+        for i, ids in enumerate(data.ids):
+            alone = model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+            torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=0)
+    assert lengths_of(data).tolist() == [1, 9, 4, 17, 2]
+
+
+def test_pooling_modes():
+    h = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert torch.equal(pool(h, mask, "last"), torch.stack([h[0, 1], h[1, 2]]))
+    assert torch.equal(pool(h, mask, "first"), h[:, 0])
+    torch.testing.assert_close(pool(h, mask, "mean"), torch.stack([h[0, :2].mean(0), h[1].mean(0)]))

@@ -1,0 +1,100 @@
+"""The main job end to end on a tiny model: the loop learns, the run directory is complete, and eval,
+predict and merge reproduce the report from the saved files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorafit.cli import main
+
+EXPECTED_FILES = {"adapter.safetensors", "adapter.json", "metrics.jsonl", "report.json", "report.md", "loss.png",
+                  "accuracy.png", "confusion_matrix.png", "train.csv", "val.csv", "test.csv"}
+
+
+def train_args(model_dir, data, out, *extra):
+    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--epochs", "4",
+            "--batch-size", "8", "--lr", "3e-3", "--eval-every", "5", "--quiet", "--precision", "fp32", *extra]
+
+
+@pytest.fixture
+def trained_run(tmp_path, hf_gpt2_dir, sms_file):
+    out = tmp_path / "run"
+    assert main(train_args(hf_gpt2_dir, sms_file, out)) == 0
+    return out
+
+
+def test_run_directory_holds_every_artefact_and_the_loop_learns(trained_run):
+    assert EXPECTED_FILES <= {p.name for p in trained_run.iterdir()}
+    assert not [p.name for p in trained_run.iterdir() if p.name.endswith(".tmp")]
+    report = json.loads((trained_run / "report.json").read_text())
+    assert report["metrics"]["test"]["accuracy"] >= 0.95
+    assert report["metrics"]["val"]["accuracy"] >= 0.95
+    assert report["data"]["sizes"] == {"train": 112, "val": 16, "test": 32}
+    for key in ("train_examples_per_s", "eval_examples_per_s", "peak_rss_mb", "wall_seconds"):
+        assert report["speed"][key] > 0
+    assert report["parameters"]["trainable"] == report["parameters"]["lora_A"] + report["parameters"]["lora_B"] + 66
+    assert report["versions"]["torch"] and report["command"].startswith("lorafit train")
+    events = [json.loads(line)["event"] for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("epoch") == 4 and events.count("train") == 4 * 14 and "eval" in events
+    md = (trained_run / "report.md").read_text()
+    assert "Confusion matrix" in md and "ROC-AUC" in md and "| **trainable** |" in md
+    for png in ("loss.png", "accuracy.png", "confusion_matrix.png"):
+        assert (trained_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_reproduces_the_report(trained_run, capsys):
+    report = json.loads((trained_run / "report.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--run", str(trained_run), "--json", "--precision", "fp32"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for split in ("train", "val", "test"):
+        assert result["metrics"][split]["accuracy"] == report["metrics"][split]["accuracy"]
+        assert result["metrics"][split]["confusion_matrix"] == report["metrics"][split]["confusion_matrix"]
+        assert result["metrics"][split]["loss"] == pytest.approx(report["metrics"][split]["loss"], abs=1e-6)
+
+
+def test_predict_matches_eval_and_merge_gives_the_same_predictions(trained_run, tmp_path, capsys):
+    import pandas as pd
+
+    test = pd.read_csv(trained_run / "test.csv")
+    (tmp_path / "msgs.txt").write_text("\n".join(test.text) + "\n")
+    capsys.readouterr()
+    assert main(["predict", "--run", str(trained_run), "--file", str(tmp_path / "msgs.txt"), "--json",
+                 "--precision", "fp32"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    report = json.loads((trained_run / "report.json").read_text())
+    accuracy = sum(r["label"] == y for r, y in zip(rows, test.label)) / len(test)
+    assert accuracy == report["metrics"]["test"]["accuracy"]
+    assert all(0.5 <= r["probability"] <= 1 for r in rows)
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--run", str(trained_run), "--out", str(merged)]) == 0
+    assert {p.name for p in merged.iterdir()} >= {"model.safetensors", "classifier.json", "vocab.json", "merges.txt"}
+    capsys.readouterr()
+    assert main(["predict", "--run", str(merged), "--file", str(tmp_path / "msgs.txt"), "--json",
+                 "--precision", "fp32"]) == 0
+    merged_rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in merged_rows] == [r["label"] for r in rows]
+    for a, b in zip(merged_rows, rows):
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+    assert main(["merge", "--run", str(trained_run), "--out", str(merged)]) == 1  # refuses to overwrite
+
+
+def test_same_seed_same_adapter(tmp_path, hf_gpt2_dir, sms_file):
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        assert main(train_args(hf_gpt2_dir, sms_file, tmp_path / name, "--epochs", "1")) == 0
+    a, b = load_file(tmp_path / "a" / "adapter.safetensors"), load_file(tmp_path / "b" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert (tmp_path / "a" / "train.csv").read_text() == (tmp_path / "b" / "train.csv").read_text()
+
+
+def test_random_init_gpt2_small_inspect_prints_the_seed_numbers(bpe_dir, capsys):
+    assert main(["inspect", "--model", "gpt2-small", "--random-init", "--tokenizer", str(bpe_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "164,364,288" in out and "1,327,104" in out and "0.81%" in out
+    assert "125,768,450" in out and "1,328,642" in out and "1.06%" in out
+    assert "LoRALinear" in out and "head before: Linear(in_features=768, out_features=50257" in out
