@@ -129,3 +129,14 @@ def test_pooling_modes():
     assert torch.equal(pool(h, mask, "last"), torch.stack([h[0, 1], h[1, 2]]))
     assert torch.equal(pool(h, mask, "first"), h[:, 0])
     torch.testing.assert_close(pool(h, mask, "mean"), torch.stack([h[0, :2].mean(0), h[1].mean(0)]))
+
+
+def test_pooled_last_block_equals_the_full_forward():
+    """Running the last block only at the pooled rows gives the full forward's values at those rows."""
+    torch.manual_seed(0)
+    gpt = GPTModel(GPTConfig(**TINY)).eval()
+    ids = torch.randint(0, 300, (4, 12))
+    last = torch.tensor([11, 0, 5, 7])
+    with torch.no_grad():
+        full = gpt.hidden_states(ids)[torch.arange(4), last]
+        torch.testing.assert_close(gpt.hidden_states(ids, at=last), full, atol=1e-5, rtol=0)

@@ -45,5 +45,10 @@ class Classifier(nn.Module):
         return self.head.out_features
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone.hidden_states(input_ids, attention_mask)  # (B, T, D)
-        return self.head(pool(hidden, attention_mask, self.pooling)).float()  # (B, C)
+        if self.pooling == "last" and isinstance(self.backbone, GPTModel):
+            last = attention_mask.sum(dim=1) - 1  # (B,)
+            pooled = self.backbone.hidden_states(input_ids, attention_mask, at=last)  # (B, D), last block at `last` only
+        else:
+            hidden = self.backbone.hidden_states(input_ids, attention_mask)  # (B, T, D)
+            pooled = pool(hidden, attention_mask, self.pooling)  # (B, D)
+        return self.head(pooled).float()  # (B, C)

@@ -99,7 +99,10 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r); .to is a no-op in fp32
-        return y + F.linear(a, self.lora_B.to(x.dtype)) * self.scaling  # (..., out)
+        # y + scaling * a @ B^T as one BLAS call: no separate scale and add passes over (..., out)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, self.rank), self.lora_B.t().to(y.dtype),
+                          alpha=self.scaling)  # (N, out)
+        return out.view(y.shape)
 
     @torch.no_grad()
     def merge(self) -> None:

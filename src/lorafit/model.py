@@ -110,14 +110,20 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d, d, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); with ``at`` (B,) only the query at position ``at[b]`` -> (B, D)."""
         b, t, d = x.shape  # (B, T, D)
-        q = self.W_query(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.W_key(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         v = self.W_value(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.drop_rate if self.training else 0.0
-        )  # (B, H, T, hd)
+        dropout = self.drop_rate if self.training else 0.0
+        if at is not None:
+            x_at = x[torch.arange(b, device=x.device), at]  # (B, D)
+            q = self.W_query(x_at).view(b, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
+            visible = torch.arange(t, device=x.device)[None, :] <= at[:, None]  # (B, T): causal for that query
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], dropout_p=dropout)
+            return self.out_proj(y.reshape(b, d))  # (B, D)
+        q = self.W_query(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)  # (B, H, T, hd)
         return self.out_proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
 
 
@@ -130,9 +136,13 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))  # (B, T, D)
-        return x + self.drop_shortcut(self.ff(self.norm2(x)))  # (B, T, D)
+    def forward(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); with ``at`` (B,) only the rows at those positions -> (B, D)."""
+        attended = self.drop_shortcut(self.att(self.norm1(x), at))  # (B, T, D) or (B, D)
+        if at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), at]  # (B, D)
+        x = x + attended
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))  # (B, T, D) or (B, D)
 
 
 class GPTModel(nn.Module):
@@ -162,19 +172,24 @@ class GPTModel(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def hidden_states(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      at: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, D): what both the LM head and a classifier read.
 
         ``attention_mask`` is accepted for interface parity with other backbones and not needed:
         batches are right-padded and attention is causal, so real tokens never see padding.
+        With ``at`` (B,), only the state at position ``at[b]`` of each row is returned (B, D), and the
+        last block runs its feed-forward and output projection for those rows alone: a classifier
+        reading one position per sequence skips most of the last block's work.
         """
         _, t = in_idx.shape
         if t > self.cfg.context_length:
             raise LorafitError(f"sequence of {t} tokens exceeds the context length {self.cfg.context_length}")
         pos = torch.arange(t, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))  # (B, T, D)
-        x = self.trf_blocks(x)  # (B, T, D)
-        return self.final_norm(x)  # (B, T, D)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, at if i == len(self.trf_blocks) - 1 else None)  # (B, T, D); last: (B, D) with at
+        return self.final_norm(x)  # (B, T, D) or (B, D)
 
     def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
         if self.out_head is None:

@@ -1,0 +1,249 @@
+"""Training and evaluation speed: lorafit vs transformers + PEFT vs the book's fixed padding, side by side.
+
+Same work for every system: GPT-2 small architecture with random weights (timing only), LoRA rank 8
+alpha 16 on every linear of the blocks plus a 2-class head, batch 8, one epoch over the balanced SMS
+split's training messages (seed 42), AdamW lr 5e-4; then evaluation of the 300 test messages. Each
+system runs in its own process so that peak RSS is its own. Needs the bench extra:
+``pip install -e '.[bench]'``.
+
+    python benchmarks/train_speed.py --data ../shared/data/sms_spam_collection/SMSSpamCollection \\
+        --tokenizer ../shared/models/gpt2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+SYSTEMS = ("lorafit", "lorafit-fp32", "peft", "book")
+FLOPS_PER_TOKEN = 4 * 85e6  # forward 2x + backward (input gradients only: the base is frozen) 2x, 85 M matmul weights
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_data(args):
+    from lorafit import load_splits, load_tokenizer
+
+    splits = load_splits(args.data, seed=42)
+    enc = load_tokenizer(args.tokenizer)
+    train = enc.encode_ordinary_batch(splits.train.text.tolist())
+    test = enc.encode_ordinary_batch(splits.test.text.tolist())
+    ytrain = splits.encode_labels(splits.train, "train")
+    ytest = splits.encode_labels(splits.test, "test")
+    args.longest = max(len(s) for s in train)  # the book pads to the longest message of the whole training set
+    if args.limit_batches:
+        n = args.limit_batches * args.batch_size
+        train, ytrain = train[:n], ytrain[:n]
+    return train, ytrain, test, ytest, enc.eot_token
+
+
+def run_lorafit(args, precision: str) -> dict:
+    from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, TrainConfig, build_classifier, fit
+    from lorafit.batching import Encoded
+    from lorafit.run import evaluate_model
+    from lorafit.runtime import resolve_precision
+
+    train, ytrain, test, ytest, pad = load_data(args)
+    spec = ClassifierSpec(backbone=BackboneSpec("gpt2-small", random_init=True, tokenizer=args.tokenizer),
+                          lora=LoRAConfig(rank=8, alpha=16))
+    model, backbone = build_classifier(spec)
+    device = torch.device("cpu")
+    dtype = resolve_precision(precision, device)
+    tr = Encoded(train, ytrain, 0)
+    empty = Encoded([], np.zeros(0, dtype=np.int64), 0)
+    history = fit(model, tr, empty, TrainConfig(epochs=1, batch_size=args.batch_size, eval_every=0),
+                  pad_id=pad, labels=["ham", "spam"], device=device, dtype=dtype, progress=False)
+    metrics, eval_rate = evaluate_model(model, backbone, {"test": Encoded(test, ytest, 0)}, ["ham", "spam"], device,
+                                        dtype, batch_size=32)
+    padded = sum(len(b) * max(len(train[i]) for i in b) for b in _lorafit_order(train, args.batch_size))
+    return {"seconds": history.train_seconds, "examples": history.train_examples, "tokens": history.train_tokens,
+            "padded_tokens": padded, "eval_examples_per_s": eval_rate,
+            "precision": "bf16 autocast" if dtype else "fp32"}
+
+
+def _lorafit_order(train, batch_size):
+    from lorafit.batching import train_order
+
+    return train_order(np.array([len(x) for x in train]), batch_size, np.random.default_rng([42, 0]))
+
+
+def _pad(seqs, pad, length=None):
+    t = length or max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def run_peft(args) -> dict:
+    """transformers' GPT2ForSequenceClassification + PEFT LoRA, trained the way their docs show:
+    shuffled batches padded to their longest message, fp32, a plain PyTorch loop."""
+    import peft
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    train, ytrain, test, ytest, pad = load_data(args)
+    torch.manual_seed(42)
+    model = GPT2ForSequenceClassification(GPT2Config(num_labels=2, pad_token_id=pad))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, task_type="SEQ_CLS", fan_in_fan_out=True,
+                                                       target_modules=["c_attn", "c_proj", "c_fc"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.1)
+    order = np.random.default_rng(42).permutation(len(train))
+    model.train()
+    tokens = padded = 0
+    t0 = time.perf_counter()
+    for i in range(0, len(order), args.batch_size):
+        idx = order[i:i + args.batch_size]
+        ids, mask = _pad([train[j] for j in idx], pad)
+        out = model(input_ids=ids, attention_mask=mask, labels=torch.as_tensor(ytrain[idx]))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad()
+        tokens += int(mask.sum())
+        padded += ids.numel()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(test), 32):
+            ids, mask = _pad(test[i:i + 32], pad)
+            model(input_ids=ids, attention_mask=mask)
+    eval_rate = len(test) / (time.perf_counter() - t0)
+    return {"seconds": seconds, "examples": len(train), "tokens": tokens, "padded_tokens": padded,
+            "eval_examples_per_s": eval_rate, "precision": "fp32"}
+
+
+def run_book(args) -> dict:
+    """The book's appendix-E recipe: every message padded to the longest training message, logits read
+    at the last position, LoRA on every block linear, fp32."""
+    from lorafit import GPTModel, LoRAConfig, PRESETS, freeze_for_lora, inject_lora
+
+    train, ytrain, test, ytest, pad = load_data(args)
+    torch.manual_seed(42)
+    model = GPTModel(PRESETS["gpt2-small"])
+    inject_lora(model, LoRAConfig(rank=8, alpha=16))
+    model.out_head = torch.nn.Linear(768, 2)
+    freeze_for_lora(model, trainable=(model.out_head,))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.1)
+    longest = args.longest
+    order = np.random.default_rng(42).permutation(len(train))
+    tokens = padded = 0
+    model.train()
+    t0 = time.perf_counter()
+    for i in range(0, len(order), args.batch_size):
+        idx = order[i:i + args.batch_size]
+        ids, mask = _pad([train[j] for j in idx], pad, longest)
+        loss = torch.nn.functional.cross_entropy(model(ids)[:, -1, :], torch.as_tensor(ytrain[idx]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        tokens += int(mask.sum())
+        padded += ids.numel()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(test), 32):
+            ids, _ = _pad([s[:longest] for s in test[i:i + 32]], pad, longest)
+            model(ids)[:, -1, :]
+    eval_rate = len(test) / (time.perf_counter() - t0)
+    return {"seconds": seconds, "examples": len(train), "tokens": tokens, "padded_tokens": padded,
+            "eval_examples_per_s": eval_rate, "precision": "fp32"}
+
+
+def matmul_peak(dtype) -> float:
+    """GFLOP/s of a large matmul on all threads: the machine's practical ceiling for this work."""
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(10))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def worker(args) -> None:
+    runner = {"lorafit": lambda: run_lorafit(args, "auto"), "lorafit-fp32": lambda: run_lorafit(args, "fp32"),
+              "peft": lambda: run_peft(args), "book": lambda: run_book(args)}[args.worker]
+    result = runner()
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, help="the SMSSpamCollection file")
+    p.add_argument("--tokenizer", help="folder with GPT-2's encoder.json + vocab.bpe (else tiktoken's download)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit-batches", type=int, default=0, help="time only the first N batches (s/epoch extrapolated)")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        p.error(f"--systems: unknown {', '.join(sorted(unknown))}")
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; 2048^3 matmul: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s", flush=True)
+    results = {}
+    for name in systems:
+        cmd = [sys.executable, __file__, "--worker", name, "--data", args.data, "--batch-size", str(args.batch_size),
+               "--limit-batches", str(args.limit_batches)] + (["--tokenizer", args.tokenizer] if args.tokenizer else [])
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[name] = json.loads(line[0][7:])
+        r = results[name]
+        print(f"  {name}: {r['seconds']:.1f} s training, {r['examples'] / r['seconds']:.2f} examples/s "
+              f"({time.perf_counter() - t0:.0f} s with start-up and evaluation)", flush=True)
+
+    full = 1045
+    ref = results.get("peft")
+    print()
+    print("| system | precision | s / epoch | examples/s | real tokens/s | padded tokens | peak RSS | x PEFT (train) "
+          "| eval examples/s | x PEFT (eval) | % of matmul peak |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        rate = r["examples"] / r["seconds"]
+        tok_rate = r["tokens"] / r["seconds"]
+        peak = peak16 if r["precision"].startswith("bf16") else peak32
+        util = 100 * tok_rate * FLOPS_PER_TOKEN / 1e9 / peak
+        x_train = f"{rate / (ref['examples'] / ref['seconds']):.2f}" if ref else "n/a"
+        x_eval = f"{r['eval_examples_per_s'] / ref['eval_examples_per_s']:.2f}" if ref else "n/a"
+        print(f"| {name} | {r['precision']} | {full / rate:.0f} | {rate:.2f} | {tok_rate:.0f} | {r['padded_tokens']:,} "
+              f"| {r['peak_rss_mb'] / 1024:.2f} GB | {x_train} | {r['eval_examples_per_s']:.1f} | {x_eval} | {util:.0f} % |")
+    if args.limit_batches:
+        print(f"(first {args.limit_batches} batches timed; s / epoch extrapolated to {full} messages)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"fp32_peak": peak32, "bf16_peak": peak16, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
