@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=42, help="fixes split, initialisation and order (default: %(default)s)")
     g.add_argument("--out", metavar="DIR", help="run directory (default: runs/<model>-r<rank>-s<seed>)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    g.add_argument("--resume", metavar="DIR", help="continue an interrupted run (its own settings are used)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     _runtime_args(p)
 
@@ -128,9 +129,12 @@ def _lora_config(args):
 
 def cmd_train(args) -> None:
     from .adapter import ClassifierSpec
-    from .run import DataConfig, train_run
+    from .run import DataConfig, resume_run, train_run
     from .train import TrainConfig
 
+    if args.resume:
+        _print_summary(resume_run(args.resume, progress=not args.quiet))
+        return
     spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args))
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        grad_accum=args.grad_accum, schedule=args.schedule, warmup_steps=args.warmup_steps,
@@ -141,9 +145,12 @@ def cmd_train(args) -> None:
     name = Path(args.model.removeprefix("hf:")).name or "model"
     out = Path(args.out or f"runs/{name}-r{args.rank}-s{args.seed}")
     command = "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
-    result = train_run(spec, dcfg, tcfg, out, device=args.device, precision=args.precision, overwrite=args.overwrite,
-                       command=command, progress=not args.quiet)
-    r = result.report
+    _print_summary(train_run(spec, dcfg, tcfg, out, device=args.device, precision=args.precision,
+                             overwrite=args.overwrite, command=command, progress=not args.quiet))
+
+
+def _print_summary(result) -> None:
+    r, out = result.report, result.directory
     acc = ", ".join(f"{k} {100 * v['accuracy']:.2f} %" for k, v in r["metrics"].items())
     print(f"accuracy: {acc}")
     print(f"training: {r['speed']['train_seconds']:.1f} s, {r['speed']['train_examples_per_s']:.2f} examples/s; "

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import LorafitError
+from .errors import LorafitError, UsageError
 from .files import atomic_path
 
 SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
@@ -63,6 +63,7 @@ class Splits:
     val: pd.DataFrame
     test: pd.DataFrame
     labels: list[str]  # class names; a class's index is its position here
+    skipped_empty: int = 0  # empty or whitespace-only texts dropped from the data file
 
     def encode_labels(self, df: pd.DataFrame, where: str) -> np.ndarray:
         index = {name: i for i, name in enumerate(self.labels)}
@@ -178,7 +179,7 @@ def load_splits(data: str | Path | None = None, *, val: str | Path | None = None
         splits = prepare_splits(df, seed=seed, balance=balance, where=str(path))
     else:
         if val is None or test is None:
-            raise LorafitError("--val and --test go together (or give neither and the data is split 70/10/20)")
+            raise UsageError("--val and --test go together (or give neither and the data is split 70/10/20)")
         labels = label_names(df["label"])
         if len(labels) < 2:
             raise LorafitError(f"{path}: only one class ({labels[0]!r}); a classifier needs at least two")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LorafitError
+from .errors import LorafitError, UsageError
 
 # Short names for common target sets; anything else is a module-name pattern (see `matches`).
 TARGET_ALIASES: dict[str, tuple[str, ...]] = {
@@ -41,15 +41,15 @@ class LoRAConfig:
         self.targets = tuple(self.targets)
         problems = []
         if self.rank < 1:
-            problems.append(f"rank must be >= 1, got {self.rank}")
+            problems.append(f"--rank must be >= 1, got {self.rank}")
         if self.alpha <= 0:
-            problems.append(f"alpha must be > 0, got {self.alpha}")
+            problems.append(f"--alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+            problems.append(f"--lora-dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
-            problems.append("targets must name at least one module pattern")
+            problems.append("--targets must name at least one module pattern")
         if problems:
-            raise LorafitError("invalid LoRA config: " + "; ".join(problems))
+            raise UsageError("; ".join(problems))
 
     @property
     def scaling(self) -> float:

@@ -6,28 +6,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .accounting import count_parameters
-from .adapter import ADAPTER_CONFIG, ClassifierSpec, build_classifier, load_adapter_into, load_classifier, save_adapter
+from .adapter import (ADAPTER_CONFIG, ClassifierSpec, adapter_state, build_classifier, load_adapter_into,
+                      load_classifier, save_adapter)
 from .batching import Encoded, encode_texts
 from .data import Splits, load_splits, read_table
 from .errors import LorafitError
 from .evaluate import classification_metrics, predict_proba
-from .files import write_json, write_text
+from .files import load_safetensors, save_safetensors, write_json, write_text
 from .lora import set_merged
 from .plots import plot_accuracy, plot_confusion, plot_loss
 from .report import library_versions, render_markdown
 from .runtime import peak_memory_mb, resolve_device, resolve_precision
-from .train import TrainConfig, fit
+from .train import History, TrainConfig, TrainingStopped, TrainState, fit
 
-RUN_MARKERS = (ADAPTER_CONFIG, "report.json", "metrics.jsonl")
+RUN_MARKERS = (ADAPTER_CONFIG, "report.json", "metrics.jsonl", "checkpoint.json")
 
 
 @dataclass
@@ -86,43 +90,139 @@ def evaluate_model(model, backbone, data: dict[str, Encoded], labels: list[str],
     return metrics, n / seconds if seconds else 0.0
 
 
+CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
+CHECKPOINT_STATE = "checkpoint.json"
+
+
 def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, out: str | Path, *,
               device: str = "auto", precision: str = "auto", overwrite: bool = False, command: str = "",
               progress: bool = True) -> RunResult:
-    """Everything ``lorafit train`` does: split, build, train, keep the best adapter, report, plot."""
-    wall = time.perf_counter()
+    """Everything ``lorafit train`` does: split, build, train, keep the best adapter, report, plot.
+
+    SIGINT / SIGTERM (and a diverging loss) stop training at the next optimiser step and leave a
+    resumable checkpoint in ``out``: :func:`resume_run` continues it to the same adapter.
+    """
     out = Path(out)
-    dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
-    prepare_run_dir(out, overwrite)
+    resolve_precision(precision, resolve_device(device))  # bad flags fail before any work
     splits = load_splits(data_cfg.data, val=data_cfg.val, test=data_cfg.test, text_col=data_cfg.text_col,
                          label_col=data_cfg.label_col, seed=train_cfg.seed, balance=data_cfg.balance)
+    prepare_run_dir(out, overwrite)
+    for name in (CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):
+        (out / name).unlink(missing_ok=True)
     spec.labels = splits.labels
     spec.backbone.seed = train_cfg.seed
+    splits.save(out)
+    run = {"device": device, "precision": precision, "command": command,
+           "skipped_empty": splits.skipped_empty}
+    return _train(out, spec, data_cfg, train_cfg, splits, run, None, progress)
+
+
+def resume_run(out: str | Path, *, progress: bool = True) -> RunResult:
+    """Continue an interrupted run from its checkpoint, with its own split, settings and RNG state."""
+    out = Path(out)
+    path = out / CHECKPOINT_STATE
+    if not path.is_file():
+        done = " (it finished: see report.md)" if (out / "report.json").is_file() else ""
+        raise LorafitError(f"--resume {out}: no {CHECKPOINT_STATE} to resume from{done}")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        spec = ClassifierSpec.from_dict(saved["spec"])
+        data_cfg = DataConfig(**saved["data"])
+        train_cfg = TrainConfig(**saved["train"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LorafitError(f"{path}: not a lorafit checkpoint ({e})") from e
+    tensors = load_safetensors(out / CHECKPOINT_WEIGHTS)
+    if tensors.get("checkpoint.step", torch.tensor(-1)).item() != saved["state"]["step"]:
+        raise LorafitError(f"{out}: {CHECKPOINT_WEIGHTS} and {CHECKPOINT_STATE} are from different steps")
+    frames = {s: read_table(out / f"{s}.csv") for s in ("train", "val", "test")}
+    splits = Splits(frames["train"], frames["val"], frames["test"], spec.labels)
+    optimizer = {"state": {}, "param_groups": saved["optimizer_param_groups"]}
+    for key, t in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            optimizer["state"].setdefault(int(idx), {})[name] = t
+    state = TrainState(**saved["state"], history=History.from_dict(saved["history"]), optimizer=optimizer,
+                       rng=tensors["rng.torch"])
+    model_tensors = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    return _train(out, spec, data_cfg, train_cfg, splits, saved["run"], (state, model_tensors), progress)
+
+
+def save_checkpoint(out: Path, model, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig,
+                    state: TrainState, run: dict) -> None:
+    """LoRA + head, optimiser moments, RNG and position in the data order: what an exact resume needs."""
+    tensors = {f"model.{k}": v for k, v in adapter_state(model).items()}
+    for idx, moments in state.optimizer["state"].items():
+        for name, t in moments.items():
+            tensors[f"optimizer.{idx}.{name}"] = torch.as_tensor(t)
+    tensors["rng.torch"] = state.rng
+    tensors["checkpoint.step"] = torch.tensor(state.step)
+    save_safetensors(out / CHECKPOINT_WEIGHTS, tensors, metadata={"format": "lorafit-checkpoint"})
+    write_json(out / CHECKPOINT_STATE, {
+        "spec": spec.to_dict(), "data": asdict(data_cfg), "train": train_cfg.to_dict(), "run": run,
+        "state": {"epoch": state.epoch, "batch": state.batch, "step": state.step,
+                  "best_accuracy": state.best_accuracy},
+        "history": state.history.to_dict(), "optimizer_param_groups": state.optimizer["param_groups"],
+    })
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT / SIGTERM ask training to stop at the next step (a second SIGINT stops at once)."""
+    requested = {"signal": None}
+
+    def handler(signum, frame):
+        if requested["signal"] == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested["signal"] = signum
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: requested["signal"] is not None
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, splits: Splits,
+           run: dict, resume: tuple[TrainState, dict] | None, progress: bool) -> RunResult:
+    wall = time.perf_counter()
+    dev = resolve_device(run["device"])
+    dtype = resolve_precision(run["precision"], dev)
     model, backbone = build_classifier(spec, seed=train_cfg.seed)
+    state = None
+    if resume:
+        state, tensors = resume
+        with torch.no_grad():
+            for k, t in adapter_state(model).items():
+                t.copy_(tensors[k])
     counts = count_parameters(model)
     enc = {name: encode_split(backbone, splits, getattr(splits, name), name) for name in ("train", "val", "test")}
-    splits.save(out)
 
-    metrics_path = out / "metrics.jsonl"
-    with open(metrics_path, "a", encoding="utf-8") as metrics_file:
-        def log(record: dict) -> None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-        history = fit(model, enc["train"], enc["val"], train_cfg, pad_id=backbone.encoder.pad_id, labels=splits.labels,
-                      device=dev, dtype=dtype, on_best=lambda rec: save_adapter(out, model, spec), log=log,
-                      progress=progress)
-    if history.best is not history.epochs[-1]:
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics_file, stop_on_signals() as stop_requested:
+        try:
+            history = fit(model, enc["train"], enc["val"], train_cfg, pad_id=backbone.encoder.pad_id,
+                          labels=splits.labels, device=dev, dtype=dtype,
+                          on_best=lambda rec: save_adapter(out, model, spec),
+                          log=lambda rec: append_metrics(metrics_file, rec), progress=progress, state=state,
+                          stop_requested=stop_requested)
+        except TrainingStopped as e:
+            save_checkpoint(out, model, spec, data_cfg, train_cfg, e.state, run)
+            how = (f"resume with: lorafit train --resume {out}" if e.exit_code == 130 else
+                   f"last good state saved in {out / CHECKPOINT_STATE}; best adapter so far in {out / ADAPTER_CONFIG}")
+            raise TrainingStopped(f"{e}; {how}", e.state, e.exit_code) from None
+    if history.best != history.epochs[-1]:
         load_adapter_into(model, spec, out)  # evaluate the kept (best) adapter, not the last weights
     metrics, eval_rate = evaluate_model(model, backbone, enc, splits.labels, dev, dtype, 4 * train_cfg.batch_size)
 
     report = {
         "name": out.name,
-        "command": command,
+        "command": run["command"],
         "model": spec.to_dict(),
         "train": train_cfg.to_dict(),
-        "data": {**data_cfg.__dict__, "labels": splits.labels, "skipped_empty_texts": splits.skipped_empty,
+        "data": {**asdict(data_cfg), "labels": splits.labels, "skipped_empty_texts": run.get("skipped_empty", 0),
                  "sizes": {k: len(v.ids) for k, v in enc.items()},
                  "truncated_texts": {k: v.truncated for k, v in enc.items()}},
         "parameters": counts.to_dict(),
@@ -140,8 +240,17 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
         },
         "versions": library_versions(),
     }
+    if resume:
+        report["resumed"] = True
     write_report(out, report, history)
+    for name in (CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):
+        (out / name).unlink(missing_ok=True)  # the run is complete: nothing left to resume
     return RunResult(out, report, history)
+
+
+def append_metrics(file, record: dict) -> None:
+    file.write(json.dumps(record) + "\n")
+    file.flush()
 
 
 def write_report(out: Path, report: dict, history) -> None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .batching import Encoded, iterate, lengths_of, train_order
-from .errors import LorafitError
+from .errors import LorafitError, UsageError
 from .evaluate import classification_metrics, predict_proba
 from .runtime import autocast
 
@@ -55,7 +55,7 @@ class TrainConfig:
         if min(self.warmup_steps, self.eval_every, self.eval_batches) < 0:
             problems.append("--warmup-steps, --eval-every and --eval-batches must be >= 0")
         if problems:
-            raise LorafitError("; ".join(problems))
+            raise UsageError("; ".join(problems))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +72,35 @@ class History:
     train_seconds: float = 0.0
     train_examples: int = 0
     train_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        return cls(**d)
+
+
+@dataclass
+class TrainState:
+    """Where training stands at an optimiser-step boundary: enough to resume bit-identically on CPU."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch: int = 0  # batches of that epoch already consumed
+    step: int = 0  # optimiser steps taken
+    best_accuracy: float = -1.0
+    history: History = field(default_factory=History)
+    optimizer: dict | None = None  # optimizer.state_dict()
+    rng: torch.Tensor | None = None  # torch's CPU generator (dropout)
+
+
+class TrainingStopped(LorafitError):
+    """Training stopped early (interrupted, or diverged); ``state`` is the last good step, resumable."""
+
+    def __init__(self, message: str, state: TrainState, exit_code: int = 1):
+        super().__init__(message)
+        self.state = state
+        self.exit_code = exit_code
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -93,9 +122,15 @@ def class_weight_tensor(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, labels: list[str],
         device: torch.device, dtype: torch.dtype | None = None,
         on_best: Callable[[dict], None] | None = None, log: Callable[[dict], None] | None = None,
-        progress: bool = True) -> History:
-    """Train the trainable parameters of ``model``; ``on_best`` is called whenever full validation
-    accuracy improves (to save that adapter), ``log`` with every metrics record as it happens."""
+        progress: bool = True, state: TrainState | None = None,
+        stop_requested: Callable[[], bool] | None = None) -> History:
+    """Train the trainable parameters of ``model``.
+
+    ``on_best`` is called whenever full validation accuracy improves (to save that adapter), ``log`` with
+    every metrics record as it happens. ``state`` resumes from a saved :class:`TrainState`. When
+    ``stop_requested()`` turns true, or the loss stops being finite, :class:`TrainingStopped` is raised
+    carrying the state of the last completed optimiser step.
+    """
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -104,74 +139,99 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    state = state or TrainState()
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    if state.rng is not None:
+        torch.set_rng_state(state.rng)
+    history = state.history
     weight = class_weight_tensor(train.labels, len(labels)).to(device) if cfg.class_weights == "auto" else None
     lengths = lengths_of(train)
     n_batches = -(-len(train.ids) // cfg.batch_size)
     total_steps = cfg.epochs * -(-n_batches // cfg.grad_accum)
-    history, log = History(), log or (lambda record: None)
-    step, seen = 0, 0
-    best_acc = -1.0
-    start, eval_seconds = time.perf_counter(), 0.0  # evaluation time is kept out of examples/s
-    for epoch in range(cfg.epochs):
+    log = log or (lambda record: None)
+    stop_requested = stop_requested or (lambda: False)
+    base_seconds, start, eval_seconds = history.train_seconds, time.perf_counter(), 0.0  # eval kept out of examples/s
+
+    def snapshot() -> TrainState:
+        """The state right now; only ever taken at an optimiser-step boundary."""
+        history.train_seconds = base_seconds + time.perf_counter() - start - eval_seconds
+        return TrainState(state.epoch, state.batch, state.step, state.best_accuracy, history,
+                          optimizer.state_dict(), torch.get_rng_state())
+
+    while state.epoch < cfg.epochs:
+        epoch = state.epoch
         order = train_order(lengths, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]), cfg.bucket)
-        bar = tqdm(iterate(train, order, pad_id), total=len(order), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not progress, unit="batch")
+        bar = tqdm(iterate(train, order[state.batch:], pad_id), initial=state.batch, total=len(order),
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch")
         optimizer.zero_grad(set_to_none=True)
-        accum_loss, accum_n = 0.0, 0
-        for i, batch in enumerate(bar):
+        accum_loss, accum_n, accum_tokens, boundary_rng = 0.0, 0, 0, torch.get_rng_state()
+        for i, batch in enumerate(bar, start=state.batch):
             batch = batch.to(device)
             with autocast(device, dtype):
                 logits = model(batch.input_ids, batch.attention_mask)  # (B, C)
             loss = F.cross_entropy(logits.float(), batch.labels, weight=weight)
             if not torch.isfinite(loss):
-                raise LorafitError(f"training diverged: loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}); "
-                                   "lower --lr or use --precision fp32")
+                torch.set_rng_state(boundary_rng)
+                raise TrainingStopped(f"training diverged: loss is {loss.item()} at step {state.step + 1} "
+                                      f"(epoch {epoch + 1}); lower --lr or use --precision fp32", snapshot())
             (loss / cfg.grad_accum).backward()
             accum_loss += loss.item() * len(batch.index)
             accum_n += len(batch.index)
-            seen += len(batch.index)
-            history.train_tokens += batch.n_tokens
+            accum_tokens += batch.n_tokens
             if (i + 1) % cfg.grad_accum and i + 1 != len(order):
                 continue
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, cfg)
+                group["lr"] = lr_at(state.step, total_steps, cfg)
             if cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            record = {"event": "train", "step": step, "epoch": epoch + (i + 1) / len(order), "examples_seen": seen,
-                      "loss": accum_loss / accum_n, "lr": optimizer.param_groups[0]["lr"]}
+            state.step, state.batch = state.step + 1, i + 1
+            history.train_examples += accum_n
+            history.train_tokens += accum_tokens
+            record = {"event": "train", "step": state.step, "epoch": epoch + (i + 1) / len(order),
+                      "examples_seen": history.train_examples, "loss": accum_loss / accum_n,
+                      "lr": optimizer.param_groups[0]["lr"]}
             history.train.append(record)
             log(record)
-            accum_loss, accum_n = 0.0, 0
-            elapsed = time.perf_counter() - start - eval_seconds
-            bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{seen / elapsed:.1f}")
-            if cfg.eval_every and step % cfg.eval_every == 0 and len(val.ids):
+            accum_loss, accum_n, accum_tokens = 0.0, 0, 0
+            elapsed = base_seconds + time.perf_counter() - start - eval_seconds
+            bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{history.train_examples / elapsed:.1f}")
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and len(val.ids):
                 t0 = time.perf_counter()
                 n = min(len(val.ids), cfg.eval_batches * cfg.batch_size)
                 part = Encoded(val.ids[:n], val.labels[:n], 0)
                 m = classification_metrics(part.labels, predict_proba(model, part, pad_id, batch_size=cfg.batch_size,
                                                                       device=device, dtype=dtype), labels)
-                record = {"event": "eval", "step": step, "epoch": record["epoch"], "examples_seen": seen,
-                          "val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_examples": n}
+                record = {"event": "eval", "step": state.step, "epoch": record["epoch"],
+                          "examples_seen": history.train_examples, "val_loss": m["loss"],
+                          "val_accuracy": m["accuracy"], "val_examples": n}
                 history.val.append(record)
                 log(record)
                 eval_seconds += time.perf_counter() - t0
-        history.train_seconds = time.perf_counter() - start - eval_seconds
+            boundary_rng = torch.get_rng_state()
+            if stop_requested() and i + 1 < len(order):
+                bar.close()
+                raise TrainingStopped(f"interrupted at step {state.step} (epoch {epoch + 1})", snapshot(), 130)
+        bar.close()
+        history.train_seconds = base_seconds + time.perf_counter() - start - eval_seconds
         t0 = time.perf_counter()
         m = classification_metrics(val.labels, predict_proba(model, val, pad_id, batch_size=cfg.batch_size,
                                                              device=device, dtype=dtype), labels) if len(val.ids) else None
-        record = {"event": "epoch", "epoch": epoch + 1, "step": step, "examples_seen": seen,
+        record = {"event": "epoch", "epoch": epoch + 1, "step": state.step, "examples_seen": history.train_examples,
                   "val_loss": m["loss"] if m else None, "val_accuracy": m["accuracy"] if m else None,
                   "seconds": history.train_seconds}
         history.epochs.append(record)
         log(record)
         eval_seconds += time.perf_counter() - t0
         acc = m["accuracy"] if m else float(epoch)  # without validation data: keep the last epoch
-        if acc > best_acc:
-            best_acc, history.best = acc, record
+        if acc > state.best_accuracy:
+            state.best_accuracy, history.best = acc, record
             if on_best:
                 on_best(record)
-    history.train_examples = seen
+        state.epoch, state.batch = epoch + 1, 0
+        if stop_requested() and state.epoch < cfg.epochs:
+            raise TrainingStopped(f"interrupted after epoch {epoch + 1}", snapshot(), 130)
+    history.train_seconds = base_seconds + time.perf_counter() - start - eval_seconds
     return history

@@ -1,0 +1,115 @@
+"""Any Hugging Face transformers model as a backbone: ``--model hf:<hub id or folder>`` (``--gguf-file``).
+
+The base model (``AutoModel``: no LM head) is wrapped so that it exposes ``hidden_states``, like
+lorafit's GPT-2; LoRA injection, the head, pooling, training, adapters, eval and predict are shared.
+Needs the optional extra ``lorafit[hf]``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbone import Backbone, BackboneSpec
+from .errors import LorafitError
+
+# Bidirectional encoders read their [CLS] token; every other model (decoders) its last real token.
+ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert", "xlm-roberta",
+                 "camembert", "mpnet", "modernbert"}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise LorafitError("--model hf:... needs transformers: pip install 'lorafit[hf]'") from e
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+class HFBackbone(nn.Module):
+    """A transformers base model behind lorafit's backbone interface."""
+
+    def __init__(self, model: nn.Module, tokenizer):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+
+    def save_assets(self, directory: Path) -> None:
+        """config.json + tokenizer files: a merged classifier then loads without the original model."""
+        self.model.config.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+
+class HFEncoder:
+    """Texts to ids with the model's own tokenizer (its special tokens included, no truncation here)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def _prepare_tokenizer(tokenizer, where: str):
+    """Decoders often have no pad token; any id works (pooling never reads padding), eos is customary."""
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise LorafitError(f"{where}: the tokenizer has no pad, eos or unk token to pad with")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def _backbone(model: nn.Module, tokenizer, where: str) -> Backbone:
+    cfg = model.config
+    tokenizer = _prepare_tokenizer(tokenizer, where)
+    context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 512
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if model_max and model_max < context:
+        context = model_max
+    hidden = getattr(cfg, "hidden_size", None) or cfg.d_model
+    arch = {"kind": "hf", "model_type": cfg.model_type, "hidden_size": hidden,
+            "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "vocab_size": cfg.vocab_size}
+    pooling = "first" if cfg.model_type in ENCODER_TYPES else "last"
+    return Backbone(HFBackbone(model, tokenizer), HFEncoder(tokenizer), hidden, context, arch, pooling)
+
+
+def load_hf_backbone(spec: BackboneSpec) -> Backbone:
+    transformers = _transformers()
+    ident = spec.model.removeprefix("hf:")
+    kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+    where = f"--model {spec.model}" + (f" --gguf-file {spec.gguf_file}" if spec.gguf_file else "")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(ident, **kwargs)
+        model = transformers.AutoModel.from_pretrained(ident, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LorafitError(f"{where}: cannot load ({first})") from e
+    backbone = _backbone(model.eval(), tokenizer, where)
+    local = Path(ident)
+    backbone.directory = local if local.is_dir() else None
+    return backbone
+
+
+def hf_skeleton(directory: Path) -> Backbone:
+    """The architecture saved beside a merged classifier, with uninitialised weights to load into."""
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise LorafitError(f"{directory}: cannot read the merged model's config or tokenizer ({e})") from e
+    # Built for real (not on the meta device): non-persistent buffers such as rotary frequencies are
+    # not in the saved weights and must be computed.
+    model = transformers.AutoModel.from_config(config)
+    return _backbone(model.eval(), tokenizer, str(directory))

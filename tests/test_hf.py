@@ -1,0 +1,113 @@
+"""Hugging Face backbones: a tiny random Llama (decoder) and a tiny BERT (encoder) built in the test train
+through hf:, and their adapters and merged models reproduce the logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, load_classifier, save_adapter  # noqa: E402
+from lorafit.adapter import load_merged, save_merged  # noqa: E402
+from lorafit.cli import main  # noqa: E402
+
+WORDS = ("win cash prize now call free entry txt to claim urgent you won a see at lunch later ok thanks running "
+         "late are we still on for dinner tonight").split()
+
+
+def word_tokenizer(directory, bert: bool):
+    """A word-level tokenizer written to ``directory`` (no download): BERT-style or decoder-style (no pad token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertTokenizer, PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if bert:
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        (directory / "vocab.txt").write_text("\n".join(specials + WORDS + [str(i) for i in range(100)]) + "\n")
+        tok = BertTokenizer(str(directory / "vocab.txt"))
+    else:
+        vocab = {w: i for i, w in enumerate(["<unk>", "</s>"] + WORDS + [str(i) for i in range(100)])}
+        core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>")
+    tok.save_pretrained(directory)
+    return tok
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaModel
+
+    d = tmp_path / "tiny-llama"
+    tok = word_tokenizer(d, bert=False)
+    torch.manual_seed(0)
+    LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def tiny_bert(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    d = tmp_path / "tiny-bert"
+    tok = word_tokenizer(d, bert=True)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=128)).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("kind,n_lora,pooling", [("llama", 7 * 2, "last"), ("bert", 6 * 2, "first")])
+def test_hf_backbone_injection_and_adapter_round_trip(kind, n_lora, pooling, tiny_llama, tiny_bert, tmp_path):
+    d = tiny_llama if kind == "llama" else tiny_bert
+    spec = ClassifierSpec(backbone=BackboneSpec(f"hf:{d}"), lora=LoRAConfig(rank=4), labels=["ham", "spam"])
+    model, backbone = build_classifier(spec)
+    from lorafit.lora import lora_layers
+
+    names = list(lora_layers(model))
+    assert len(names) == n_lora and all(".layers." in n or ".layer." in n for n in names)
+    assert spec.pooling == pooling and backbone.encoder.pad_id is not None
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.normal_(0, 0.1)
+    ids = backbone.encoder.encode(["win cash now", "see you at lunch later ok"])
+    from lorafit.batching import Encoded, collate
+
+    import numpy as np
+
+    batch = collate(Encoded(ids, None, 0), np.arange(2), backbone.encoder.pad_id)
+    model.eval()
+    with torch.no_grad():
+        expected = model(batch.input_ids, batch.attention_mask)
+    save_adapter(tmp_path / "run", model, spec)
+    loaded, _, _ = load_classifier(tmp_path / "run")
+    with torch.no_grad():
+        assert torch.equal(loaded(batch.input_ids, batch.attention_mask), expected)
+    save_merged(tmp_path / "merged", loaded, spec, backbone)
+    merged, _, _ = load_merged(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(batch.input_ids, batch.attention_mask), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bert"])
+def test_hf_backbone_trains_through_the_cli(fixture, request, tmp_path, sms_file, capsys):
+    d = request.getfixturevalue(fixture)
+    out = tmp_path / "run"
+    assert main(["train", "--model", f"hf:{d}", "--data", str(sms_file), "--out", str(out), "--epochs", "3",
+                 "--lr", "3e-3", "--quiet", "--precision", "fp32", "--rank", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["test"]["accuracy"] >= 0.9
+    capsys.readouterr()
+    assert main(["predict", "--run", str(out), "--json", "FREE entry txt WIN to claim 7", "see you at lunch later 3"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in rows] == ["spam", "ham"]
+
+
+def test_missing_hf_model_is_a_one_line_error(tmp_path, sms_file, capsys):
+    code = main(["train", "--model", f"hf:{tmp_path / 'nothing'}", "--data", str(sms_file), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 1 and "cannot load" in err and "Traceback" not in err
