@@ -91,7 +91,7 @@ class TrainState:
     best_accuracy: float = -1.0
     history: History = field(default_factory=History)
     optimizer: dict | None = None  # optimizer.state_dict()
-    rng: torch.Tensor | None = None  # torch's CPU generator (dropout)
+    rng: torch.Tensor | None = None  # the state of the generator dropout draws from on the training device
 
 
 class TrainingStopped(LorafitError):
@@ -101,6 +101,24 @@ class TrainingStopped(LorafitError):
         super().__init__(message)
         self.state = state
         self.exit_code = exit_code
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    """The generator that dropout draws from on ``device`` (CUDA and MPS keep their own)."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.mps.get_rng_state()
+    return torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state)
+    else:
+        torch.set_rng_state(state)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -143,7 +161,7 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     if state.rng is not None:
-        torch.set_rng_state(state.rng)
+        set_rng_state(state.rng, device)
     history = state.history
     weight = class_weight_tensor(train.labels, len(labels)).to(device) if cfg.class_weights == "auto" else None
     lengths = lengths_of(train)
@@ -157,7 +175,7 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
         """The state right now; only ever taken at an optimiser-step boundary."""
         history.train_seconds = base_seconds + time.perf_counter() - start - eval_seconds
         return TrainState(state.epoch, state.batch, state.step, state.best_accuracy, history,
-                          optimizer.state_dict(), torch.get_rng_state())
+                          optimizer.state_dict(), rng_state(device))
 
     while state.epoch < cfg.epochs:
         epoch = state.epoch
@@ -165,14 +183,14 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
         bar = tqdm(iterate(train, order[state.batch:], pad_id), initial=state.batch, total=len(order),
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, unit="batch")
         optimizer.zero_grad(set_to_none=True)
-        accum_loss, accum_n, accum_tokens, boundary_rng = 0.0, 0, 0, torch.get_rng_state()
+        accum_loss, accum_n, accum_tokens, boundary_rng = 0.0, 0, 0, rng_state(device)
         for i, batch in enumerate(bar, start=state.batch):
             batch = batch.to(device)
             with autocast(device, dtype):
                 logits = model(batch.input_ids, batch.attention_mask)  # (B, C)
             loss = F.cross_entropy(logits.float(), batch.labels, weight=weight)
             if not torch.isfinite(loss):
-                torch.set_rng_state(boundary_rng)
+                set_rng_state(boundary_rng, device)
                 raise TrainingStopped(f"training diverged: loss is {loss.item()} at step {state.step + 1} "
                                       f"(epoch {epoch + 1}); lower --lr or use --precision fp32", snapshot())
             (loss / cfg.grad_accum).backward()
@@ -210,7 +228,7 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
                 history.val.append(record)
                 log(record)
                 eval_seconds += time.perf_counter() - t0
-            boundary_rng = torch.get_rng_state()
+            boundary_rng = rng_state(device)
             if stop_requested() and i + 1 < len(order):
                 bar.close()
                 raise TrainingStopped(f"interrupted at step {state.step} (epoch {epoch + 1})", snapshot(), 130)
