@@ -26,9 +26,8 @@ from .errors import LorafitError
 from .evaluate import classification_metrics, predict_proba
 from .files import load_safetensors, save_safetensors, write_json, write_text
 from .lora import set_merged
-from .plots import plot_accuracy, plot_confusion, plot_loss
 from .report import library_versions, render_markdown
-from .runtime import peak_memory_mb, resolve_device, resolve_precision
+from .runtime import peak_memory_mb, setup
 from .train import History, TrainConfig, TrainingStopped, TrainState, fit
 
 RUN_MARKERS = (ADAPTER_CONFIG, "report.json", "metrics.jsonl", "checkpoint.json")
@@ -103,7 +102,7 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
     resumable checkpoint in ``out``: :func:`resume_run` continues it to the same adapter.
     """
     out = Path(out)
-    resolve_precision(precision, resolve_device(device))  # bad flags fail before any work
+    setup(device, precision)  # bad flags fail before any work
     splits = load_splits(data_cfg.data, val=data_cfg.val, test=data_cfg.test, text_col=data_cfg.text_col,
                          label_col=data_cfg.label_col, seed=train_cfg.seed, balance=data_cfg.balance)
     prepare_run_dir(out, overwrite)
@@ -189,8 +188,7 @@ def stop_on_signals():
 def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, splits: Splits,
            run: dict, resume: tuple[TrainState, dict] | None, progress: bool) -> RunResult:
     wall = time.perf_counter()
-    dev = resolve_device(run["device"])
-    dtype = resolve_precision(run["precision"], dev)
+    dev, dtype = setup(run["device"], run["precision"])
     model, backbone = build_classifier(spec, seed=train_cfg.seed)
     state = None
     if resume:
@@ -254,6 +252,8 @@ def append_metrics(file, record: dict) -> None:
 
 
 def write_report(out: Path, report: dict, history) -> None:
+    from .plots import plot_accuracy, plot_confusion, plot_loss  # matplotlib only when a report is drawn
+
     plot_loss(history.train, history.val, history.epochs, out / "loss.png")
     plot_accuracy(history.val, history.epochs, {k: v["accuracy"] for k, v in report["metrics"].items()},
                   out / "accuracy.png")
@@ -270,8 +270,7 @@ def evaluate_run(run: str | Path, data: str | None = None, *, text_col: str | No
     """Re-evaluate a saved adapter: on the run's own saved splits, or on a labelled file of the user's."""
     run = Path(run)
     model, backbone, spec = load_classifier(run)
-    dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
+    dev, dtype = setup(device, precision)
     model.to(dev)
     splits = Splits(None, None, None, spec.labels)
     if data:
@@ -290,8 +289,7 @@ def predict_texts(run: str | Path, texts: list[str], *, device: str = "auto", pr
                   batch_size: int = 32) -> list[dict]:
     """Label and probability for each text, in order."""
     model, backbone, spec = load_classifier(run)
-    dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
+    dev, dtype = setup(device, precision)
     model.to(dev)
     set_merged(model, True)
     enc = encode_texts(backbone.encoder, texts, None, backbone.context_length, where="input")

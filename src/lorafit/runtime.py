@@ -97,6 +97,17 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def setup(device: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype | None]:
+    """Resolve ``--device`` and ``--precision`` together, and tune the backend for variable-length batches."""
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    if dev.type == "cuda":
+        # cuDNN's attention builds a new graph for every sequence length, and length-bucketed batches
+        # change length almost every step: the flash and memory-efficient kernels need no such warm-up.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    return dev, dtype
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
