@@ -99,17 +99,27 @@ def run_peft(args) -> dict:
     model = GPT2ForSequenceClassification(GPT2Config(num_labels=2, pad_token_id=pad))
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, task_type="SEQ_CLS", fan_in_fan_out=True,
                                                        target_modules=["c_attn", "c_proj", "c_fc"]))
+    loss = lambda ids, mask, y: model(input_ids=ids, attention_mask=mask, labels=y).loss  # noqa: E731
+    logits = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
+    return plain_loop(model, (train, ytrain, test), pad, args.batch_size, loss, logits, clip=1.0)
+
+
+def plain_loop(model, data, pad: int, batch_size: int, loss_of, logits_of, *, length: int | None = None,
+               clip: float | None = None) -> dict:
+    """One epoch the way the peers' docs write it: shuffled batches (padded to their longest, or to
+    ``length``), AdamW lr 5e-4; then evaluation in batches of 32 in the data's order."""
+    train, ytrain, test = data
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.1)
     order = np.random.default_rng(42).permutation(len(train))
     model.train()
     tokens = padded = 0
     t0 = time.perf_counter()
-    for i in range(0, len(order), args.batch_size):
-        idx = order[i:i + args.batch_size]
-        ids, mask = _pad([train[j] for j in idx], pad)
-        out = model(input_ids=ids, attention_mask=mask, labels=torch.as_tensor(ytrain[idx]))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        ids, mask = _pad([train[j][:length] for j in idx], pad, length)
+        loss_of(ids, mask, torch.as_tensor(ytrain[idx])).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
         opt.step()
         opt.zero_grad()
         tokens += int(mask.sum())
@@ -119,8 +129,8 @@ def run_peft(args) -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(test), 32):
-            ids, mask = _pad(test[i:i + 32], pad)
-            model(input_ids=ids, attention_mask=mask)
+            ids, mask = _pad([s[:length] for s in test[i:i + 32]], pad, length)
+            logits_of(ids, mask)
     eval_rate = len(test) / (time.perf_counter() - t0)
     return {"seconds": seconds, "examples": len(train), "tokens": tokens, "padded_tokens": padded,
             "eval_examples_per_s": eval_rate, "precision": "fp32"}
@@ -137,31 +147,9 @@ def run_book(args) -> dict:
     inject_lora(model, LoRAConfig(rank=8, alpha=16))
     model.out_head = torch.nn.Linear(768, 2)
     freeze_for_lora(model, trainable=(model.out_head,))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.1)
-    longest = args.longest
-    order = np.random.default_rng(42).permutation(len(train))
-    tokens = padded = 0
-    model.train()
-    t0 = time.perf_counter()
-    for i in range(0, len(order), args.batch_size):
-        idx = order[i:i + args.batch_size]
-        ids, mask = _pad([train[j] for j in idx], pad, longest)
-        loss = torch.nn.functional.cross_entropy(model(ids)[:, -1, :], torch.as_tensor(ytrain[idx]))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        tokens += int(mask.sum())
-        padded += ids.numel()
-    seconds = time.perf_counter() - t0
-    model.eval()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(test), 32):
-            ids, _ = _pad([s[:longest] for s in test[i:i + 32]], pad, longest)
-            model(ids)[:, -1, :]
-    eval_rate = len(test) / (time.perf_counter() - t0)
-    return {"seconds": seconds, "examples": len(train), "tokens": tokens, "padded_tokens": padded,
-            "eval_examples_per_s": eval_rate, "precision": "fp32"}
+    last = lambda ids, mask: model(ids)[:, -1, :]  # noqa: E731  (the book reads the last position)
+    loss = lambda ids, mask, y: torch.nn.functional.cross_entropy(last(ids, mask), y)  # noqa: E731
+    return plain_loop(model, (train, ytrain, test), pad, args.batch_size, loss, last, length=args.longest)
 
 
 def matmul_peak(dtype) -> float:

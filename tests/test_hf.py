@@ -111,3 +111,21 @@ def test_missing_hf_model_is_a_one_line_error(tmp_path, sms_file, capsys):
     code = main(["train", "--model", f"hf:{tmp_path / 'nothing'}", "--data", str(sms_file), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 1 and "cannot load" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bert"])
+def test_hf_predictions_do_not_depend_on_padding(fixture, request):
+    import numpy as np
+
+    from lorafit.batching import Encoded, collate
+
+    spec = ClassifierSpec(backbone=BackboneSpec(f"hf:{request.getfixturevalue(fixture)}"), labels=["a", "b"])
+    model, backbone = build_classifier(spec)
+    model.eval()
+    ids = backbone.encoder.encode(["win", "see you at lunch later ok thanks", "claim now"])
+    batch = collate(Encoded(ids, None, 0), np.arange(3), backbone.encoder.pad_id)
+    with torch.no_grad():
+        batched = model(batch.input_ids, batch.attention_mask)
+        for i, seq in enumerate(ids):
+            alone = model(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
+            torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=0)

@@ -30,15 +30,21 @@ def _transformers():
 
 
 class HFBackbone(nn.Module):
-    """A transformers base model behind lorafit's backbone interface."""
+    """A transformers base model behind lorafit's backbone interface.
 
-    def __init__(self, model: nn.Module, tokenizer):
+    Decoders get no attention mask: batches are right-padded and attention is causal, so real tokens
+    never see padding, and without a mask the attention kernel runs its faster causal path.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, causal: bool):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.causal = causal
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        mask = None if self.causal else attention_mask
+        return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, D)
 
     def save_assets(self, directory: Path) -> None:
         """config.json + tokenizer files: a merged classifier then loads without the original model."""
@@ -80,8 +86,9 @@ def _backbone(model: nn.Module, tokenizer, where: str) -> Backbone:
     hidden = getattr(cfg, "hidden_size", None) or cfg.d_model
     arch = {"kind": "hf", "model_type": cfg.model_type, "hidden_size": hidden,
             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "vocab_size": cfg.vocab_size}
-    pooling = "first" if cfg.model_type in ENCODER_TYPES else "last"
-    return Backbone(HFBackbone(model, tokenizer), HFEncoder(tokenizer), hidden, context, arch, pooling)
+    encoder = cfg.model_type in ENCODER_TYPES
+    return Backbone(HFBackbone(model, tokenizer, causal=not encoder), HFEncoder(tokenizer), hidden, context, arch,
+                    "first" if encoder else "last")
 
 
 def load_hf_backbone(spec: BackboneSpec) -> Backbone:

@@ -82,6 +82,14 @@ class GELU(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """Linear -> GELU -> Linear, 4x wide.
+
+    During training the GELU output (B, T, 4D), which the second linear's backward needs (for its LoRA
+    A gradient), is not kept: it is recomputed from the GELU input, which is kept anyway. That is the
+    largest activation of the block, and recomputing it costs one elementwise pass; the values are the
+    same bits, so results do not change.
+    """
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.layers = nn.Sequential(
@@ -89,7 +97,25 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        fc, act, proj = self.layers
+        h = fc(x)  # (B, T, 4D)
+        g = act(h)  # (B, T, 4D)
+        if not torch.is_grad_enabled() or not h.requires_grad:
+            return proj(g)  # (B, T, D)
+
+        def pack(t: torch.Tensor):
+            if t.data_ptr() == g.data_ptr() and t.numel() == g.numel() and t.dtype == g.dtype:
+                return (t.shape, t.stride(), t.storage_offset())  # a view of g: rebuilt from h on demand
+            return t
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            shape, stride, offset = packed
+            return act(h).as_strided(shape, stride, offset)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return proj(g)  # (B, T, D)
 
 
 class MultiHeadAttention(nn.Module):
