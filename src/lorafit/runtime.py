@@ -97,6 +97,26 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def return_freed_buffers_to_the_os() -> bool:
+    """Pin glibc's mmap threshold at 1 MiB (where glibc is the allocator; a no-op elsewhere).
+
+    Training allocates activation buffers of a different size at every batch length. glibc raises its
+    mmap threshold each time such a buffer is freed, after which buffers come from the heap and stay
+    there, fragmented: on GPT-2 small that alone lifted peak RSS from 1.5 to 2.0 GB. With the threshold
+    pinned, large buffers go back to the OS when freed; measured cost: none beyond noise.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def setup(device: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype | None]:
     """Resolve ``--device`` and ``--precision`` together, and tune the backend for variable-length batches."""
     dev = resolve_device(device)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .batching import Encoded, iterate, lengths_of, train_order
 from .errors import LorafitError, UsageError
 from .evaluate import classification_metrics, predict_proba
-from .runtime import autocast
+from .runtime import autocast, return_freed_buffers_to_the_os
 
 SCHEDULES = ("constant", "cosine")
 
@@ -153,6 +153,7 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LorafitError("the model has no trainable parameters (inject LoRA and add a head first)")
+    return_freed_buffers_to_the_os()
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
