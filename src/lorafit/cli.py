@@ -249,8 +249,10 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspe
             "merge": cmd_merge, "generate": cmd_generate}
 
 
-def _warning_line(message, category, filename, lineno, line=None) -> str:
-    return f"lorafit: warning: {message}\n"
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """lorafit's own warnings as one line each; other libraries' deprecation chatter stays out."""
+    if "lorafit" in Path(filename).parts:
+        print(f"lorafit: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,9 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in report.json, so a run can be repeated exactly
-    warnings.formatwarning = _warning_line
     try:
-        COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = _show_warning
+            COMMANDS[args.command](args)
     except LorafitError as e:
         if args.debug:
             raise
