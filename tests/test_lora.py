@@ -13,7 +13,6 @@ from lorafit import (Classifier, ClassifierSpec, GPTModel, LoRAConfig, LoRALinea
                      build_classifier, count_parameters, freeze_for_lora, inject_lora, set_merged)
 from lorafit.adapter import load_adapter_into, load_classifier, save_adapter
 from lorafit.backbone import BackboneSpec
-from lorafit.files import save_safetensors
 from lorafit.lora import lora_layers
 
 from conftest import TINY

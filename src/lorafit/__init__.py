@@ -2,12 +2,12 @@
 
 The Python API mirrors the CLI, one step per call::
 
-    from lorafit import *
-    backbone = load_backbone(BackboneSpec("gpt2-small"))          # GPT-2 + its tokenizer
-    spec = ClassifierSpec(backbone=backbone_spec, lora=LoRAConfig(rank=8), labels=["ham", "spam"])
-    model, backbone = build_classifier(spec, backbone)             # inject LoRA, add head, freeze
+    from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, count_parameters, format_counts
+    spec = ClassifierSpec(backbone=BackboneSpec("gpt2-small"), lora=LoRAConfig(rank=8), labels=["ham", "spam"])
+    model, backbone = build_classifier(spec)  # load GPT-2, inject LoRA, add the head, freeze
     print(format_counts(count_parameters(model)))
-    history = fit(model, train, val, TrainConfig(), pad_id=..., labels=..., device=...)
+
+README.md walks through the rest: data, ``fit``, ``predict_proba``, ``save_adapter``.
 """
 
 from .accounting import ParamCounts, count_parameters, format_counts

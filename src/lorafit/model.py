@@ -7,7 +7,6 @@ out_head, ...) so that the book's saved state dicts load as they are; the arithm
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -48,9 +47,6 @@ class GPTConfig:
     def from_dict(cls, d: dict) -> "GPTConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 PRESETS: dict[str, GPTConfig] = {
