@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_speed import _pad, peak_rss_mb  # noqa: E402
+from train_speed import _pad, peak_rss_mb, run_worker  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -103,13 +101,10 @@ def main() -> None:
     for name in [s.strip() for s in args.systems.split(",") if s.strip()]:
         cmd = [sys.executable, __file__, "--worker", name, "--model-dir", args.model_dir, "--gguf", args.gguf,
                "--data", args.data, "--out", args.out]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        rows[name] = json.loads(line[0][7:])
-        print(f"  {name}: {rows[name]}", flush=True)
+        result = run_worker(name, cmd)
+        if result is not None:
+            rows[name] = result
+            print(f"  {name}: {result}", flush=True)
     ref = rows.get("peft")
     print("\n| system | precision | validation | test | s / epoch | x PEFT | peak RSS |\n|---|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():

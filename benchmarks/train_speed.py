@@ -167,6 +167,16 @@ def _timed(f) -> float:
     return time.perf_counter() - t0
 
 
+def run_worker(name: str, cmd: list[str]) -> dict | None:
+    """Run one system in a fresh process (so its peak RSS is its own) and read back its RESULT line."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not line:
+        print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[0][7:])
+
+
 def worker(args) -> None:
     runner = {"lorafit": lambda: run_lorafit(args, "auto"), "lorafit-fp32": lambda: run_lorafit(args, "fp32"),
               "peft": lambda: run_peft(args), "book": lambda: run_book(args)}[args.worker]
@@ -201,13 +211,10 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", name, "--data", args.data, "--batch-size", str(args.batch_size),
                "--limit-batches", str(args.limit_batches)] + (["--tokenizer", args.tokenizer] if args.tokenizer else [])
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+        r = run_worker(name, cmd)
+        if r is None:
             continue
-        results[name] = json.loads(line[0][7:])
-        r = results[name]
+        results[name] = r
         print(f"  {name}: {r['seconds']:.1f} s training, {r['examples'] / r['seconds']:.2f} examples/s "
               f"({time.perf_counter() - t0:.0f} s with start-up and evaluation)", flush=True)
 

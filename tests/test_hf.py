@@ -37,28 +37,27 @@ def word_tokenizer(directory, bert: bool):
     return tok
 
 
+def save_tiny(directory, bert: bool):
+    """A random 2-layer, 32-wide model of either family, saved with its tokenizer."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    tok = word_tokenizer(directory, bert=bert)
+    shape = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**shape)) if bert else LlamaModel(LlamaConfig(**shape, num_key_value_heads=2))
+    model.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture
 def tiny_llama(tmp_path):
-    from transformers import LlamaConfig, LlamaModel
-
-    d = tmp_path / "tiny-llama"
-    tok = word_tokenizer(d, bert=False)
-    torch.manual_seed(0)
-    LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)).save_pretrained(d)
-    return d
+    return save_tiny(tmp_path / "tiny-llama", bert=False)
 
 
 @pytest.fixture
 def tiny_bert(tmp_path):
-    from transformers import BertConfig, BertModel
-
-    d = tmp_path / "tiny-bert"
-    tok = word_tokenizer(d, bert=True)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=128)).save_pretrained(d)
-    return d
+    return save_tiny(tmp_path / "tiny-bert", bert=True)
 
 
 @pytest.mark.parametrize("kind,n_lora,pooling", [("llama", 7 * 2, "last"), ("bert", 6 * 2, "first")])
