@@ -208,7 +208,9 @@ def hub_download(preset: str) -> Path:
     """Fetch (or find in the cache) OpenAI's weights for ``preset``; offline-safe with a clear error."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import logging as hub_logging
 
+    hub_logging.set_verbosity_error()  # its retry chatter would bury the one-line error below
     repo = HUB_REPOS[preset]
     try:
         paths = [Path(hf_hub_download(repo, f)) for f in HUB_FILES]
