@@ -128,3 +128,26 @@ def test_hf_predictions_do_not_depend_on_padding(fixture, request):
         for i, seq in enumerate(ids):
             alone = model(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
             torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=0)
+
+
+def test_native_llama_equals_transformers():
+    """lorafit's Llama decoder computes transformers' LlamaModel, and its pooled last layer the same rows."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from lorafit.hf import native
+    from lorafit.llama import LlamaDecoder
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    hf = LlamaModel(cfg).eval()
+    ours = native(hf)
+    assert isinstance(ours, LlamaDecoder) and ours.state_dict().keys() == hf.state_dict().keys()
+    ids = torch.randint(0, 100, (3, 17))
+    at = torch.tensor([16, 3, 9])
+    with torch.no_grad():
+        expected = hf(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(ours.hidden_states(ids), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.hidden_states(ids, at=at), expected[torch.arange(3), at], atol=1e-5, rtol=0)
+    cfg.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    assert type(native(LlamaModel(cfg))) is LlamaModel  # a RoPE variant it does not implement: left alone

@@ -45,7 +45,7 @@ class Classifier(nn.Module):
         return self.head.out_features
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "last" and isinstance(self.backbone, GPTModel):
+        if self.pooling == "last" and getattr(self.backbone, "can_pool_last_block", False):
             last = attention_mask.sum(dim=1) - 1  # (B,)
             pooled = self.backbone.hidden_states(input_ids, attention_mask, at=last)  # (B, D), last block at `last` only
         else:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .backbone import Backbone, BackboneSpec
 from .errors import LorafitError
+from .llama import LlamaDecoder, supports
 
 # Bidirectional encoders read their [CLS] token; every other model (decoders) its last real token.
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert", "xlm-roberta",
@@ -42,7 +43,14 @@ class HFBackbone(nn.Module):
         self.tokenizer = tokenizer
         self.causal = causal
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def can_pool_last_block(self) -> bool:
+        return isinstance(self.model, LlamaDecoder)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      at: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(self.model, LlamaDecoder):
+            return self.model.hidden_states(input_ids, None, at)  # (B, T, D), or (B, D) at `at`
         mask = None if self.causal else attention_mask
         return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, D)
 
@@ -91,6 +99,15 @@ def _backbone(model: nn.Module, tokenizer, where: str) -> Backbone:
                     "first" if encoder else "last")
 
 
+def native(model: nn.Module) -> nn.Module:
+    """lorafit's own decoder in place of transformers' where it computes the same function faster."""
+    if not supports(model.config):
+        return model
+    ours = LlamaDecoder(model.config)
+    ours.load_state_dict(model.state_dict())  # same names; strict: anything unexpected fails loudly
+    return ours
+
+
 def load_hf_backbone(spec: BackboneSpec) -> Backbone:
     transformers = _transformers()
     ident = spec.model.removeprefix("hf:")
@@ -102,7 +119,7 @@ def load_hf_backbone(spec: BackboneSpec) -> Backbone:
     except (OSError, ValueError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LorafitError(f"{where}: cannot load ({first})") from e
-    backbone = _backbone(model.eval(), tokenizer, where)
+    backbone = _backbone(native(model).eval(), tokenizer, where)
     local = Path(ident)
     backbone.directory = local if local.is_dir() else None
     return backbone
@@ -118,5 +135,5 @@ def hf_skeleton(directory: Path) -> Backbone:
         raise LorafitError(f"{directory}: cannot read the merged model's config or tokenizer ({e})") from e
     # Built for real (not on the meta device): non-persistent buffers such as rotary frequencies are
     # not in the saved weights and must be computed.
-    model = transformers.AutoModel.from_config(config)
+    model = LlamaDecoder(config) if supports(config) else transformers.AutoModel.from_config(config)
     return _backbone(model.eval(), tokenizer, str(directory))

@@ -170,6 +170,8 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     """GPT-2: token + position embeddings, ``n_layers`` pre-norm blocks, final norm, untied out_head."""
 
+    can_pool_last_block = True  # hidden_states(..., at=) runs the last block at the pooled rows only
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg

@@ -1,0 +1,131 @@
+"""A Llama-architecture decoder (Llama 2/3 style, SmolLM2) that runs faster than transformers' on a CPU.
+
+Same module and parameter names as transformers' ``LlamaModel`` (embed_tokens, layers[i].self_attn.q_proj,
+mlp.gate_proj, input_layernorm, norm, ...), so its state dict copies over unchanged and LoRA targets keep
+their usual names. What makes it faster for classification: fused RMSNorm, grouped-query attention without
+copying K/V, no attention mask (right-padded batches and causal attention), and the last layer run only
+at the pooled token. Used by ``hf:`` backbones whose config it covers exactly (see :func:`supports`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def supports(config) -> bool:
+    """Only configs this module reproduces exactly: plain RoPE, no biases, SiLU, one attention kind."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return (config.model_type == "llama" and rope.get("rope_type", rope.get("type", "default")) == "default"
+            and not getattr(config, "attention_bias", False) and not getattr(config, "mlp_bias", False)
+            and getattr(config, "hidden_act", "silu") == "silu" and getattr(config, "pretraining_tp", 1) == 1
+            and (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+            * config.num_attention_heads == config.hidden_size)
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the rotate-half convention that Hugging Face's Llama checkpoints use."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads or self.n_heads
+        self.head_dim = config.hidden_size // self.n_heads
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, at: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, _ = x.shape  # (B, T, D)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        k = rotate(k, cos, sin)
+        if at is None:
+            q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+            q = rotate(q, cos, sin)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
+            return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+        rows = torch.arange(b, device=x.device)
+        q = self.q_proj(x[rows, at]).view(b, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
+        q = rotate(q, cos[at][:, None, None, :], sin[at][:, None, None, :])
+        visible = torch.arange(t, device=x.device)[None, :] <= at[:, None]  # (B, T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], enable_gqa=True)
+        return self.o_proj(y.reshape(b, -1))  # (B, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        d, h = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, h, bias=False)
+        self.up_proj = nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, at: torch.Tensor | None = None) -> torch.Tensor:
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, at)  # (B, T, D) or (B, D)
+        if at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), at]  # (B, D)
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaDecoder(nn.Module):
+    """``hidden_states(ids, mask, at=None)`` like lorafit's GPT-2: (B, T, D), or (B, D) at ``at``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        head_dim = config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (_rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _rope(self, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.inv_freq.to(device))
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+        return emb.cos(), emb.sin()
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      at: torch.Tensor | None = None) -> torch.Tensor:
+        cos, sin = self._rope(input_ids.shape[1], input_ids.device)
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, at if i == len(self.layers) - 1 else None)
+        return self.norm(x)
