@@ -212,7 +212,8 @@ def cmd_inspect(args) -> None:
     old_head = getattr(model, "out_head", None)
     clf = Classifier(model, backbone.hidden_size, args.num_classes, backbone.default_pooling)
     freeze_for_lora(clf, trainable=(clf.head,))
-    print(f"\nhead before: {old_head}\nhead after:  {clf.head}  (trainable)\n")
+    before = old_head if old_head is not None else "none (the backbone was loaded without its LM head)"
+    print(f"\nhead before: {before}\nhead after:  {clf.head}  (trainable)\n")
     print(format_counts(count_parameters(clf), f"Parameters with the {args.num_classes}-class head"))
 
 
