@@ -53,6 +53,10 @@ def test_eval_reproduces_the_report(trained_run, capsys):
         assert result["metrics"][split]["accuracy"] == report["metrics"][split]["accuracy"]
         assert result["metrics"][split]["confusion_matrix"] == report["metrics"][split]["confusion_matrix"]
         assert result["metrics"][split]["loss"] == pytest.approx(report["metrics"][split]["loss"], abs=1e-6)
+    assert main(["eval", "--run", str(trained_run), "--data", str(trained_run / "test.csv"), "--json",
+                 "--precision", "fp32"]) == 0
+    on_file = json.loads(capsys.readouterr().out)["metrics"]["data"]
+    assert on_file["accuracy"] == report["metrics"]["test"]["accuracy"]
 
 
 def test_predict_matches_eval_and_merge_gives_the_same_predictions(trained_run, tmp_path, capsys):

@@ -25,6 +25,7 @@ SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip
 SMS_MD5 = "1949b64a224790d01335c2bf8a0e48b2"
 SMS_NAME = "SMSSpamCollection"
 SPLIT_FRACTIONS = (0.7, 0.1)  # train, validation; the rest is test
+SPLIT_NAMES = ("train", "val", "test")
 
 
 def lorafit_home() -> Path:
@@ -65,18 +66,31 @@ class Splits:
     skipped_empty: int = 0  # empty or whitespace-only texts dropped from the data file
 
     def encode_labels(self, df: pd.DataFrame, where: str) -> np.ndarray:
-        index = {name: i for i, name in enumerate(self.labels)}
-        unknown = sorted(set(df["label"]) - set(index))
-        if unknown:
-            raise LorafitError(f"{where}: labels {', '.join(map(repr, unknown[:5]))} were never seen in training "
-                               f"(known: {', '.join(self.labels)})")
-        return df["label"].map(index).to_numpy(dtype=np.int64)
+        return encode_labels(df, self.labels, where)
 
     def save(self, directory: Path) -> None:
         """Write the exact split as CSV, so a run can be audited and repeated."""
-        for name in ("train", "val", "test"):
+        for name in SPLIT_NAMES:
             with atomic_path(directory / f"{name}.csv") as tmp:
                 getattr(self, name).to_csv(tmp, index=False)
+
+    @classmethod
+    def load(cls, directory: Path, labels: list[str], hint: str = "") -> "Splits":
+        """The split a run saved with :meth:`save`."""
+        missing = [f"{name}.csv" for name in SPLIT_NAMES if not (directory / f"{name}.csv").is_file()]
+        if missing:
+            raise LorafitError(f"{directory}: no {', '.join(missing)}{hint}")
+        return cls(*(read_table(directory / f"{name}.csv") for name in SPLIT_NAMES), labels)
+
+
+def encode_labels(df: pd.DataFrame, labels: list[str], where: str) -> np.ndarray:
+    """Class indices for ``df``'s labels; a label outside ``labels`` is refused by name."""
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted(set(df["label"]) - set(index))
+    if unknown:
+        raise LorafitError(f"{where}: labels {', '.join(map(repr, unknown[:5]))} were never seen in training "
+                           f"(known: {', '.join(labels)})")
+    return df["label"].map(index).to_numpy(dtype=np.int64)
 
 
 def _read_utf8(path: Path) -> str:

@@ -20,7 +20,7 @@ from .accounting import count_parameters
 from .adapter import (ADAPTER_CONFIG, ClassifierSpec, adapter_state, build_classifier, load_adapter_into,
                       load_classifier, save_adapter)
 from .batching import Encoded, encode_texts
-from .data import Splits, load_splits, read_table
+from .data import SPLIT_NAMES, Splits, encode_labels, load_splits, read_table
 from .errors import LorafitError
 from .evaluate import classification_metrics, predict_proba
 from .files import load_safetensors, save_safetensors, write_json, write_text
@@ -68,9 +68,10 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def encode_split(backbone, splits: Splits, df, name: str) -> Encoded:
-    return encode_texts(backbone.encoder, df["text"].tolist(), splits.encode_labels(df, name),
-                        backbone.context_length, where=f"{name} split")
+def encode_split(backbone, labels: list[str], df, name: str, where: str | None = None) -> Encoded:
+    where = where or f"{name} split"
+    return encode_texts(backbone.encoder, df["text"].tolist(), encode_labels(df, labels, where),
+                        backbone.context_length, where=where)
 
 
 def evaluate_model(model, backbone, data: dict[str, Encoded], labels: list[str], device, dtype,
@@ -132,8 +133,7 @@ def resume_run(out: str | Path, *, progress: bool = True) -> RunResult:
     tensors = load_safetensors(out / CHECKPOINT_WEIGHTS)
     if tensors.get("checkpoint.step", torch.tensor(-1)).item() != saved["state"]["step"]:
         raise LorafitError(f"{out}: {CHECKPOINT_WEIGHTS} and {CHECKPOINT_STATE} are from different steps")
-    frames = {s: read_table(out / f"{s}.csv") for s in ("train", "val", "test")}
-    splits = Splits(frames["train"], frames["val"], frames["test"], spec.labels)
+    splits = Splits.load(out, spec.labels)
     optimizer = {"state": {}, "param_groups": saved["optimizer_param_groups"]}
     for key, t in tensors.items():
         if key.startswith("optimizer."):
@@ -196,7 +196,7 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
             for k, t in adapter_state(model).items():
                 t.copy_(tensors[k])
     counts = count_parameters(model)
-    enc = {name: encode_split(backbone, splits, getattr(splits, name), name) for name in ("train", "val", "test")}
+    enc = {name: encode_split(backbone, splits.labels, getattr(splits, name), name) for name in SPLIT_NAMES}
 
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics_file, stop_on_signals() as stop_requested:
         try:
@@ -271,15 +271,11 @@ def evaluate_run(run: str | Path, data: str | None = None, *, text_col: str | No
     model, backbone, spec = load_classifier(run)
     dev, dtype = setup(device, precision)
     model.to(dev)
-    splits = Splits(None, None, None, spec.labels)
     if data:
-        frames = {"data": read_table(data, text_col, label_col)}
+        enc = {"data": encode_split(backbone, spec.labels, read_table(data, text_col, label_col), "data", str(data))}
     else:
-        missing = [f"{s}.csv" for s in ("train", "val", "test") if not (run / f"{s}.csv").is_file()]
-        if missing:
-            raise LorafitError(f"{run}: no {', '.join(missing)}; pass --data FILE to evaluate on other data")
-        frames = {s: read_table(run / f"{s}.csv") for s in ("train", "val", "test")}
-    enc = {name: encode_split(backbone, splits, df, name if not data else str(data)) for name, df in frames.items()}
+        splits = Splits.load(run, spec.labels, hint="; pass --data FILE to evaluate on other data")
+        enc = {name: encode_split(backbone, spec.labels, getattr(splits, name), name) for name in SPLIT_NAMES}
     metrics, rate = evaluate_model(model, backbone, enc, spec.labels, dev, dtype, batch_size)
     return {"metrics": metrics, "examples_per_s": rate}
 
