@@ -217,3 +217,11 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, sms
     assert not (out / "checkpoint.json").exists()
     code, err = run_cli(capsys, "train", "--resume", str(out))
     assert code == 1 and "it finished" in error_line(err)
+
+
+def test_debug_shows_the_exception_before_or_after_the_command(tmp_path):
+    from lorafit import LorafitError
+
+    for argv in (["--debug", "eval", "--run", str(tmp_path)], ["eval", "--run", str(tmp_path), "--debug"]):
+        with pytest.raises(LorafitError, match="adapter.json: not found"):
+            main(argv)

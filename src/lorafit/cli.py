@@ -44,9 +44,14 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning of GPT-2 and friends into text classifiers")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    common = argparse.ArgumentParser(add_help=False)  # so that `lorafit train ... --debug` works too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="fine-tune a classifier and write a run directory")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    p = command("train", help="fine-tune a classifier and write a run directory")
     _model_args(p)
     _lora_args(p)
     g = p.add_argument_group("data")
@@ -75,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     _runtime_args(p)
 
-    p = sub.add_parser("eval", help="re-evaluate a saved run (its own splits, or --data)")
+    p = command("eval", help="re-evaluate a saved run (its own splits, or --data)")
     p.add_argument("--run", required=True, metavar="DIR")
     p.add_argument("--data", metavar="FILE")
     p.add_argument("--text-col")
@@ -84,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _runtime_args(p)
 
-    p = sub.add_parser("predict", help="label texts with a saved run")
+    p = command("predict", help="label texts with a saved run")
     p.add_argument("--run", required=True, metavar="DIR")
     p.add_argument("texts", nargs="*", help="messages to classify")
     p.add_argument("--file", metavar="FILE", help="one message per line")
@@ -92,17 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     _runtime_args(p)
 
-    p = sub.add_parser("inspect", help="print the model with LoRA injected and the parameter accounting")
+    p = command("inspect", help="print the model with LoRA injected and the parameter accounting")
     _model_args(p)
     _lora_args(p)
     p.add_argument("--seed", type=int, default=42)
 
-    p = sub.add_parser("merge", help="fold a run's adapter into its base and save a plain classifier")
+    p = command("merge", help="fold a run's adapter into its base and save a plain classifier")
     p.add_argument("--run", required=True, metavar="DIR")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("generate", help="continue a prompt with the language model (checks the weights)")
+    p = command("generate", help="continue a prompt with the language model (checks the weights)")
     _model_args(p)
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=30)
