@@ -110,7 +110,7 @@ def main() -> None:
     for name, r in rows.items():
         x = f"{ref['seconds'] / r['seconds']:.2f}" if ref else "n/a"
         print(f"| {name} | {r['precision']} | {100 * r['val']:.2f} % | {100 * r['test']:.2f} % | {r['seconds']:.0f} "
-              f"| {x} | {r['peak_rss_mb'] / 1024:.2f} GB |")
+              f"| {x} | {r['peak_rss_mb'] / 1024:.2f} GiB |")
 
 
 if __name__ == "__main__":

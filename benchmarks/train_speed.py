@@ -232,7 +232,7 @@ def main() -> None:
         x_train = f"{rate / (ref['examples'] / ref['seconds']):.2f}" if ref else "n/a"
         x_eval = f"{r['eval_examples_per_s'] / ref['eval_examples_per_s']:.2f}" if ref else "n/a"
         print(f"| {name} | {r['precision']} | {full / rate:.0f} | {rate:.2f} | {tok_rate:.0f} | {r['padded_tokens']:,} "
-              f"| {r['peak_rss_mb'] / 1024:.2f} GB | {x_train} | {r['eval_examples_per_s']:.1f} | {x_eval} | {util:.0f} % |")
+              f"| {r['peak_rss_mb'] / 1024:.2f} GiB | {x_train} | {r['eval_examples_per_s']:.1f} | {x_eval} | {util:.0f} % |")
     if args.limit_batches:
         print(f"(first {args.limit_batches} batches timed; s / epoch extrapolated to {full} messages)")
     if args.json:
