@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import signal
 import threading
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .accounting import count_parameters
-from .adapter import (ADAPTER_CONFIG, ClassifierSpec, adapter_state, build_classifier, load_adapter_into,
+from .adapter import (ADAPTER_CONFIG, ClassifierSpec, adapter_state, build_classifier, check_compatible,
+                      load_adapter_into,
                       load_classifier, save_adapter)
 from .batching import Encoded, encode_texts
 from .data import SPLIT_NAMES, Splits, encode_labels, load_splits, read_table
@@ -188,9 +190,11 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
            run: dict, resume: tuple[TrainState, dict] | None, progress: bool) -> RunResult:
     wall = time.perf_counter()
     dev, dtype = setup(run["device"], run["precision"])
+    expected = copy.deepcopy(spec) if resume else None
     model, backbone = build_classifier(spec, seed=train_cfg.seed)
     state = None
     if resume:
+        check_compatible(expected, spec, str(out))  # the base must not have changed since the checkpoint
         state, tensors = resume
         with torch.no_grad():
             for k, t in adapter_state(model).items():
