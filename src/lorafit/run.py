@@ -19,8 +19,7 @@ import torch
 
 from .accounting import count_parameters
 from .adapter import (ADAPTER_CONFIG, ClassifierSpec, adapter_state, build_classifier, check_compatible,
-                      load_adapter_into,
-                      load_classifier, save_adapter)
+                      load_adapter_into, load_classifier, save_adapter)
 from .batching import Encoded, encode_texts
 from .data import SPLIT_NAMES, Splits, encode_labels, load_splits, read_table
 from .errors import LorafitError
