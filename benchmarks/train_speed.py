@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -24,12 +23,14 @@ import time
 import numpy as np
 import torch
 
+from lorafit.runtime import peak_memory_mb
+
 SYSTEMS = ("lorafit", "lorafit-fp32", "peft", "book")
 FLOPS_PER_TOKEN = 4 * 85e6  # forward 2x + backward (input gradients only: the base is frozen) 2x, 85 M matmul weights
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_memory_mb(torch.device("cpu"))["peak_rss_mb"]
 
 
 def load_data(args):

@@ -178,6 +178,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_predict(args) -> None:
+    from .data import read_utf8
     from .run import predict_texts
 
     texts = list(args.texts)
@@ -185,10 +186,7 @@ def cmd_predict(args) -> None:
         path = Path(args.file)
         if not path.is_file():
             raise UsageError(f"--file {path}: not found")
-        try:
-            texts += [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except UnicodeDecodeError as e:
-            raise LorafitError(f"--file {path}: not UTF-8 text") from e
+        texts += [ln for ln in read_utf8(path).splitlines() if ln.strip()]
     if not texts:
         raise UsageError("predict needs texts: give them as arguments or with --file")
     for row in predict_texts(args.run, texts, device=args.device, precision=args.precision, batch_size=args.batch_size):

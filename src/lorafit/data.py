@@ -93,7 +93,8 @@ def encode_labels(df: pd.DataFrame, labels: list[str], where: str) -> np.ndarray
     return df["label"].map(index).to_numpy(dtype=np.int64)
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
+    """A text file's content; bytes that are not UTF-8 are refused with the line they are on."""
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
@@ -112,7 +113,7 @@ def read_table(path: str | Path, text_col: str | None = None, label_col: str | N
     path = Path(path)
     if not path.is_file():
         raise LorafitError(f"{path}: data file not found")
-    content = _read_utf8(path)
+    content = read_utf8(path)
     if not content.strip():
         raise LorafitError(f"{path}: data file is empty")
     text_col, label_col = text_col or "text", label_col or "label"

@@ -266,14 +266,19 @@ def write_report(out: Path, report: dict, history) -> None:
     write_text(out / "report.md", render_markdown(report))
 
 
+def _load_for_inference(run: str | Path, device: str, precision: str):
+    """A saved run's classifier on its device; bad --device / --precision fail before the model loads."""
+    dev, dtype = setup(device, precision)
+    model, backbone, spec = load_classifier(run)
+    return model.to(dev), backbone, spec, dev, dtype
+
+
 def evaluate_run(run: str | Path, data: str | None = None, *, text_col: str | None = None,
                  label_col: str | None = None, device: str = "auto", precision: str = "auto",
                  batch_size: int = 32) -> dict:
     """Re-evaluate a saved adapter: on the run's own saved splits, or on a labelled file of the user's."""
     run = Path(run)
-    model, backbone, spec = load_classifier(run)
-    dev, dtype = setup(device, precision)
-    model.to(dev)
+    model, backbone, spec, dev, dtype = _load_for_inference(run, device, precision)
     if data:
         enc = {"data": encode_split(backbone, spec.labels, read_table(data, text_col, label_col), "data", str(data))}
     else:
@@ -286,9 +291,7 @@ def evaluate_run(run: str | Path, data: str | None = None, *, text_col: str | No
 def predict_texts(run: str | Path, texts: list[str], *, device: str = "auto", precision: str = "auto",
                   batch_size: int = 32) -> list[dict]:
     """Label and probability for each text, in order."""
-    model, backbone, spec = load_classifier(run)
-    dev, dtype = setup(device, precision)
-    model.to(dev)
+    model, backbone, spec, dev, dtype = _load_for_inference(run, device, precision)
     set_merged(model, True)
     enc = encode_texts(backbone.encoder, texts, None, backbone.context_length, where="input")
     probs = predict_proba(model, enc, backbone.encoder.pad_id, batch_size=batch_size, device=dev, dtype=dtype)

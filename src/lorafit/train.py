@@ -172,9 +172,21 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
     stop_requested = stop_requested or (lambda: False)
     base_seconds, start, eval_seconds = history.train_seconds, time.perf_counter(), 0.0  # eval kept out of examples/s
 
+    def training_seconds() -> float:
+        return base_seconds + time.perf_counter() - start - eval_seconds
+
+    def validate(part: Encoded) -> dict:
+        """Metrics on (part of) the validation set; its time is kept out of the training time."""
+        nonlocal eval_seconds
+        t0 = time.perf_counter()
+        probs = predict_proba(model, part, pad_id, batch_size=cfg.batch_size, device=device, dtype=dtype)
+        metrics = classification_metrics(part.labels, probs, labels)
+        eval_seconds += time.perf_counter() - t0
+        return metrics
+
     def snapshot() -> TrainState:
         """The state right now; only ever taken at an optimiser-step boundary."""
-        history.train_seconds = base_seconds + time.perf_counter() - start - eval_seconds
+        history.train_seconds = training_seconds()
         return TrainState(state.epoch, state.batch, state.step, state.best_accuracy, history,
                           optimizer.state_dict(), rng_state(device))
 
@@ -215,35 +227,27 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
             history.train.append(record)
             log(record)
             accum_loss, accum_n, accum_tokens = 0.0, 0, 0
-            elapsed = base_seconds + time.perf_counter() - start - eval_seconds
-            bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{history.train_examples / elapsed:.1f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{history.train_examples / training_seconds():.1f}")
             if cfg.eval_every and state.step % cfg.eval_every == 0 and len(val.ids):
-                t0 = time.perf_counter()
                 n = min(len(val.ids), cfg.eval_batches * cfg.batch_size)
-                part = Encoded(val.ids[:n], val.labels[:n], 0)
-                m = classification_metrics(part.labels, predict_proba(model, part, pad_id, batch_size=cfg.batch_size,
-                                                                      device=device, dtype=dtype), labels)
+                m = validate(Encoded(val.ids[:n], val.labels[:n], 0))
                 record = {"event": "eval", "step": state.step, "epoch": record["epoch"],
                           "examples_seen": history.train_examples, "val_loss": m["loss"],
                           "val_accuracy": m["accuracy"], "val_examples": n}
                 history.val.append(record)
                 log(record)
-                eval_seconds += time.perf_counter() - t0
             boundary_rng = rng_state(device)
             if stop_requested() and i + 1 < len(order):
                 bar.close()
                 raise TrainingStopped(f"interrupted at step {state.step} (epoch {epoch + 1})", snapshot(), 130)
         bar.close()
-        history.train_seconds = base_seconds + time.perf_counter() - start - eval_seconds
-        t0 = time.perf_counter()
-        m = classification_metrics(val.labels, predict_proba(model, val, pad_id, batch_size=cfg.batch_size,
-                                                             device=device, dtype=dtype), labels) if len(val.ids) else None
+        history.train_seconds = training_seconds()
+        m = validate(val) if len(val.ids) else None
         record = {"event": "epoch", "epoch": epoch + 1, "step": state.step, "examples_seen": history.train_examples,
                   "val_loss": m["loss"] if m else None, "val_accuracy": m["accuracy"] if m else None,
                   "seconds": history.train_seconds}
         history.epochs.append(record)
         log(record)
-        eval_seconds += time.perf_counter() - t0
         acc = m["accuracy"] if m else float(epoch)  # without validation data: keep the last epoch
         if acc > state.best_accuracy:
             state.best_accuracy, history.best = acc, record
@@ -252,5 +256,5 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
         state.epoch, state.batch = epoch + 1, 0
         if stop_requested() and state.epoch < cfg.epochs:
             raise TrainingStopped(f"interrupted after epoch {epoch + 1}", snapshot(), 130)
-    history.train_seconds = base_seconds + time.perf_counter() - start - eval_seconds
+    history.train_seconds = training_seconds()
     return history
