@@ -108,6 +108,9 @@ def test_model_folder_problems(tmp_path, capsys, sms_file, hf_gpt2_dir):
     (half / "config.json").write_text((hf_gpt2_dir / "config.json").read_text())
     code, err = run_cli(capsys, "train", "--model", str(half), "--data", str(sms_file), "--out", str(tmp_path / "r"))
     assert code == 1 and "no model.safetensors" in error_line(err)
+    (half / "config.json").write_text("{not json")
+    code, err = run_cli(capsys, "train", "--model", str(half), "--data", str(sms_file), "--out", str(tmp_path / "r"))
+    assert code == 1 and "config.json: not valid JSON" in error_line(err)
     cfg = json.loads((hf_gpt2_dir / "config.json").read_text())
     cfg["n_embd"] = 64
     wrong = tmp_path / "wrong-shapes"

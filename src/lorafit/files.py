@@ -37,6 +37,16 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_json(path: str | os.PathLike):
+    """A JSON file's content; a malformed file becomes a one-line LorafitError naming it."""
+    from .errors import LorafitError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LorafitError(f"{path}: not valid JSON ({e})") from e
+
+
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 

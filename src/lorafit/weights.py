@@ -8,7 +8,6 @@ and then mapped onto the book's names by one table, :func:`hf_to_lorafit`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import LorafitError
+from .files import load_safetensors, read_json
 from .model import PRESETS, GPTConfig, GPTModel
 
 HUB_REPOS = {
@@ -128,13 +128,8 @@ def config_from_hf(d: dict, source: str) -> GPTConfig:
 def load_hf_directory(directory: Path) -> GPTModel:
     """A Hugging Face GPT-2 folder: config.json + model.safetensors (or pytorch_model.bin, safely)."""
     cfg_path = directory / "config.json"
-    try:
-        cfg = config_from_hf(json.loads(cfg_path.read_text(encoding="utf-8")), str(cfg_path))
-    except json.JSONDecodeError as e:
-        raise LorafitError(f"{cfg_path}: not valid JSON ({e})") from e
+    cfg = config_from_hf(read_json(cfg_path), str(cfg_path))
     if (directory / "model.safetensors").is_file():
-        from .files import load_safetensors
-
         sd = load_safetensors(directory / "model.safetensors")
     elif (directory / "pytorch_model.bin").is_file():
         sd = _torch_load(directory / "pytorch_model.bin")
@@ -151,9 +146,13 @@ def load_openai_directory(directory: Path) -> GPTModel:
         raise LorafitError(
             f"{directory}: reading OpenAI's TensorFlow checkpoint needs tensorflow: pip install 'lorafit[tf]'"
         ) from e
-    hp = json.loads((directory / "hparams.json").read_text(encoding="utf-8"))
-    cfg = GPTConfig(vocab_size=hp["n_vocab"], context_length=hp["n_ctx"], emb_dim=hp["n_embd"],
-                    n_heads=hp["n_head"], n_layers=hp["n_layer"])
+    hp_path = directory / "hparams.json"
+    hp = read_json(hp_path)
+    try:
+        cfg = GPTConfig(vocab_size=hp["n_vocab"], context_length=hp["n_ctx"], emb_dim=hp["n_embd"],
+                        n_heads=hp["n_head"], n_layers=hp["n_layer"])
+    except (KeyError, TypeError) as e:
+        raise LorafitError(f"{hp_path}: lacks the GPT-2 field {e}") from e
     ckpt = tf.train.latest_checkpoint(str(directory))
     if ckpt is None:
         raise LorafitError(f"{directory}: hparams.json found but no TensorFlow checkpoint (checkpoint, model.ckpt.*)")
