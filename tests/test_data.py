@@ -132,7 +132,7 @@ def test_pooling_modes():
 
 
 def test_pooled_last_block_equals_the_full_forward():
-    """Running the last block only at the pooled rows gives the full forward's values at those rows."""
+    """The last block run only at the pooled rows, and blocks run without the padding, give the full forward's values."""
     torch.manual_seed(0)
     gpt = GPTModel(GPTConfig(**TINY)).eval()
     ids = torch.randint(0, 300, (4, 12))
@@ -140,3 +140,9 @@ def test_pooled_last_block_equals_the_full_forward():
     with torch.no_grad():
         full = gpt.hidden_states(ids)[torch.arange(4), last]
         torch.testing.assert_close(gpt.hidden_states(ids, at=last), full, atol=1e-5, rtol=0)
+        mask = (torch.arange(12)[None, :] <= last[:, None]).long()  # padding after `last`: skipped rows
+        torch.testing.assert_close(gpt.hidden_states(ids, mask, at=last), full, atol=1e-5, rtol=0)
+        real = mask.bool()
+        packed = gpt.hidden_states(ids, mask)
+        torch.testing.assert_close(packed[real], gpt.hidden_states(ids)[real], atol=1e-5, rtol=0)
+        assert not packed[~real].any()  # padded positions come back as zeros

@@ -149,5 +149,9 @@ def test_native_llama_equals_transformers():
         expected = hf(input_ids=ids).last_hidden_state
         torch.testing.assert_close(ours.hidden_states(ids), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(ours.hidden_states(ids, at=at), expected[torch.arange(3), at], atol=1e-5, rtol=0)
+        mask = (torch.arange(17)[None, :] <= at[:, None]).long()  # right padding after `at`: packed rows
+        real = mask.bool()
+        torch.testing.assert_close(ours.hidden_states(ids, mask)[real], expected[real], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.hidden_states(ids, mask, at), expected[torch.arange(3), at], atol=1e-5, rtol=0)
     cfg.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     assert type(native(LlamaModel(cfg))) is LlamaModel  # a RoPE variant it does not implement: left alone

@@ -50,7 +50,7 @@ class HFBackbone(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       at: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(self.model, LlamaDecoder):
-            return self.model.hidden_states(input_ids, None, at)  # (B, T, D), or (B, D) at `at`
+            return self.model.hidden_states(input_ids, attention_mask, at)  # (B, T, D), or (B, D) at `at`
         mask = None if self.causal else attention_mask
         return self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, D)
 

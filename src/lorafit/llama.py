@@ -3,8 +3,9 @@
 Same module and parameter names as transformers' ``LlamaModel`` (embed_tokens, layers[i].self_attn.q_proj,
 mlp.gate_proj, input_layernorm, norm, ...), so its state dict copies over unchanged and LoRA targets keep
 their usual names. What makes it faster for classification: fused RMSNorm, grouped-query attention without
-copying K/V, no attention mask (right-padded batches and causal attention), and the last layer run only
-at the pooled token. Used by ``hf:`` backbones whose config it covers exactly (see :func:`supports`).
+copying K/V, no attention mask (right-padded batches and causal attention), padding skipped outside
+attention, and the last layer run only at the pooled token. Used by ``hf:`` backbones whose config it
+covers exactly (see :func:`supports`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .packing import Packing
 
 
 def supports(config) -> bool:
@@ -58,21 +61,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
-    def forward(self, x, cos, sin, at: torch.Tensor | None = None) -> torch.Tensor:
-        b, t, _ = x.shape  # (B, T, D)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        k = rotate(k, cos, sin)
+    def _rotated(self, proj: nn.Linear, x: torch.Tensor, n: int, cos, sin) -> torch.Tensor:
+        """(N, D) -> (N, n * hd), each head rotated by its token's position."""
+        y = proj(x)
+        return rotate(y.view(y.shape[0], n, self.head_dim), cos[:, None], sin[:, None]).flatten(1)
+
+    def forward(self, x, packing: Packing, cos, sin, at: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) tokens -> (N, D); with ``at`` (B,) stack rows, only those rows' queries -> (B, D)."""
+        k = packing.heads(self._rotated(self.k_proj, x, self.n_kv, cos, sin), self.n_kv)  # (B, KV, T, hd)
+        v = packing.heads(self.v_proj(x), self.n_kv)  # (B, KV, T, hd)
         if at is None:
-            q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-            q = rotate(q, cos, sin)
+            q = packing.heads(self._rotated(self.q_proj, x, self.n_heads, cos, sin), self.n_heads)  # (B, H, T, hd)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
-            return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
-        rows = torch.arange(b, device=x.device)
-        q = self.q_proj(x[rows, at]).view(b, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
-        q = rotate(q, cos[at][:, None, None, :], sin[at][:, None, None, :])
-        visible = torch.arange(t, device=x.device)[None, :] <= at[:, None]  # (B, T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], enable_gqa=True)
+            return self.o_proj(packing.tokens(y))  # (N, D)
+        b = at.shape[0]
+        q = self._rotated(self.q_proj, x[at], self.n_heads, cos[at], sin[at]).view(b, self.n_heads, 1, -1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.visible(packing.positions[at]),
+                                           enable_gqa=True)  # (B, H, 1, hd)
         return self.o_proj(y.reshape(b, -1))  # (B, D)
 
 
@@ -96,10 +101,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, at: torch.Tensor | None = None) -> torch.Tensor:
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, at)  # (B, T, D) or (B, D)
+    def forward(self, x, packing: Packing, cos, sin, at: torch.Tensor | None = None) -> torch.Tensor:
+        attended = self.self_attn(self.input_layernorm(x), packing, cos, sin, at)  # (N, D) or (B, D)
         if at is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), at]  # (B, D)
+            x = x[at]  # (B, D)
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -117,15 +122,19 @@ class LlamaDecoder(nn.Module):
         inv_freq = 1.0 / (_rope_theta(config) ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def _rope(self, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = torch.outer(torch.arange(t, device=device, dtype=torch.float32), self.inv_freq.to(device))
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.outer(positions.to(torch.float32), self.inv_freq.to(positions.device))
+        emb = torch.cat((freqs, freqs), dim=-1)  # (N, hd)
         return emb.cos(), emb.sin()
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       at: torch.Tensor | None = None) -> torch.Tensor:
-        cos, sin = self._rope(input_ids.shape[1], input_ids.device)
-        x = self.embed_tokens(input_ids)  # (B, T, D)
+        """Right-padded batches run on their real tokens only (see :mod:`lorafit.packing`)."""
+        packing = Packing(*input_ids.shape, attention_mask, input_ids.device)
+        cos, sin = self._rope(packing.positions)  # (N, hd) each
+        x = self.embed_tokens(packing.pack(input_ids))  # (N, D)
+        rows = None if at is None else packing.rows(at)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, at if i == len(self.layers) - 1 else None)
-        return self.norm(x)
+            x = layer(x, packing, cos, sin, rows if i == len(self.layers) - 1 else None)
+        x = self.norm(x)
+        return x if at is not None else packing.unpack(x)  # (B, D) or (B, T, D)

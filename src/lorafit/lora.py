@@ -95,14 +95,15 @@ class LoRALinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (..., out)
         if self.merged:
-            return y
-        a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))  # (..., r); .to is a no-op in fp32
-        # y + scaling * a @ B^T as one BLAS call: no separate scale and add passes over (..., out)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, self.rank), self.lora_B.t().to(y.dtype),
-                          alpha=self.scaling)  # (N, out)
-        return out.view(y.shape)
+            return self.base(x)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so that the update below is in place on y itself
+        y = self.base(x2)  # (N, out)
+        a = F.linear(self.dropout(x2), self.lora_A.to(x2.dtype))  # (N, r); .to is a no-op in fp32
+        # y += scaling * a @ B^T in place, one BLAS call: no copy, scale or add pass over (N, out).
+        # Safe for autograd: the base linear's backward does not read its output.
+        y.addmm_(a, self.lora_B.t().to(y.dtype), alpha=self.scaling)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @torch.no_grad()
     def merge(self) -> None:

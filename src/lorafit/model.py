@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LorafitError
+from .packing import Packing
 
 
 @dataclass
@@ -80,7 +81,7 @@ class GELU(nn.Module):
 class FeedForward(nn.Module):
     """Linear -> GELU -> Linear, 4x wide.
 
-    During training the GELU output (B, T, 4D), which the second linear's backward needs (for its LoRA
+    During training the GELU output (N, 4D), which the second linear's backward needs (for its LoRA
     A gradient), is not kept: it is recomputed from the GELU input, which is kept anyway. That is the
     largest activation of the block, and recomputing it costs one elementwise pass; the values are the
     same bits, so results do not change.
@@ -94,10 +95,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fc, act, proj = self.layers
-        h = fc(x)  # (B, T, 4D)
-        g = act(h)  # (B, T, 4D)
+        h = fc(x)  # (N, 4D)
+        g = act(h)  # (N, 4D)
         if not torch.is_grad_enabled() or not h.requires_grad:
-            return proj(g)  # (B, T, D)
+            return proj(g)  # (N, D)
 
         def pack(t: torch.Tensor):
             if t.data_ptr() == g.data_ptr() and t.numel() == g.numel() and t.dtype == g.dtype:
@@ -111,14 +112,15 @@ class FeedForward(nn.Module):
             return act(h).as_strided(shape, stride, offset)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            return proj(g)  # (B, T, D)
+            return proj(g)  # (N, D)
 
 
 class MultiHeadAttention(nn.Module):
     """Causal self-attention through ``scaled_dot_product_attention``.
 
     Right-padded batches need no mask here: with a causal mask a real token only sees earlier
-    positions, which are real too, so padding never changes a real token's output.
+    positions, which are real too, so padding (zeros, see :class:`Packing`) never changes a real
+    token's output.
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -132,21 +134,20 @@ class MultiHeadAttention(nn.Module):
         self.W_value = nn.Linear(d, d, bias=cfg.qkv_bias)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D); with ``at`` (B,) only the query at position ``at[b]`` -> (B, D)."""
-        b, t, d = x.shape  # (B, T, D)
-        k = self.W_key(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        v = self.W_value(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+    def forward(self, x: torch.Tensor, packing: Packing, at: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) tokens -> (N, D); with ``at`` (B,) stack rows, only those rows' queries -> (B, D)."""
+        k = packing.heads(self.W_key(x), self.n_heads)  # (B, H, T, hd)
+        v = packing.heads(self.W_value(x), self.n_heads)  # (B, H, T, hd)
         dropout = self.drop_rate if self.training else 0.0
         if at is not None:
-            x_at = x[torch.arange(b, device=x.device), at]  # (B, D)
-            q = self.W_query(x_at).view(b, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
-            visible = torch.arange(t, device=x.device)[None, :] <= at[:, None]  # (B, T): causal for that query
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], dropout_p=dropout)
-            return self.out_proj(y.reshape(b, d))  # (B, D)
-        q = self.W_query(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+            b = at.shape[0]
+            q = self.W_query(x[at]).view(b, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.visible(packing.positions[at]),
+                                               dropout_p=dropout)  # (B, H, 1, hd)
+            return self.out_proj(y.reshape(b, -1))  # (B, D)
+        q = packing.heads(self.W_query(x), self.n_heads)  # (B, H, T, hd)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)  # (B, H, T, hd)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+        return self.out_proj(packing.tokens(y))  # (N, D)
 
 
 class TransformerBlock(nn.Module):
@@ -158,13 +159,13 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, at: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D); with ``at`` (B,) only the rows at those positions -> (B, D)."""
-        attended = self.drop_shortcut(self.att(self.norm1(x), at))  # (B, T, D) or (B, D)
+    def forward(self, x: torch.Tensor, packing: Packing, at: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) tokens -> (N, D); with ``at`` (B,) stack rows, only those rows -> (B, D)."""
+        attended = self.drop_shortcut(self.att(self.norm1(x), packing, at))  # (N, D) or (B, D)
         if at is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), at]  # (B, D)
+            x = x[at]  # (B, D)
         x = x + attended
-        return x + self.drop_shortcut(self.ff(self.norm2(x)))  # (B, T, D) or (B, D)
+        return x + self.drop_shortcut(self.ff(self.norm2(x)))  # (N, D) or (B, D)
 
 
 class GPTModel(nn.Module):
@@ -200,20 +201,23 @@ class GPTModel(nn.Module):
                       at: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, D): what both the LM head and a classifier read.
 
-        ``attention_mask`` is accepted for interface parity with other backbones and not needed:
-        batches are right-padded and attention is causal, so real tokens never see padding.
-        With ``at`` (B,), only the state at position ``at[b]`` of each row is returned (B, D), and the
-        last block runs its feed-forward and output projection for those rows alone: a classifier
-        reading one position per sequence skips most of the last block's work.
+        Batches are right-padded (``attention_mask`` 1 on real tokens, or None for no padding); the
+        blocks run on the real tokens only (see :mod:`lorafit.packing`), and attention is causal, so
+        padding changes nothing a real token computes. With ``at`` (B,), only the state at position
+        ``at[b]`` of each row is returned (B, D), and the last block runs its feed-forward and output
+        projection for those rows alone: a classifier reading one position per sequence skips most
+        of the last block's work.
         """
-        _, t = in_idx.shape
+        b, t = in_idx.shape
         if t > self.cfg.context_length:
             raise LorafitError(f"sequence of {t} tokens exceeds the context length {self.cfg.context_length}")
-        pos = torch.arange(t, device=in_idx.device)
-        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))  # (B, T, D)
+        packing = Packing(b, t, attention_mask, in_idx.device)
+        x = self.drop_emb(self.tok_emb(packing.pack(in_idx)) + self.pos_emb(packing.positions))  # (N, D)
+        rows = None if at is None else packing.rows(at)
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, at if i == len(self.trf_blocks) - 1 else None)  # (B, T, D); last: (B, D) with at
-        return self.final_norm(x)  # (B, T, D) or (B, D)
+            x = block(x, packing, rows if i == len(self.trf_blocks) - 1 else None)  # (N, D); last: (B, D) with at
+        x = self.final_norm(x)
+        return x if at is not None else packing.unpack(x)  # (B, D) or (B, T, D)
 
     def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
         if self.out_head is None:
