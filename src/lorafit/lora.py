@@ -66,6 +66,47 @@ class LoRAConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+class LoRAFunction(torch.autograd.Function):
+    """``x W^T + b + s * (xd A^T) B^T`` as one autograd node (xd: the LoRA path's input, x when None).
+
+    Written out rather than left to autograd because the work per layer is one big matmul and a few
+    tiny rank-r ones: one node instead of eight saves their bookkeeping, the update and the input
+    gradients are accumulated in place (no separate add passes), and with W frozen its gradient is
+    never formed. Under autocast everything runs in the autocast dtype, as ``nn.Linear`` would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, lora_A, lora_B, scaling):
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        w, a_w, b_w = weight.to(dt), lora_A.to(dt), lora_B.to(dt)  # no-ops in fp32
+        xc = x.to(dt)
+        xdc = xc if xd is None else xd.to(dt)
+        y = F.linear(xc, w, None if bias is None else bias.to(dt))  # (N, out)
+        a = xdc @ a_w.t()  # (N, r)
+        y.addmm_(a, b_w.t(), alpha=scaling)  # y += s * a B^T
+        ctx.save_for_backward(xc if weight.requires_grad else None, xdc, a, w, a_w, b_w)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, xdc, a, w, a_w, b_w = ctx.saved_tensors
+        need_x, need_xd, need_w, need_b, need_a, need_bw, _ = ctx.needs_input_grad
+        ga = g @ (b_w * ctx.scaling)  # (N, r): gradient at the LoRA path's bottleneck
+        grad_a = (ga.t() @ xdc) if need_a else None  # (r, in)
+        grad_bw = (g.t() @ a).mul_(ctx.scaling) if need_bw else None  # (out, r)
+        gx = g @ w if need_x else None  # (N, in)
+        gxd = None
+        if need_xd:
+            gxd = ga @ a_w
+        elif need_x:
+            gx.addmm_(ga, a_w)  # the LoRA path read x itself: its gradient joins the base's in place
+        grad_w = g.t() @ xc if need_w else None
+        grad_b = g.sum(0) if need_b else None
+        return gx, gxd, grad_w, grad_b, grad_a, grad_bw, None
+
+
 class LoRALinear(nn.Module):
     """Wraps (never subclasses) a frozen ``nn.Linear``; ``merge``/``unmerge`` are explicit and idempotent."""
 
@@ -97,12 +138,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so that the update below is in place on y itself
-        y = self.base(x2)  # (N, out)
-        a = F.linear(self.dropout(x2), self.lora_A.to(x2.dtype))  # (N, r); .to is a no-op in fp32
-        # y += scaling * a @ B^T in place, one BLAS call: no copy, scale or add pass over (N, out).
-        # Safe for autograd: the base linear's backward does not read its output.
-        y.addmm_(a, self.lora_B.t().to(y.dtype), alpha=self.scaling)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xd = None if isinstance(self.dropout, nn.Identity) else self.dropout(x2)
+        y = LoRAFunction.apply(x2, xd, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @torch.no_grad()
