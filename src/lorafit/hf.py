@@ -34,7 +34,8 @@ class HFBackbone(nn.Module):
     """A transformers base model behind lorafit's backbone interface.
 
     Decoders get no attention mask: batches are right-padded and attention is causal, so real tokens
-    never see padding, and without a mask the attention kernel runs its faster causal path.
+    never see padding, and without a mask the attention kernel runs its faster causal path. (lorafit's
+    own Llama decoder reads the mask only to leave the padding out of its matmuls.)
     """
 
     def __init__(self, model: nn.Module, tokenizer, causal: bool):
