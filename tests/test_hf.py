@@ -130,6 +130,33 @@ def test_hf_predictions_do_not_depend_on_padding(fixture, request):
             torch.testing.assert_close(batched[i], alone[0], atol=1e-5, rtol=0)
 
 
+def test_native_llama_backwards_equal_autograds():
+    """RMSNorm's and RoPE's hand-written backwards give autograd's gradients of the plain formulas."""
+    from lorafit.llama import RMSNormFunction, RoPEFunction
+
+    torch.manual_seed(0)
+    x, w, g = torch.randn(5, 3, 8, requires_grad=True), torch.randn(8, requires_grad=True), torch.randn(5, 3, 8)
+    cos, sin = torch.randn(5, 1, 8), torch.randn(5, 1, 8)  # any values: no symmetry assumed
+
+    def grads(f, *inputs):
+        out = f(*inputs)
+        out.backward(g)
+        result = [out.detach()] + [t.grad.clone() for t in inputs if t.grad is not None]
+        for t in inputs:
+            t.grad = None
+        return result
+
+    for ours, reference in [
+        (grads(lambda x, w: RMSNormFunction.apply(x, w, 1e-6), x, w),
+         grads(lambda x, w: torch.nn.functional.rms_norm(x, (8,), w, 1e-6), x, w)),
+        (grads(lambda x: RoPEFunction.apply(x, cos, sin), x),
+         grads(lambda x: x * cos + torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * sin, x)),
+    ]:
+        assert len(ours) == len(reference) > 1
+        for a, b in zip(ours, reference):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_native_llama_equals_transformers():
     """lorafit's Llama decoder computes transformers' LlamaModel, and its pooled last layer the same rows."""
     from transformers import LlamaConfig, LlamaModel

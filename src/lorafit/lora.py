@@ -138,10 +138,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (N, in); lorafit's decoders pass 2-D already
         xd = None if isinstance(self.dropout, nn.Identity) else self.dropout(x2)
         y = LoRAFunction.apply(x2, xd, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     @torch.no_grad()
     def merge(self) -> None:
