@@ -123,7 +123,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
             return self.o_proj(packing.tokens(y))  # (N, D)
         b = at.shape[0]
-        q = self._rotated(self.q_proj, x[at], self.n_heads, cos[at], sin[at]).view(b, self.n_heads, 1, -1)
+        q = self._rotated(self.q_proj, x.index_select(0, at), self.n_heads, cos[at], sin[at])  # (B, H * hd)
+        q = q.view(b, self.n_heads, 1, -1)  # (B, H, 1, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.visible(packing.positions[at]),
                                            enable_gqa=True)  # (B, H, 1, hd)
         return self.o_proj(y.reshape(b, -1))  # (B, D)
@@ -152,7 +153,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, packing: Packing, cos, sin, at: torch.Tensor | None = None) -> torch.Tensor:
         attended = self.self_attn(self.input_layernorm(x), packing, cos, sin, at)  # (N, D) or (B, D)
         if at is not None:
-            x = x[at]  # (B, D)
+            x = x.index_select(0, at)  # (B, D)
         x = x + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -141,7 +141,7 @@ class MultiHeadAttention(nn.Module):
         dropout = self.drop_rate if self.training else 0.0
         if at is not None:
             b = at.shape[0]
-            q = self.W_query(x[at]).view(b, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
+            q = self.W_query(x.index_select(0, at)).view(b, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.visible(packing.positions[at]),
                                                dropout_p=dropout)  # (B, H, 1, hd)
             return self.out_proj(y.reshape(b, -1))  # (B, D)
@@ -163,7 +163,7 @@ class TransformerBlock(nn.Module):
         """(N, D) tokens -> (N, D); with ``at`` (B,) stack rows, only those rows -> (B, D)."""
         attended = self.drop_shortcut(self.att(self.norm1(x), packing, at))  # (N, D) or (B, D)
         if at is not None:
-            x = x[at]  # (B, D)
+            x = x.index_select(0, at)  # (B, D)
         x = x + attended
         return x + self.drop_shortcut(self.ff(self.norm2(x)))  # (N, D) or (B, D)
 

@@ -33,7 +33,8 @@ class Packing:
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...)."""
         flat = x.flatten(0, 1)
-        return flat if self.keep is None else flat[self.keep]
+        # index_select, not flat[keep]: its backward is an index_add, not a much slower accumulating index_put
+        return flat if self.keep is None else flat.index_select(0, self.keep)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (B, T, ...) with zeros at padded positions."""
