@@ -228,3 +228,19 @@ def test_debug_shows_the_exception_before_or_after_the_command(tmp_path):
     for argv in (["--debug", "eval", "--run", str(tmp_path)], ["eval", "--run", str(tmp_path), "--debug"]):
         with pytest.raises(LorafitError, match="adapter.json: not found"):
             main(argv)
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """Atomic writes go through a 0600 temporary file; what lands has the umask's usual permissions."""
+    import torch
+
+    from lorafit.files import save_safetensors, write_json
+
+    umask = os.umask(0o022)
+    try:
+        save_safetensors(tmp_path / "a.safetensors", {"w": torch.zeros(2)})
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(umask)
+    for name in ("a.safetensors", "a.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
