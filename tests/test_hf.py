@@ -92,13 +92,15 @@ def test_hf_backbone_injection_and_adapter_round_trip(kind, n_lora, pooling, tin
         torch.testing.assert_close(merged(batch.input_ids, batch.attention_mask), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bert"])
-def test_hf_backbone_trains_through_the_cli(fixture, request, tmp_path, sms_file, capsys):
+@pytest.mark.parametrize("fixture,precision", [("tiny_llama", "fp32"), ("tiny_bert", "fp32"), ("tiny_llama", "bf16")])
+def test_hf_backbone_trains_through_the_cli(fixture, precision, request, tmp_path, sms_file, capsys):
+    """bf16: the default wherever bf16 matmuls are fast (GPUs, AMX or Zen 4 CPUs), forced here."""
     d = request.getfixturevalue(fixture)
     out = tmp_path / "run"
     assert main(["train", "--model", f"hf:{d}", "--data", str(sms_file), "--out", str(out), "--epochs", "3",
-                 "--lr", "3e-3", "--quiet", "--precision", "fp32", "--rank", "4"]) == 0
+                 "--lr", "3e-3", "--quiet", "--precision", precision, "--rank", "4"]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["speed"]["precision"] == ("bf16 autocast" if precision == "bf16" else "fp32")
     assert report["metrics"]["test"]["accuracy"] >= 0.9
     capsys.readouterr()
     assert main(["predict", "--run", str(out), "--json", "FREE entry txt WIN to claim 7", "see you at lunch later 3"]) == 0
