@@ -70,9 +70,9 @@ class LoRAFunction(torch.autograd.Function):
     """``x W^T + b + s * (xd A^T) B^T`` as one autograd node (xd: the LoRA path's input, x when None).
 
     Written out rather than left to autograd because the work per layer is one big matmul and a few
-    tiny rank-r ones: one node instead of eight saves their bookkeeping, the update and the input
-    gradients are accumulated in place (no separate add passes), and with W frozen its gradient is
-    never formed. Under autocast everything runs in the autocast dtype, as ``nn.Linear`` would.
+    tiny rank-r ones: one node instead of several saves their bookkeeping, and the update and the
+    input gradients are accumulated in place (no separate add passes). W's gradient is formed only if
+    W is trainable. Under autocast everything runs in the autocast dtype, as ``nn.Linear`` would.
     """
 
     @staticmethod
