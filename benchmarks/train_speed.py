@@ -51,21 +51,21 @@ def load_data(args):
 
 def run_lorafit(args, precision: str) -> dict:
     from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, TrainConfig, build_classifier, fit
-    from lorafit.batching import Encoded
-    from lorafit.run import evaluate_model
+    from lorafit.data.batching import Encoded
+    from lorafit.inference.evaluate import evaluate_model
     from lorafit.runtime import resolve_precision
 
     train, ytrain, test, ytest, pad = load_data(args)
     spec = ClassifierSpec(backbone=BackboneSpec("gpt2-small", random_init=True, tokenizer=args.tokenizer),
                           lora=LoRAConfig(rank=8, alpha=16))
-    model, backbone = build_classifier(spec)
+    model, backbone, spec = build_classifier(spec)
     device = torch.device("cpu")
     dtype = resolve_precision(precision, device)
     tr = Encoded(train, ytrain, 0)
     empty = Encoded([], np.zeros(0, dtype=np.int64), 0)
     history = fit(model, tr, empty, TrainConfig(epochs=1, batch_size=args.batch_size, eval_every=0),
                   pad_id=pad, labels=["ham", "spam"], device=device, dtype=dtype, progress=False)
-    metrics, eval_rate = evaluate_model(model, backbone, {"test": Encoded(test, ytest, 0)}, ["ham", "spam"], device,
+    metrics, eval_rate = evaluate_model(model, pad, {"test": Encoded(test, ytest, 0)}, ["ham", "spam"], device,
                                         dtype, batch_size=32)
     return {"seconds": history.train_seconds, "examples": history.train_examples, "tokens": history.train_tokens,
             "linear_rows": history.train_tokens,  # the blocks skip padding outside attention (lorafit.packing)

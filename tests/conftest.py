@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafit.model import GPTConfig
-from lorafit.tokenizer import _byte_alphabet
+from lorafit.backbones.gpt2 import GPTConfig
+from lorafit.backbones.tokenizer import byte_alphabet
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_GPT2 = SHARED / "models" / "gpt2"
@@ -32,7 +32,7 @@ def write_bpe(directory: Path, merges: list[tuple[str, str]] = (("h", "e"), ("l"
               names: tuple[str, str] = ("encoder.json", "vocab.bpe")) -> Path:
     """A GPT-2-format BPE: the 256 byte tokens, a few merges, and <|endoftext|> last."""
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = {ch: i for i, (ch, _) in enumerate(_byte_alphabet())}
+    vocab = {ch: i for i, (ch, _) in enumerate(byte_alphabet())}
     for a, b in merges:
         vocab[a + b] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lorafit import LorafitError, load_splits, prepare_splits, read_table
-from lorafit.batching import collate, encode_texts, eval_order, lengths_of, train_order
-from lorafit.classifier import Classifier, pool
-from lorafit.model import GPTConfig, GPTModel
+from lorafit.data.batching import collate, encode_texts, eval_order, lengths_of, train_order
+from lorafit.adapters.classifier import Classifier, pool
+from lorafit.backbones.gpt2 import GPTConfig, GPTModel
 
 from conftest import SHARED_SMS, TINY
 
@@ -59,7 +59,7 @@ def test_missing_columns_list_what_was_found(tmp_path):
 
 @pytest.mark.parametrize("content,match", [
     (b"", "empty"),
-    (b"text,label\nok,a\n\xff\xfe bad,b\n", "not UTF-8 .*line 3"),
+    (b"text,label\nok,a\n\xff\xfe bad,b\n", "not UTF-8 .*line 3; .*--encoding cp1252"),
     (b"text,label\n  ,a\n ,b\n", "every text is empty"),
 ])
 def test_bad_files(tmp_path, content, match):
@@ -85,8 +85,8 @@ def test_single_class_and_unseen_labels(tmp_path):
 
 
 def test_truncation_warns_with_a_count(bpe_dir):
-    from lorafit.backbone import TiktokenEncoder
-    from lorafit.tokenizer import load_tokenizer
+    from lorafit.backbones.tokenizer import TiktokenEncoder
+    from lorafit.backbones.tokenizer import load_tokenizer
 
     enc = TiktokenEncoder(load_tokenizer(bpe_dir))
     with pytest.warns(UserWarning, match="2 text\\(s\\) longer than 5 tokens"):
@@ -109,8 +109,8 @@ def test_batches_pad_to_their_own_longest_and_bucket():
 def test_prediction_never_depends_on_padding():
     """Last-real-token pooling on right-padded batches equals running each sequence alone."""
     torch.manual_seed(0)
-    model = Classifier(GPTModel(GPTConfig(**TINY)), TINY["emb_dim"], 3).eval()
-    from lorafit.batching import Encoded
+    model = Classifier(GPTModel(GPTConfig(**TINY), lm_head=False), TINY["emb_dim"], 3).eval()
+    from lorafit.data.batching import Encoded
 
     g = torch.Generator().manual_seed(0)
     data = Encoded([torch.randint(0, 300, (n,), generator=g).tolist() for n in (1, 9, 4, 17, 2)], None, 0)

@@ -47,7 +47,7 @@ def base(hf_gpt2_dir):
 @pytest.mark.parametrize("content,expected", [
     (None, "data file not found"),
     (b"", "data file is empty"),
-    (b"text,label\nfine,a\nalso fine,b\n\xe9t\xe9,a\n", r"not UTF-8 text \(bad byte at line 4\)"),
+    (b"text,label\nfine,a\nalso fine,b\n\xe9t\xe9,a\n", r"not UTF-8 text \(bad byte at line 4; .*--encoding cp1252\)"),
     (b"text;label\nhello;a\nworld;b\n", r"no column 'text', 'label'; columns found: text;label"),
     (b"hello,a\nworld,b\nagain,a\n", r"columns found: hello, a"),
     (b"text,label\n" + b"".join(b"msg %d,only\n" % i for i in range(20)), r"only one class \('only'\)"),
@@ -199,7 +199,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, sms
     assert main(train_args(hf_gpt2_dir, sms_file, reference, *extra)) == 0
 
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "-m", "lorafit.cli", *train_args(hf_gpt2_dir, sms_file, out, *extra)],
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit", *train_args(hf_gpt2_dir, sms_file, out, *extra)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     _wait_for_lines(out / "metrics.jsonl", 5, proc)

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, load_classifier, save_adapter  # noqa: E402
-from lorafit.adapter import load_merged, save_merged  # noqa: E402
+from lorafit.adapters.storage import load_merged, save_merged  # noqa: E402
 from lorafit.cli import main  # noqa: E402
 
 WORDS = ("win cash prize now call free entry txt to claim urgent you won a see at lunch later ok thanks running "
@@ -64,8 +64,8 @@ def tiny_bert(tmp_path):
 def test_hf_backbone_injection_and_adapter_round_trip(kind, n_lora, pooling, tiny_llama, tiny_bert, tmp_path):
     d = tiny_llama if kind == "llama" else tiny_bert
     spec = ClassifierSpec(backbone=BackboneSpec(f"hf:{d}"), lora=LoRAConfig(rank=4), labels=["ham", "spam"])
-    model, backbone = build_classifier(spec)
-    from lorafit.lora import lora_layers
+    model, backbone, spec = build_classifier(spec)
+    from lorafit.adapters.lora import lora_layers
 
     names = list(lora_layers(model))
     assert len(names) == n_lora and all(".layers." in n or ".layer." in n for n in names)
@@ -74,7 +74,7 @@ def test_hf_backbone_injection_and_adapter_round_trip(kind, n_lora, pooling, tin
         for m in lora_layers(model).values():
             m.lora_B.normal_(0, 0.1)
     ids = backbone.encoder.encode(["win cash now", "see you at lunch later ok"])
-    from lorafit.batching import Encoded, collate
+    from lorafit.data.batching import Encoded, collate
 
     import numpy as np
 
@@ -118,10 +118,10 @@ def test_missing_hf_model_is_a_one_line_error(tmp_path, sms_file, capsys):
 def test_hf_predictions_do_not_depend_on_padding(fixture, request):
     import numpy as np
 
-    from lorafit.batching import Encoded, collate
+    from lorafit.data.batching import Encoded, collate
 
     spec = ClassifierSpec(backbone=BackboneSpec(f"hf:{request.getfixturevalue(fixture)}"), labels=["a", "b"])
-    model, backbone = build_classifier(spec)
+    model, backbone, spec = build_classifier(spec)
     model.eval()
     ids = backbone.encoder.encode(["win", "see you at lunch later ok thanks", "claim now"])
     batch = collate(Encoded(ids, None, 0), np.arange(3), backbone.encoder.pad_id)
@@ -134,7 +134,7 @@ def test_hf_predictions_do_not_depend_on_padding(fixture, request):
 
 def test_native_llama_backwards_equal_autograds():
     """RMSNorm's and RoPE's hand-written backwards give autograd's gradients of the plain formulas."""
-    from lorafit.llama import RMSNormFunction, RoPEFunction
+    from lorafit.backbones.llama import RMSNormFunction, RoPEFunction
 
     torch.manual_seed(0)
     x, w, g = torch.randn(5, 3, 8, requires_grad=True), torch.randn(8, requires_grad=True), torch.randn(5, 3, 8)
@@ -163,8 +163,8 @@ def test_native_llama_equals_transformers():
     """lorafit's Llama decoder computes transformers' LlamaModel, and its pooled last layer the same rows."""
     from transformers import LlamaConfig, LlamaModel
 
-    from lorafit.hf import native
-    from lorafit.llama import LlamaDecoder
+    from lorafit.backbones.hf import native
+    from lorafit.backbones.llama import LlamaDecoder
 
     cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=128)

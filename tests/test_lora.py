@@ -12,18 +12,17 @@ from torch import nn
 
 from lorafit import (Classifier, ClassifierSpec, GPTModel, LoRAConfig, LoRALinear, LorafitError, PRESETS,
                      build_classifier, count_parameters, freeze_for_lora, inject_lora, set_merged)
-from lorafit.adapter import load_adapter_into, load_classifier, save_adapter
-from lorafit.backbone import BackboneSpec
-from lorafit.lora import lora_layers
+from lorafit.adapters.storage import load_adapter_into, load_classifier, save_adapter
+from lorafit.backbones.base import BackboneSpec
+from lorafit.backbones.gpt2 import GPTConfig
+from lorafit.adapters.lora import lora_layers
 
 from conftest import TINY
 
 
-def tiny_model() -> GPTModel:
-    from lorafit.model import GPTConfig
-
+def tiny_model(lm_head: bool = True) -> GPTModel:
     torch.manual_seed(0)
-    return GPTModel(GPTConfig(**TINY))
+    return GPTModel(GPTConfig(**TINY), lm_head)
 
 
 def randomize_lora(model: nn.Module, seed: int = 1) -> None:
@@ -61,7 +60,7 @@ def test_targets_by_alias_suffix_and_regex(targets, expected):
 def test_lora_function_gradients_equal_autograds(dropout, train_base):
     """The hand-written backward gives what autograd gives for the same formula, dropout and all."""
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(12, 10), rank=3, alpha=6, dropout=dropout)
+    layer = LoRALinear(nn.Linear(12, 10), LoRAConfig(rank=3, alpha=6, dropout=dropout))
     with torch.no_grad():
         layer.lora_B.normal_()
     layer.base.requires_grad_(train_base)
@@ -88,7 +87,7 @@ def test_lora_function_gradients_equal_autograds(dropout, train_base):
 
 def test_lora_function_under_bf16_autocast():
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(16, 8), rank=4)
+    layer = LoRALinear(nn.Linear(16, 8), LoRAConfig(rank=4))
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(6, 16, requires_grad=True)
@@ -111,7 +110,7 @@ def test_inject_twice_and_match_nothing_are_errors():
 
 
 def test_only_lora_and_head_train_and_frozen_weights_stay_bit_identical():
-    model = Classifier(tiny_model(), TINY["emb_dim"], 2)
+    model = Classifier(tiny_model(lm_head=False), TINY["emb_dim"], 2)
     inject_lora(model.backbone, LoRAConfig(rank=4))
     freeze_for_lora(model, trainable=(model.head,))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -147,8 +146,8 @@ def test_merge_unmerge_restore_and_merged_equals_unmerged():
 
 def test_rslora_scaling():
     base = nn.Linear(6, 5)
-    assert LoRALinear(base, rank=4, alpha=16).scaling == 4.0
-    assert LoRALinear(nn.Linear(6, 5), rank=4, alpha=16, use_rslora=True).scaling == 8.0
+    assert LoRALinear(base, LoRAConfig(rank=4, alpha=16)).scaling == 4.0
+    assert LoRALinear(nn.Linear(6, 5), LoRAConfig(rank=4, alpha=16, use_rslora=True)).scaling == 8.0
 
 
 def test_seed_counts_for_gpt2_small():
@@ -159,6 +158,7 @@ def test_seed_counts_for_gpt2_small():
     freeze_for_lora(model)
     c = count_parameters(model)
     assert (c.total, c.trainable, round(c.percent_trainable, 2)) == (164_364_288, 1_327_104, 0.81)
+    model.out_head = None  # the classification head takes its place
     with torch.device("meta"):
         clf = Classifier(model, 768, 2)
     freeze_for_lora(clf, trainable=(clf.head,))
@@ -172,7 +172,7 @@ def _spec(hf_gpt2_dir, **lora) -> ClassifierSpec:
 
 def test_adapter_round_trip_gives_identical_logits(tmp_path, hf_gpt2_dir):
     spec = _spec(hf_gpt2_dir, rank=4)
-    model, _ = build_classifier(spec, seed=3)
+    model, _, spec = build_classifier(spec, seed=3)
     randomize_lora(model)
     save_adapter(tmp_path / "run", model, spec)
     files = {p.name for p in (tmp_path / "run").iterdir()}
@@ -190,20 +190,20 @@ def test_adapter_round_trip_gives_identical_logits(tmp_path, hf_gpt2_dir):
 
 def test_mismatched_adapters_are_refused(tmp_path, hf_gpt2_dir):
     spec = _spec(hf_gpt2_dir, rank=4)
-    model, _ = build_classifier(spec)
+    model, _, spec = build_classifier(spec)
     save_adapter(tmp_path / "run", model, spec)
     other_rank = _spec(hf_gpt2_dir, rank=2)
-    m2, _ = build_classifier(other_rank)
+    m2, _, other_rank = build_classifier(other_rank)
     with pytest.raises(LorafitError, match="rank 4, the model rank 2"):
         load_adapter_into(m2, other_rank, tmp_path / "run")
     two_classes = ClassifierSpec(backbone=spec.backbone, lora=LoRAConfig(rank=4), labels=["x", "y"])
-    m3, _ = build_classifier(two_classes)
+    m3, _, two_classes = build_classifier(two_classes)
     with pytest.raises(LorafitError, match="3 classes, the model 2"):
         load_adapter_into(m3, two_classes, tmp_path / "run")
     other_base = ClassifierSpec(backbone=BackboneSpec(model="gpt2-small", random_init=True), lora=LoRAConfig(rank=4),
                                 labels=["a", "b", "c"])
     other_base.architecture = {"kind": "gpt2", **PRESETS["gpt2-small"].to_dict()}
-    from lorafit.adapter import check_compatible, read_spec
+    from lorafit.adapters.storage import check_compatible, read_spec
 
     with pytest.raises(LorafitError, match="another base model .*emb_dim 32 vs 768"):
         check_compatible(read_spec(tmp_path / "run"), other_base, "run")
@@ -216,7 +216,7 @@ def test_mismatched_adapters_are_refused(tmp_path, hf_gpt2_dir):
 
 def test_corrupted_adapter_file_is_refused(tmp_path, hf_gpt2_dir):
     spec = _spec(hf_gpt2_dir, rank=4)
-    model, _ = build_classifier(spec)
+    model, _, spec = build_classifier(spec)
     save_adapter(tmp_path / "run", model, spec)
     data = (tmp_path / "run" / "adapter.safetensors").read_bytes()
     (tmp_path / "run" / "adapter.safetensors").write_bytes(data[: len(data) // 2])
@@ -226,7 +226,7 @@ def test_corrupted_adapter_file_is_refused(tmp_path, hf_gpt2_dir):
 
 def test_adapter_json_is_small_and_readable(tmp_path, hf_gpt2_dir):
     spec = _spec(hf_gpt2_dir, rank=4, alpha=8, use_rslora=True)
-    model, _ = build_classifier(spec)
+    model, _, spec = build_classifier(spec)
     save_adapter(tmp_path / "run", model, spec)
     d = json.loads((tmp_path / "run" / "adapter.json").read_text())
     assert d["lora"] == {"rank": 4, "alpha": 8, "dropout": 0.0, "use_rslora": True, "targets": ["all"]}

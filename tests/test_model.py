@@ -7,10 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from lorafit import GPTModel, LorafitError, PRESETS, load_gpt2, load_tokenizer
-from lorafit.generate import generate
-from lorafit.model import count_parameters
-from lorafit.weights import hf_to_lorafit
+from lorafit import GPTModel, LorafitError, PRESETS, count_parameters, load_gpt2, load_tokenizer
+from lorafit.backbones.generate import generate
+from lorafit.backbones.weights import hf_to_lorafit
 
 from conftest import SHARED_GPT2, hf_gpt2_config
 
@@ -42,7 +41,7 @@ def assert_same_logits_as_hf(model: GPTModel, hf_model) -> None:
 def test_preset_parameter_count_without_download(name, total):
     with torch.device("meta"):
         model = GPTModel(PRESETS[name])
-    assert count_parameters(model) == total
+    assert count_parameters(model).total == total
 
 
 def test_presets_have_openai_shapes():

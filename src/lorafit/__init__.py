@@ -4,27 +4,36 @@ The Python API mirrors the CLI, one step per call::
 
     from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, count_parameters, format_counts
     spec = ClassifierSpec(backbone=BackboneSpec("gpt2-small"), lora=LoRAConfig(rank=8), labels=["ham", "spam"])
-    model, backbone = build_classifier(spec)  # load GPT-2, inject LoRA, add the head, freeze
+    model, backbone, spec = build_classifier(spec)  # load GPT-2, inject LoRA, add the head, freeze
     print(format_counts(count_parameters(model)))
 
-README.md walks through the rest: data, ``fit``, ``predict_proba``, ``save_adapter``.
+README.md walks through the rest: data, ``fit``, ``predict_proba``, ``save_adapter``. The subpackages
+follow the data's way through the program: backbones and data -> adapters -> inference -> training.
 """
 
-from .accounting import ParamCounts, count_parameters, format_counts
-from .adapter import ClassifierSpec, build_classifier, load_classifier, load_merged, save_adapter, save_merged
-from .backbone import Backbone, BackboneSpec, load_backbone
-from .batching import encode_texts
-from .classifier import Classifier, pool
-from .data import Splits, load_splits, prepare_splits, read_table
-from .errors import LorafitError
-from .evaluate import classification_metrics, predict_proba
-from .generate import generate
-from .lora import LoRAConfig, LoRALinear, freeze_for_lora, inject_lora, set_merged, unwrap_merged
-from .model import PRESETS, GPTConfig, GPTModel
-from .run import DataConfig, evaluate_run, predict_texts, train_run
-from .tokenizer import load_tokenizer
-from .train import TrainConfig, fit
-from .weights import load_gpt2
+from importlib import metadata
 
-__version__ = "0.1.0"
-__all__ = [name for name in dir() if not name.startswith("_")]
+from .adapters.accounting import ParamCounts, count_parameters, format_counts
+from .adapters.classifier import Classifier, pool
+from .adapters.lora import LoRAConfig, LoRALinear, freeze_for_lora, inject_lora, merged, set_merged, unwrap_merged
+from .adapters.storage import ClassifierSpec, build_classifier, load_classifier, load_merged, save_adapter, save_merged
+from .backbones.base import Backbone, BackboneModule, BackboneSpec, Encoder
+from .backbones.generate import generate
+from .backbones.gpt2 import PRESETS, GPTConfig, GPTModel
+from .backbones.loader import load_backbone
+from .backbones.tokenizer import load_tokenizer
+from .backbones.weights import load_gpt2
+from .data.batching import encode_frame, encode_texts
+from .data.datasets import DataConfig, Splits, load_splits, prepare_splits, read_table
+from .errors import LorafitError
+from .inference.evaluate import evaluate_run
+from .inference.predict import predict_proba, predict_texts
+from .reporting.metrics import classification_metrics
+from .training.loop import TrainConfig, fit
+from .training.run import train_run
+
+try:
+    __version__ = metadata.version("lorafit")
+except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+__all__ = [name for name in dir() if not name.startswith("_") and name != "metadata"]

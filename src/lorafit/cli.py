@@ -9,7 +9,23 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
+from . import __version__
+from .adapters.accounting import count_parameters, format_counts
+from .adapters.classifier import Classifier
+from .adapters.lora import LoRAConfig, freeze_for_lora, inject_lora
+from .adapters.storage import MERGED_CONFIG, ClassifierSpec, load_classifier, save_merged
+from .backbones.base import BackboneSpec
+from .backbones.generate import generate
+from .backbones.loader import load_backbone
+from .data.datasets import DataConfig, read_text
 from .errors import LorafitError, UsageError
+from .inference.evaluate import evaluate_run
+from .inference.predict import predict_texts
+from .runtime import PRECISIONS
+from .training.loop import SCHEDULES, TrainConfig
+from .training.run import resume_run, train_run
 
 
 def _model_args(p: argparse.ArgumentParser, default: str = "gpt2-small") -> None:
@@ -35,46 +51,54 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-classes", type=int, default=2, help="classes of the head, for inspect (default: %(default)s)")
 
 
+def _table_args(g) -> None:
+    g.add_argument("--text-col", help="text column: a name, or a number from 0 with --no-header (none: text, or 1)")
+    g.add_argument("--label-col", help="label column: a name, or a number from 0 with --no-header (none: label, or 0)")
+    g.add_argument("--no-header", action="store_true", help="CSV/TSV files without a header row")
+    g.add_argument("--encoding", default="utf-8", help="text encoding of the data files (e.g. cp1252, latin-1)")
+
+
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast where the hardware has native bf16, else fp32 (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning of GPT-2 and friends into text classifiers")
+    parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
     common = argparse.ArgumentParser(add_help=False)  # so that `lorafit train ... --debug` works too
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common])
+        return sub.add_parser(name, help=help, parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     p = command("train", help="fine-tune a classifier and write a run directory")
     _model_args(p)
     _lora_args(p)
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="FILE", help="labelled texts (CSV, TSV, JSONL or the SMS file); default: download the SMS Spam Collection")
+    g.add_argument("--data", metavar="FILE", help="labelled texts (CSV, TSV, JSONL or the SMS file); none: download the SMS Spam Collection")
     g.add_argument("--val", metavar="FILE", help="validation file (with --test; otherwise --data is split 70/10/20)")
     g.add_argument("--test", metavar="FILE", help="test file")
-    g.add_argument("--text-col", help="text column (default: text)")
-    g.add_argument("--label-col", help="label column (default: label)")
+    _table_args(g)
     g.add_argument("--no-balance", action="store_true", help="keep every example (stratified split) instead of under-sampling")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--lr", type=float, default=5e-4)
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--grad-accum", type=int, default=1, help="batches per optimiser step")
-    g.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--eval-every", type=int, default=50, help="steps between evaluations on a validation slice")
-    g.add_argument("--eval-batches", type=int, default=5, help="batches in that validation slice")
+    d = TrainConfig()
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="texts per batch")
+    g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (matrices only)")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="batches per optimiser step")
+    g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES, help="learning-rate schedule after warmup")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup, in optimiser steps")
+    g.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: off)")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations on a validation slice")
+    g.add_argument("--eval-batches", type=int, default=d.eval_batches, help="batches in that validation slice")
     g.add_argument("--class-weights", choices=["auto"], help="auto: weight the loss by inverse class frequency")
-    g.add_argument("--seed", type=int, default=42, help="fixes split, initialisation and order (default: %(default)s)")
-    g.add_argument("--out", metavar="DIR", help="run directory (default: runs/<model>-r<rank>-s<seed>)")
+    g.add_argument("--seed", type=int, default=d.seed, help="fixes split, initialisation and order")
+    g.add_argument("--out", metavar="DIR", help="run directory (none: runs/<model>-r<rank>-s<seed>)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     g.add_argument("--resume", metavar="DIR", help="continue an interrupted run (its own settings are used)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -82,10 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", help="re-evaluate a saved run (its own splits, or --data)")
     p.add_argument("--run", required=True, metavar="DIR")
-    p.add_argument("--data", metavar="FILE")
-    p.add_argument("--text-col")
-    p.add_argument("--label-col")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--data", metavar="FILE", help="a labelled file to evaluate on (none: the run's own splits)")
+    _table_args(p)
+    p.add_argument("--batch-size", type=int, default=32, help="texts per batch")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _runtime_args(p)
 
@@ -93,50 +116,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="DIR")
     p.add_argument("texts", nargs="*", help="messages to classify")
     p.add_argument("--file", metavar="FILE", help="one message per line")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of --file")
     p.add_argument("--json", action="store_true", help="print JSON lines")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="texts per batch")
     _runtime_args(p)
 
     p = command("inspect", help="print the model with LoRA injected and the parameter accounting")
     _model_args(p)
     _lora_args(p)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="seeds --random-init and LoRA's initialisation")
 
     p = command("merge", help="fold a run's adapter into its base and save a plain classifier")
     p.add_argument("--run", required=True, metavar="DIR")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a merged model already in --out")
 
     p = command("generate", help="continue a prompt with the language model (checks the weights)")
     _model_args(p)
-    p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
+    p.add_argument("--seed", type=int, default=42, help="seeds --random-init and sampling")
     return parser
 
 
 def _backbone_spec(args):
-    from .backbone import BackboneSpec
-
     return BackboneSpec(model=args.model, random_init=args.random_init, tokenizer=args.tokenizer,
                         gguf_file=args.gguf_file, n_heads=args.n_heads, seed=args.seed)
 
 
 def _lora_config(args):
-    from .lora import LoRAConfig
-
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     return LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, use_rslora=args.rslora,
                       targets=targets)
 
 
 def cmd_train(args) -> None:
-    from .adapter import ClassifierSpec
-    from .run import DataConfig, resume_run, train_run
-    from .train import TrainConfig
-
     if args.resume:
         _print_summary(resume_run(args.resume, progress=not args.quiet))
         return
@@ -146,7 +162,8 @@ def cmd_train(args) -> None:
                        clip_grad=args.clip_grad or None, eval_every=args.eval_every, eval_batches=args.eval_batches,
                        class_weights=args.class_weights, seed=args.seed)
     dcfg = DataConfig(data=args.data, val=args.val, test=args.test, text_col=args.text_col,
-                      label_col=args.label_col, balance=not args.no_balance)
+                      label_col=args.label_col, balance=not args.no_balance, encoding=args.encoding,
+                      header=not args.no_header)
     name = Path(args.model.removeprefix("hf:")).name or "model"
     out = Path(args.out or f"runs/{name}-r{args.rank}-s{args.seed}")
     command = "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
@@ -164,10 +181,9 @@ def _print_summary(result) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .run import evaluate_run
-
     result = evaluate_run(args.run, args.data, text_col=args.text_col, label_col=args.label_col, device=args.device,
-                          precision=args.precision, batch_size=args.batch_size)
+                          precision=args.precision, batch_size=args.batch_size, encoding=args.encoding,
+                          header=not args.no_header)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -178,15 +194,12 @@ def cmd_eval(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from .data import read_utf8
-    from .run import predict_texts
-
     texts = list(args.texts)
     if args.file:
         path = Path(args.file)
         if not path.is_file():
             raise UsageError(f"--file {path}: not found")
-        texts += [ln for ln in read_utf8(path).splitlines() if ln.strip()]
+        texts += [ln for ln in read_text(path, args.encoding).splitlines() if ln.strip()]
     if not texts:
         raise UsageError("predict needs texts: give them as arguments or with --file")
     for row in predict_texts(args.run, texts, device=args.device, precision=args.precision, batch_size=args.batch_size):
@@ -197,14 +210,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    import torch
-
-    from .accounting import count_parameters, format_counts
-    from .backbone import load_backbone
-    from .classifier import Classifier
-    from .lora import freeze_for_lora, inject_lora
-
-    backbone = load_backbone(_backbone_spec(args))
+    backbone = load_backbone(_backbone_spec(args), need_tokenizer=False)  # parameters only: no texts to encode
     model = backbone.module
     torch.manual_seed(args.seed)
     replaced = inject_lora(model, _lora_config(args))
@@ -213,6 +219,7 @@ def cmd_inspect(args) -> None:
     print(f"\nLoRA injected into {len(replaced)} layers; every other parameter is frozen.\n")
     print(format_counts(count_parameters(model), "Parameters after LoRA injection and freezing"))
     old_head = getattr(model, "out_head", None)
+    model.out_head = None  # the classification head takes the LM head's place
     clf = Classifier(model, backbone.hidden_size, args.num_classes, backbone.default_pooling)
     freeze_for_lora(clf, trainable=(clf.head,))
     before = old_head if old_head is not None else "none (the backbone was loaded without its LM head)"
@@ -221,8 +228,6 @@ def cmd_inspect(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .adapter import MERGED_CONFIG, load_classifier, save_merged
-
     out = Path(args.out)
     if (out / MERGED_CONFIG).exists() and not args.overwrite:
         raise LorafitError(f"--out {out}: already holds a merged model; pass --overwrite to replace it")
@@ -233,11 +238,6 @@ def cmd_merge(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    import torch
-
-    from .backbone import load_backbone
-    from .generate import generate
-
     if args.model.startswith("hf:"):
         raise UsageError("generate works with GPT-2 models (presets, folders, .pth), not hf: backbones")
     backbone = load_backbone(_backbone_spec(args))
@@ -286,6 +286,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

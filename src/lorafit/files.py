@@ -9,6 +9,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import LorafitError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -41,8 +46,6 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def read_json(path: str | os.PathLike):
     """A JSON file's content; a malformed file becomes a one-line LorafitError naming it."""
-    from .errors import LorafitError
-
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -50,19 +53,12 @@ def read_json(path: str | os.PathLike):
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_safetensors(path: str | os.PathLike) -> dict:
     """Load a safetensors file; a corrupt or truncated file becomes a one-line LorafitError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .errors import LorafitError
-
     if not Path(path).is_file():
         raise LorafitError(f"{path}: file not found")
     try:

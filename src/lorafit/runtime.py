@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import resource
 import sys
@@ -109,8 +110,6 @@ def return_freed_buffers_to_the_os() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):

@@ -6,6 +6,8 @@ import platform
 import sys
 from importlib import metadata
 
+from ..runtime import peak_memory_mb
+
 
 def library_versions() -> dict:
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
@@ -15,6 +17,36 @@ def library_versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def build_report(*, name: str, command: str, spec: dict, train: dict, data: dict, parameters: dict, metrics: dict,
+                 history, device, dtype, eval_examples_per_s: float, wall_seconds: float,
+                 resumed: bool = False) -> dict:
+    """report.json's content: what was trained, on what, how well, how fast, and how to repeat it."""
+    report = {
+        "name": name,
+        "command": command,
+        "model": spec,
+        "train": train,
+        "data": data,
+        "parameters": parameters,
+        "metrics": metrics,
+        "best_epoch": history.best["epoch"],
+        "epochs": history.epochs,
+        "speed": {
+            "device": str(device), "precision": "bf16 autocast" if dtype else "fp32",
+            "train_seconds": history.train_seconds,
+            "train_examples_per_s": history.train_examples / history.train_seconds,
+            "train_tokens_per_s": history.train_tokens / history.train_seconds,
+            "eval_examples_per_s": eval_examples_per_s,
+            "wall_seconds": wall_seconds,
+            **peak_memory_mb(device),
+        },
+        "versions": library_versions(),
+    }
+    if resumed:
+        report["resumed"] = True
+    return report
 
 
 def _pct(x) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import GPTModel
+from .gpt2 import GPTModel
 
 
 @torch.inference_mode()

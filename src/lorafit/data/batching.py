@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+import pandas as pd
 import torch
+
+from .datasets import encode_labels
 
 
 @dataclass
@@ -31,6 +34,11 @@ def encode_texts(encoder, texts: list[str], labels: np.ndarray | None, context_l
         ids = [x[:context_length] for x in ids]
     ids = [x if x else [encoder.pad_id] for x in ids]  # an empty encoding still needs one position
     return Encoded(ids, labels, truncated)
+
+
+def encode_frame(encoder, context_length: int, df: pd.DataFrame, labels: list[str], where: str) -> Encoded:
+    """A (text, label) frame, tokenised, with class indices for ``labels``."""
+    return encode_texts(encoder, df["text"].tolist(), encode_labels(df, labels, where), context_length, where=where)
 
 
 @dataclass

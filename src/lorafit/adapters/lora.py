@@ -7,6 +7,7 @@ the wrapped layer computes exactly what the base did until B learns something. r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LorafitError, UsageError
+from ..errors import LorafitError, UsageError
 
 # Short names for common target sets; anything else is a module-name pattern (see `matches`).
 TARGET_ALIASES: dict[str, tuple[str, ...]] = {
@@ -53,6 +54,7 @@ class LoRAConfig:
 
     @property
     def scaling(self) -> float:
+        """What B A is multiplied by: alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def to_dict(self) -> dict:
@@ -110,18 +112,18 @@ class LoRAFunction(torch.autograd.Function):
 class LoRALinear(nn.Module):
     """Wraps (never subclasses) a frozen ``nn.Linear``; ``merge``/``unmerge`` are explicit and idempotent."""
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig | None = None):
         super().__init__()
+        cfg = cfg or LoRAConfig()
         self.base = base
         self.base.requires_grad_(False)
-        self.rank = rank
-        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.rank = cfg.rank
+        self.scaling = cfg.scaling
         factory = {"device": base.weight.device, "dtype": torch.float32}
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))  # (out, r)
+        self.lora_A = nn.Parameter(torch.empty(cfg.rank, base.in_features, **factory))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.rank, **factory))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and PEFT) initialise A
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.merged = False
 
     @property
@@ -196,7 +198,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora))
+        setattr(parent, child, LoRALinear(getattr(parent, child), cfg))
     return names
 
 
@@ -217,6 +219,19 @@ def freeze_for_lora(model: nn.Module, trainable: tuple[nn.Module, ...] = ()) -> 
 def set_merged(model: nn.Module, merged: bool) -> None:
     for m in lora_layers(model).values():
         m.merge() if merged else m.unmerge()
+
+
+@contextlib.contextmanager
+def merged(model: nn.Module):
+    """LoRA folded into the base inside the block (inference at the base's cost); unmerged again after."""
+    layers = [m for m in lora_layers(model).values() if not m.merged]
+    for m in layers:
+        m.merge()
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.unmerge()
 
 
 def unwrap_merged(model: nn.Module) -> nn.Module:

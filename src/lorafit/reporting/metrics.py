@@ -1,30 +1,9 @@
-"""Predictions and the metrics a classifier report needs, without scikit-learn."""
+"""The metrics a classifier report needs, computed from probabilities, without scikit-learn."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
-
-from .batching import Encoded, eval_order, iterate, lengths_of
-from .runtime import autocast
-
-
-@torch.inference_mode()
-def predict_proba(model, data: Encoded, pad_id: int, *, batch_size: int = 32, device: torch.device | None = None,
-                  dtype: torch.dtype | None = None) -> np.ndarray:
-    """Class probabilities (N, C) in the input order; batches are sorted by length for speed."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = np.zeros((len(data.ids), model.num_classes), dtype=np.float64)
-    for batch in iterate(data, eval_order(lengths_of(data), batch_size), pad_id):
-        batch = batch.to(device)
-        with autocast(device, dtype):
-            logits = model(batch.input_ids, batch.attention_mask)  # (B, C)
-        out[batch.index] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    model.train(was_training)
-    return out
 
 
 def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import LorafitError
+from ..errors import LorafitError
 from .packing import Packing
 
 
@@ -173,7 +173,7 @@ class GPTModel(nn.Module):
 
     can_pool_last_block = True  # hidden_states(..., at=) runs the last block at the pooled rows only
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, lm_head: bool = True):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
@@ -181,7 +181,8 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        # a classifier backbone has none: the classification head takes its place
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False) if lm_head else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -223,7 +224,3 @@ class GPTModel(nn.Module):
         if self.out_head is None:
             raise LorafitError("this GPTModel is a classifier backbone: its out_head was replaced")
         return self.out_head(self.hidden_states(in_idx))  # (B, T, vocab)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

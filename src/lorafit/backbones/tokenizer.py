@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tiktoken
 
-from .errors import LorafitError
+from ..errors import LorafitError
 
 FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 ENDOFTEXT = "<|endoftext|>"
@@ -27,7 +27,7 @@ def find_bpe_files(directory: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def _byte_alphabet() -> list[tuple[str, int]]:
+def byte_alphabet() -> list[tuple[str, int]]:
     """GPT-2's printable stand-in for each byte, in rank order (OpenAI's ``bytes_to_unicode``)."""
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     others = [b for b in range(256) if b not in printable]
@@ -39,7 +39,7 @@ def from_files(encoder_json: Path, vocab_bpe: Path) -> tiktoken.Encoding:
 
     Ranks come from the merge order, as tiktoken's own loader does; the vocabulary must agree with them.
     """
-    alphabet = _byte_alphabet()
+    alphabet = byte_alphabet()
     char_to_byte = dict(alphabet)
     where = encoder_json.parent
     try:
@@ -84,3 +84,18 @@ def load_tokenizer(tokenizer_dir: str | Path | None = None, model_dir: str | Pat
             "the GPT-2 tokenizer is not cached and cannot be downloaded; put encoder.json and vocab.bpe "
             "(https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/) in a folder and pass --tokenizer FOLDER"
         ) from e
+
+
+class TiktokenEncoder:
+    """Texts to ids with GPT-2's BPE; special-token text in user data stays plain text."""
+
+    def __init__(self, encoding: tiktoken.Encoding, files: tuple[Path, Path] | None = None):
+        self.encoding = encoding
+        self.files = files  # the BPE files it was built from, copied beside merged models
+        self.pad_id = encoding.eot_token  # <|endoftext|> pads; pooling never reads it
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(ids)

@@ -8,6 +8,7 @@ the update into the base and writes a plain classifier that needs neither LoRA n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -16,10 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import Backbone, BackboneSpec, backbone_skeleton, load_backbone
+from ..backbones.base import Backbone, BackboneSpec
+from ..backbones.loader import backbone_skeleton, load_backbone
+from ..errors import LorafitError
+from ..files import load_safetensors, save_safetensors, write_json
 from .classifier import Classifier
-from .errors import LorafitError
-from .files import load_safetensors, save_safetensors, write_json
 from .lora import LoRAConfig, freeze_for_lora, inject_lora, lora_layers, unwrap_merged
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -69,17 +71,20 @@ def weight_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def build_classifier(spec: ClassifierSpec, backbone: Backbone | None = None, seed: int = 42) -> tuple[Classifier, Backbone]:
-    """Load the base, inject LoRA, add the head, freeze: the model ready to train (or to load into)."""
-    backbone = backbone or load_backbone(spec.backbone)
-    spec.architecture = backbone.architecture
-    spec.fingerprint = weight_fingerprint(backbone.module)
-    spec.pooling = spec.pooling or backbone.default_pooling
+def build_classifier(spec: ClassifierSpec, seed: int = 42) -> tuple[Classifier, Backbone, ClassifierSpec]:
+    """Load the base, inject LoRA, add the head, freeze: the model ready to train (or to load into).
+
+    Returns the spec completed with what the loaded base told (architecture, weight fingerprint,
+    pooling): what :func:`save_adapter` writes. ``spec`` itself is left as it was.
+    """
+    backbone = load_backbone(spec.backbone, lm_head=False)
+    spec = dataclasses.replace(spec, architecture=backbone.architecture, fingerprint=weight_fingerprint(backbone.module),
+                               pooling=spec.pooling or backbone.default_pooling)
     torch.manual_seed(seed)  # LoRA A and the head start from the same values for the same seed
     inject_lora(backbone.module, spec.lora)
     model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling)
     freeze_for_lora(model, trainable=(model.head,))
-    return model, backbone
+    return model, backbone, spec
 
 
 def adapter_state(model: Classifier) -> dict[str, torch.Tensor]:
@@ -109,7 +114,8 @@ def read_spec(directory: str | Path, name: str = ADAPTER_CONFIG) -> ClassifierSp
 
 
 def check_compatible(saved: ClassifierSpec, built: ClassifierSpec, where: str) -> None:
-    """Refuse an adapter whose base, rank, targets or classes differ from the model it would load into."""
+    """Refuse an adapter whose base architecture, base weights, LoRA rank or class count differ from the
+    model it would load into (different targets show up as different tensor names when loading)."""
     if saved.architecture != built.architecture:
         diff = [f"{k} {saved.architecture.get(k)} vs {built.architecture.get(k)}"
                 for k in dict.fromkeys([*saved.architecture, *built.architecture])
@@ -147,8 +153,8 @@ def load_classifier(directory: str | Path, backbone_spec: BackboneSpec | None = 
     if (directory / MERGED_CONFIG).is_file() and not (directory / ADAPTER_CONFIG).is_file():
         return load_merged(directory)
     saved = read_spec(directory)
-    spec = ClassifierSpec(backbone_spec or saved.backbone, saved.lora, saved.labels, saved.pooling)
-    model, backbone = build_classifier(spec)
+    model, backbone, spec = build_classifier(
+        ClassifierSpec(backbone_spec or saved.backbone, saved.lora, saved.labels, saved.pooling))
     load_adapter_into(model, spec, directory)
     model.eval()
     return model, backbone, spec

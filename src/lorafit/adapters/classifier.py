@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import LorafitError
-from .model import GPTModel
+from ..errors import LorafitError
 
 POOLINGS = ("last", "first", "mean")
 
@@ -34,8 +33,9 @@ class Classifier(nn.Module):
             raise LorafitError(f"a classifier needs at least 2 classes, got {num_classes}")
         if pooling not in POOLINGS:
             raise LorafitError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-        if isinstance(backbone, GPTModel):
-            backbone.out_head = None  # replaced by the classification head, as in the book
+        if getattr(backbone, "out_head", None) is not None:
+            raise LorafitError("the backbone still has its LM head: load it without one (lm_head=False) "
+                               "or set backbone.out_head = None; the classification head takes its place")
         self.backbone = backbone
         self.head = nn.Linear(hidden_size, num_classes)
         self.pooling = pooling

@@ -6,6 +6,7 @@ shuffle with the seed, split 70 / 10 / 20 — on the SMS data that is 1,045 / 14
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -18,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import LorafitError, UsageError
-from .files import atomic_path
+from ..errors import LorafitError, UsageError
+from ..files import atomic_path
 
 SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SMS_MD5 = "1949b64a224790d01335c2bf8a0e48b2"
@@ -58,6 +59,23 @@ def sms_spam_path() -> Path:
 
 
 @dataclass
+class DataConfig:
+    """Which labelled texts, and how they are read and split."""
+
+    data: str | None = None  # file; None downloads the SMS Spam Collection
+    val: str | None = None
+    test: str | None = None
+    text_col: str | None = None  # a name, or a 0-based column number with header=False
+    label_col: str | None = None
+    balance: bool = True  # under-sample every class to the rarest one's count
+    encoding: str = "utf-8"
+    header: bool = True  # False: CSV/TSV files have no header row
+
+    def read_options(self) -> dict:
+        return {"encoding": self.encoding, "header": self.header}
+
+
+@dataclass
 class Splits:
     train: pd.DataFrame  # columns: text, label (label names as strings)
     val: pd.DataFrame
@@ -93,30 +111,36 @@ def encode_labels(df: pd.DataFrame, labels: list[str], where: str) -> np.ndarray
     return df["label"].map(index).to_numpy(dtype=np.int64)
 
 
-def read_utf8(path: Path) -> str:
-    """A text file's content; bytes that are not UTF-8 are refused with the line they are on."""
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """A text file's content; bytes that are not valid in ``encoding`` are refused with their line."""
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode(encoding)
+    except LookupError as e:
+        raise UsageError(f"--encoding {encoding}: not a text encoding Python knows") from e
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise LorafitError(f"{path}: not UTF-8 text (bad byte at line {line})") from e
+        utf8 = codecs.lookup(encoding).name == "utf-8"
+        hint = "; if it is Latin-1 or Windows text, pass --encoding cp1252" if utf8 else ""
+        raise LorafitError(f"{path}: not {'UTF-8' if utf8 else encoding} text (bad byte at line {line}{hint})") from e
 
 
-def read_table(path: str | Path, text_col: str | None = None, label_col: str | None = None) -> pd.DataFrame:
+def read_table(path: str | Path, text_col: str | None = None, label_col: str | None = None, *,
+               encoding: str = "utf-8", header: bool = True) -> pd.DataFrame:
     """Read labelled texts as a (text, label) frame with string labels.
 
     A file with ``label<TAB>text`` lines and no header (the SMS Spam Collection's format) is read as such;
     otherwise CSV, TSV (.tsv) or JSONL (.jsonl / .json) with ``text_col`` / ``label_col`` columns
-    (default ``text`` and ``label``).
+    (default ``text`` and ``label``). ``header=False``: a CSV/TSV without a header row, whose columns
+    are named by 0-based numbers (default: label 0, text 1).
     """
     path = Path(path)
     if not path.is_file():
         raise LorafitError(f"{path}: data file not found")
-    content = read_utf8(path)
+    content = read_text(path, encoding)
     if not content.strip():
         raise LorafitError(f"{path}: data file is empty")
-    text_col, label_col = text_col or "text", label_col or "label"
+    text_col, label_col = _columns(text_col, label_col, header)
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".json"):
@@ -124,16 +148,17 @@ def read_table(path: str | Path, text_col: str | None = None, label_col: str | N
         else:
             tab = suffix == ".tsv" or (suffix != ".csv" and "\t" in content.split("\n", 1)[0])
             table = dict(sep="\t", quoting=csv.QUOTE_NONE) if tab else dict(sep=",")
-            df = pd.read_csv(io.StringIO(content), dtype=str, keep_default_na=False, **table)
-            if tab and text_col not in df.columns and label_col not in df.columns and _looks_headerless(content):
-                df = pd.read_csv(io.StringIO(content), header=None, names=[label_col, text_col], dtype=str,
-                                 keep_default_na=False, **table)
+            read = lambda **kw: pd.read_csv(io.StringIO(content), dtype=str, keep_default_na=False, **table, **kw)  # noqa: E731
+            df = read() if header else read(header=None)
+            if header and tab and text_col not in df.columns and label_col not in df.columns and _looks_headerless(content):
+                df = read(header=None, names=[label_col, text_col])
     except (ValueError, pd.errors.ParserError) as e:
         raise LorafitError(f"{path}: cannot be parsed ({str(e).splitlines()[0]})") from e
     missing = [c for c in (text_col, label_col) if c not in df.columns]
     if missing:
+        flags = "--text-col / --label-col" + ("" if header else " (column numbers from 0, with --no-header)")
         raise LorafitError(f"{path}: no column {', '.join(map(repr, missing))}; columns found: "
-                           f"{', '.join(map(str, df.columns))} (choose with --text-col / --label-col)")
+                           f"{', '.join(map(str, df.columns))} (choose with {flags})")
     out = pd.DataFrame({"text": df[text_col].astype(str), "label": df[label_col].astype(str).str.strip()})
     blank = out["text"].str.strip() == ""
     if blank.all():
@@ -141,6 +166,16 @@ def read_table(path: str | Path, text_col: str | None = None, label_col: str | N
     out = out[~blank].reset_index(drop=True)
     out.attrs["skipped_empty"] = int(blank.sum())
     return out
+
+
+def _columns(text_col: str | None, label_col: str | None, header: bool) -> tuple:
+    """Column keys as pandas will name them: names, or integers for a file without a header row."""
+    if header:
+        return text_col or "text", label_col or "label"
+    try:
+        return int(text_col if text_col is not None else 1), int(label_col if label_col is not None else 0)
+    except ValueError as e:
+        raise UsageError(f"--no-header: --text-col and --label-col take column numbers (from 0), got {e}") from e
 
 
 def _looks_headerless(content: str) -> bool:
@@ -185,10 +220,14 @@ def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: bool = True, wh
 
 def load_splits(data: str | Path | None = None, *, val: str | Path | None = None, test: str | Path | None = None,
                 text_col: str | None = None, label_col: str | None = None, seed: int = 42,
-                balance: bool = True) -> Splits:
-    """The whole data step: read (or download) the data, then split it or use the given val/test files."""
+                balance: bool = True, encoding: str = "utf-8", header: bool = True) -> Splits:
+    """The whole data step: read (or download) the data, then split it or use the given val/test files.
+
+    The keyword arguments are :class:`DataConfig`'s fields: ``load_splits(**asdict(cfg), seed=...)``.
+    """
     path = Path(data) if data else sms_spam_path()
-    df = read_table(path, text_col, label_col)
+    read = lambda p: read_table(p, text_col, label_col, encoding=encoding, header=header)  # noqa: E731
+    df = read(path)
     if val is None and test is None:
         splits = prepare_splits(df, seed=seed, balance=balance, where=str(path))
     else:
@@ -198,7 +237,7 @@ def load_splits(data: str | Path | None = None, *, val: str | Path | None = None
         if len(labels) < 2:
             raise LorafitError(f"{path}: only one class ({labels[0]!r}); a classifier needs at least two")
         train = df.iloc[np.random.default_rng(seed).permutation(len(df))].reset_index(drop=True)
-        splits = Splits(train, read_table(val, text_col, label_col), read_table(test, text_col, label_col), labels)
+        splits = Splits(train, read(val), read(test), labels)
         splits.encode_labels(splits.val, str(val))
         splits.encode_labels(splits.test, str(test))
     splits.skipped_empty = df.attrs.get("skipped_empty", 0)

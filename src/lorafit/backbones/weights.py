@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.utils import logging as hub_logging
 
-from .errors import LorafitError
-from .files import load_safetensors, read_json
-from .model import PRESETS, GPTConfig, GPTModel
+from ..errors import LorafitError
+from ..files import load_safetensors, read_json
+from .gpt2 import PRESETS, GPTConfig, GPTModel
 
 HUB_REPOS = {
     "gpt2-small": "openai-community/gpt2",
@@ -55,11 +58,10 @@ _IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffe
 
 @dataclass
 class LoadedModel:
-    """A GPT-2 backbone and where it came from (the directory is searched for tokenizer files)."""
+    """A GPT-2 backbone and the folder its weights came from (searched for tokenizer files)."""
 
     model: GPTModel
-    source: str  # what the user named: preset, directory or file
-    directory: Path | None  # folder holding the weights, or None for random init
+    directory: Path | None  # None for random init
 
 
 def hf_to_lorafit(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
@@ -91,6 +93,8 @@ def hf_to_lorafit(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch
 
 def load_state_into(model: GPTModel, sd: dict[str, torch.Tensor], source: str) -> GPTModel:
     """Copy ``sd`` into ``model``, refusing missing keys, extra keys and shape mismatches by name."""
+    if model.out_head is None:
+        sd = {k: v for k, v in sd.items() if not k.startswith("out_head.")}
     expected = model.state_dict()
     missing = [k for k in expected if sd.get(k) is None]
     extra = [k for k in sd if k not in expected]
@@ -107,9 +111,9 @@ def load_state_into(model: GPTModel, sd: dict[str, torch.Tensor], source: str) -
     return model
 
 
-def empty_model(cfg: GPTConfig) -> GPTModel:
+def empty_model(cfg: GPTConfig, lm_head: bool = True) -> GPTModel:
     with torch.device("meta"):
-        model = GPTModel(cfg)
+        model = GPTModel(cfg, lm_head)
     return model.to_empty(device="cpu")
 
 
@@ -125,7 +129,7 @@ def config_from_hf(d: dict, source: str) -> GPTConfig:
         raise LorafitError(f"{source}: config.json lacks the GPT-2 field {e}") from e
 
 
-def load_hf_directory(directory: Path) -> GPTModel:
+def load_hf_directory(directory: Path, lm_head: bool = True) -> GPTModel:
     """A Hugging Face GPT-2 folder: config.json + model.safetensors (or pytorch_model.bin, safely)."""
     cfg_path = directory / "config.json"
     cfg = config_from_hf(read_json(cfg_path), str(cfg_path))
@@ -135,10 +139,10 @@ def load_hf_directory(directory: Path) -> GPTModel:
         sd = _torch_load(directory / "pytorch_model.bin")
     else:
         raise LorafitError(f"{directory}: no model.safetensors (or pytorch_model.bin) beside config.json")
-    return load_state_into(empty_model(cfg), hf_to_lorafit(sd, cfg.n_layers), str(directory))
+    return load_state_into(empty_model(cfg, lm_head), hf_to_lorafit(sd, cfg.n_layers), str(directory))
 
 
-def load_openai_directory(directory: Path) -> GPTModel:
+def load_openai_directory(directory: Path, lm_head: bool = True) -> GPTModel:
     """OpenAI's original release (hparams.json + model.ckpt.*), as the book's download script leaves it."""
     try:
         import tensorflow as tf
@@ -167,7 +171,7 @@ def load_openai_directory(directory: Path) -> GPTModel:
         if arr.ndim == 3:  # conv1d weights are [1, in, out]
             arr = arr[0]
         sd[key] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    return load_state_into(empty_model(cfg), hf_to_lorafit(sd, cfg.n_layers), str(directory))
+    return load_state_into(empty_model(cfg, lm_head), hf_to_lorafit(sd, cfg.n_layers), str(directory))
 
 
 def _torch_load(path: Path) -> dict:
@@ -194,21 +198,17 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], n_heads: int | None = No
     )
 
 
-def load_book_state_dict(path: Path, n_heads: int | None = None) -> GPTModel:
+def load_book_state_dict(path: Path, n_heads: int | None = None, lm_head: bool = True) -> GPTModel:
     """A state dict saved from the book's ``GPTModel`` (its causal-mask buffers are skipped)."""
     sd = {k: v for k, v in _torch_load(path).items() if not k.endswith(".att.mask")}
     if "tok_emb.weight" not in sd or "pos_emb.weight" not in sd:
         raise LorafitError(f"{path}: not a GPTModel state dict (no tok_emb.weight / pos_emb.weight)")
     cfg = config_from_state_dict(sd, n_heads)
-    return load_state_into(empty_model(cfg), sd, str(path))
+    return load_state_into(empty_model(cfg, lm_head), sd, str(path))
 
 
 def hub_download(preset: str) -> Path:
     """Fetch (or find in the cache) OpenAI's weights for ``preset``; offline-safe with a clear error."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    from huggingface_hub.utils import logging as hub_logging
-
     hub_logging.set_verbosity_error()  # its retry chatter would bury the one-line error below
     repo = HUB_REPOS[preset]
     try:
@@ -222,28 +222,29 @@ def hub_download(preset: str) -> Path:
     return paths[0].parent
 
 
-def load_gpt2(source: str, *, random_init: bool = False, n_heads: int | None = None, seed: int = 42) -> LoadedModel:
+def load_gpt2(source: str, *, random_init: bool = False, n_heads: int | None = None, seed: int = 42,
+              lm_head: bool = True) -> LoadedModel:
     """Build a GPT-2 from a preset name, a folder (Hugging Face or OpenAI layout) or a ``.pth`` file."""
     if random_init:
         if source not in PRESETS:
             raise LorafitError(f"--random-init needs a preset ({', '.join(PRESETS)}), got {source!r}")
         torch.manual_seed(seed)
-        return LoadedModel(GPTModel(PRESETS[source]), source, None)
+        return LoadedModel(GPTModel(PRESETS[source], lm_head), None)
     if source in PRESETS:
         directory = hub_download(source)
-        return LoadedModel(load_hf_directory(directory), source, directory)
+        return LoadedModel(load_hf_directory(directory, lm_head), directory)
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
-            return LoadedModel(load_hf_directory(path), source, path)
+            return LoadedModel(load_hf_directory(path, lm_head), path)
         if (path / "hparams.json").is_file():
-            return LoadedModel(load_openai_directory(path), source, path)
+            return LoadedModel(load_openai_directory(path, lm_head), path)
         raise LorafitError(
             f"{path}: neither a Hugging Face folder (config.json + model.safetensors) "
             "nor OpenAI's layout (hparams.json + model.ckpt.*)"
         )
     if path.is_file() and path.suffix in (".pth", ".pt"):
-        return LoadedModel(load_book_state_dict(path, n_heads), source, path.parent)
+        return LoadedModel(load_book_state_dict(path, n_heads, lm_head), path.parent)
     if path.exists():
         raise LorafitError(f"{path}: expected a model folder or a .pth state dict")
     raise LorafitError(

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone import Backbone, BackboneSpec
-from .errors import LorafitError
+from ..errors import LorafitError
+from .base import Backbone, BackboneSpec
 from .llama import LlamaDecoder, supports
 
 # Bidirectional encoders read their [CLS] token; every other model (decoders) its last real token.

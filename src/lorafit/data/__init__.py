@@ -1,0 +1,1 @@
+"""Labelled texts: reading, splitting, tokenising and batching."""

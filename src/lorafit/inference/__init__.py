@@ -1,0 +1,1 @@
+"""Using a trained classifier: probabilities, predictions and evaluation of saved runs."""

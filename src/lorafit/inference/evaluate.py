@@ -1,0 +1,44 @@
+"""Metrics of a classifier on labelled splits, and of a saved run: what ``lorafit eval`` calls."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..adapters.lora import merged
+from ..data.batching import Encoded, encode_frame
+from ..data.datasets import SPLIT_NAMES, Splits, read_table
+from ..reporting.metrics import classification_metrics
+from .predict import load_for_inference, predict_proba
+
+
+def evaluate_model(model, pad_id: int, data: dict[str, Encoded], labels: list[str], device, dtype,
+                   batch_size: int) -> tuple[dict, float]:
+    """Metrics per split with LoRA merged into the base (no adapter overhead); returns examples/s too."""
+    metrics, n, seconds = {}, 0, 0.0
+    with merged(model):
+        for split, enc in data.items():
+            t0 = time.perf_counter()
+            probs = predict_proba(model, enc, pad_id, batch_size=batch_size, device=device, dtype=dtype)
+            seconds += time.perf_counter() - t0
+            n += len(enc.ids)
+            metrics[split] = classification_metrics(enc.labels, probs, labels)
+    return metrics, n / seconds if seconds else 0.0
+
+
+def evaluate_run(run: str | Path, data: str | None = None, *, text_col: str | None = None,
+                 label_col: str | None = None, device: str = "auto", precision: str = "auto",
+                 batch_size: int = 32, **read_options) -> dict:
+    """Re-evaluate a saved adapter: on the run's own saved splits, or on a labelled file of the user's
+    (``read_options`` as :func:`~lorafit.data.datasets.read_table` takes them)."""
+    run = Path(run)
+    model, backbone, spec, dev, dtype = load_for_inference(run, device, precision)
+    encoder, context = backbone.encoder, backbone.context_length
+    if data:
+        frames = {"data": (read_table(data, text_col, label_col, **read_options), str(data))}
+    else:
+        splits = Splits.load(run, spec.labels, hint="; pass --data FILE to evaluate on other data")
+        frames = {name: (getattr(splits, name), f"{name} split") for name in SPLIT_NAMES}
+    enc = {name: encode_frame(encoder, context, df, spec.labels, where) for name, (df, where) in frames.items()}
+    metrics, rate = evaluate_model(model, encoder.pad_id, enc, spec.labels, dev, dtype, batch_size)
+    return {"metrics": metrics, "examples_per_s": rate}

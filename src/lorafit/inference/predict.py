@@ -1,0 +1,52 @@
+"""Class probabilities from a classifier, and from a saved run: what eval, predict and the server call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..adapters.lora import set_merged
+from ..adapters.storage import load_classifier
+from ..data.batching import Encoded, encode_texts, eval_order, iterate, lengths_of
+from ..runtime import autocast, setup
+
+
+@torch.inference_mode()
+def predict_proba(model, data: Encoded, pad_id: int, *, batch_size: int = 32, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> np.ndarray:
+    """Class probabilities (N, C) in the input order; batches are sorted by length for speed."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = np.zeros((len(data.ids), model.num_classes), dtype=np.float64)
+    for batch in iterate(data, eval_order(lengths_of(data), batch_size), pad_id):
+        batch = batch.to(device)
+        with autocast(device, dtype):
+            logits = model(batch.input_ids, batch.attention_mask)  # (B, C)
+        out[batch.index] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def load_for_inference(run: str | Path, device: str, precision: str):
+    """A saved run's classifier on its device, LoRA merged into the base (no adapter cost per call).
+
+    Bad --device / --precision fail before the model loads.
+    """
+    dev, dtype = setup(device, precision)
+    model, backbone, spec = load_classifier(run)
+    set_merged(model, True)
+    return model.to(dev), backbone, spec, dev, dtype
+
+
+def predict_texts(run: str | Path, texts: list[str], *, device: str = "auto", precision: str = "auto",
+                  batch_size: int = 32) -> list[dict]:
+    """Label and probability for each text, in order."""
+    model, backbone, spec, dev, dtype = load_for_inference(run, device, precision)
+    enc = encode_texts(backbone.encoder, texts, None, backbone.context_length, where="input")
+    probs = predict_proba(model, enc, backbone.encoder.pad_id, batch_size=batch_size, device=dev, dtype=dtype)
+    best = probs.argmax(axis=1)
+    return [{"text": t, "label": spec.labels[k], "probability": float(p[k]),
+             "probabilities": dict(zip(spec.labels, map(float, p)))} for t, k, p in zip(texts, best, probs)]

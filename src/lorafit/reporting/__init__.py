@@ -1,0 +1,1 @@
+"""What a run tells a person: metrics, report.json / report.md, plots."""

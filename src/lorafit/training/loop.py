@@ -1,0 +1,317 @@
+"""The training loop: AdamW over the trainable parameters, length-bucketed batches, periodic evaluation.
+
+:func:`fit` is a plain function over explicit objects (model, encoded data, config), so a notebook can
+call it directly; everything the CLI adds (files, reports, checkpoints) happens in :mod:`.run` around it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.batching import Batch, Encoded, iterate, lengths_of, train_order
+from ..errors import LorafitError, UsageError
+from ..inference.predict import predict_proba
+from ..reporting.metrics import classification_metrics
+from ..runtime import autocast, return_freed_buffers_to_the_os
+
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings; defaults reproduce the seed report's one-epoch run."""
+
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 5e-4  # AdamW learning rate
+    weight_decay: float = 0.1
+    grad_accum: int = 1  # batches per optimiser step
+    schedule: str = "constant"  # or "cosine" (decays to 10 % of lr after warmup)
+    warmup_steps: int = 0  # linear warmup, in optimiser steps
+    clip_grad: float | None = 1.0  # max gradient norm; None turns clipping off
+    eval_every: int = 50  # optimiser steps between evaluations on a validation slice (0: never)
+    eval_batches: int = 5  # size of that slice, in batches
+    class_weights: str | None = None  # "auto": inverse class frequency in the loss
+    bucket: int = 32  # length-sort within chunks of this many batches (1: plain shuffling)
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        problems = [f"--{f.name.replace('_', '-')} must be >= 1, got {getattr(self, f.name)}"
+                    for f in fields(self) if f.name in ("epochs", "batch_size", "grad_accum")
+                    and getattr(self, f.name) < 1]
+        if self.lr <= 0:
+            problems.append(f"--lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.class_weights not in (None, "auto"):
+            problems.append(f"--class-weights must be 'auto', got {self.class_weights!r}")
+        if min(self.warmup_steps, self.eval_every, self.eval_batches) < 0:
+            problems.append("--warmup-steps, --eval-every and --eval-batches must be >= 0")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class History:
+    """What happened, step by step: enough to plot the book's loss figure and to fill the report."""
+
+    train: list[dict] = field(default_factory=list)  # per optimiser step: step, epoch, examples_seen, loss
+    val: list[dict] = field(default_factory=list)  # per evaluation: step, epoch, examples_seen, loss, accuracy
+    epochs: list[dict] = field(default_factory=list)  # per epoch: full validation accuracy and loss
+    best: dict | None = None  # the epoch record whose adapter was kept
+    train_seconds: float = 0.0
+    train_examples: int = 0
+    train_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        return cls(**d)
+
+
+@dataclass
+class TrainState:
+    """Where training stands at an optimiser-step boundary: enough to resume bit-identically on CPU."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch: int = 0  # batches of that epoch already consumed
+    step: int = 0  # optimiser steps taken
+    best_accuracy: float = -1.0
+    history: History = field(default_factory=History)
+    optimizer: dict | None = None  # optimizer.state_dict()
+    rng: torch.Tensor | None = None  # the state of the generator dropout draws from on the training device
+
+
+class TrainingStopped(LorafitError):
+    """Training stopped early (interrupted, or diverged); ``state`` is the last good step, resumable."""
+
+    def __init__(self, message: str, state: TrainState, exit_code: int = 1):
+        super().__init__(message)
+        self.state = state
+        self.exit_code = exit_code
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    """The generator that dropout draws from on ``device`` (CUDA and MPS keep their own)."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        return torch.mps.get_rng_state()
+    return torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    elif device.type == "mps":
+        torch.mps.set_rng_state(state)
+    else:
+        torch.set_rng_state(state)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    return cfg.lr
+
+
+def class_weight_tensor(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, normalised to mean 1: rare classes count as much as common ones."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = counts.sum() / (num_classes * np.maximum(counts, 1))
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; biases and norms (1-D) without weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LorafitError("the model has no trainable parameters (inject LoRA and add a head first)")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+                             fused=device.type in ("cpu", "cuda"))  # one kernel, not a loop over tensors
+
+
+class Trainer:
+    """One training run's moving parts: the optimiser, the position in the data, the history, the clock.
+
+    Time spent validating is kept out of the training time (and so out of examples/s).
+    """
+
+    def __init__(self, model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, labels: list[str],
+                 device: torch.device, dtype: torch.dtype | None, state: TrainState | None,
+                 on_best: Callable[[dict], None] | None, log: Callable[[dict], None] | None, progress: bool,
+                 stop_requested: Callable[[], bool] | None):
+        self.model, self.train_data, self.val, self.cfg = model.to(device).train(), train, val, cfg
+        self.pad_id, self.labels, self.device, self.dtype = pad_id, labels, device, dtype
+        self.optimizer = make_optimizer(model, cfg, device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.state = state or TrainState()
+        if self.state.optimizer is not None:
+            self.optimizer.load_state_dict(self.state.optimizer)
+        if self.state.rng is not None:
+            set_rng_state(self.state.rng, device)
+        self.history = self.state.history
+        self.weight = class_weight_tensor(train.labels, len(labels)).to(device) if cfg.class_weights == "auto" else None
+        self.lengths = lengths_of(train)
+        n_batches = -(-len(train.ids) // cfg.batch_size)
+        self.total_steps = cfg.epochs * -(-n_batches // cfg.grad_accum)
+        self.on_best = on_best or (lambda record: None)
+        self.log = log or (lambda record: None)
+        self.progress = progress
+        self.stop_requested = stop_requested or (lambda: False)
+        self.base_seconds, self.start, self.eval_seconds = self.history.train_seconds, time.perf_counter(), 0.0
+
+    def training_seconds(self) -> float:
+        return self.base_seconds + time.perf_counter() - self.start - self.eval_seconds
+
+    def validate(self, part: Encoded) -> dict:
+        """Metrics on (part of) the validation set, timed apart from training."""
+        t0 = time.perf_counter()
+        probs = predict_proba(self.model, part, self.pad_id, batch_size=self.cfg.batch_size, device=self.device,
+                              dtype=self.dtype)
+        metrics = classification_metrics(part.labels, probs, self.labels)
+        self.eval_seconds += time.perf_counter() - t0
+        return metrics
+
+    def snapshot(self) -> TrainState:
+        """The state right now; only ever taken at an optimiser-step boundary."""
+        s = self.state
+        self.history.train_seconds = self.training_seconds()
+        return TrainState(s.epoch, s.batch, s.step, s.best_accuracy, self.history, self.optimizer.state_dict(),
+                          rng_state(self.device))
+
+    def run(self) -> History:
+        while self.state.epoch < self.cfg.epochs:
+            self.epoch(self.state.epoch)
+        self.history.train_seconds = self.training_seconds()
+        return self.history
+
+    def epoch(self, epoch: int) -> None:
+        cfg, state = self.cfg, self.state
+        order = train_order(self.lengths, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]), cfg.bucket)
+        bar = tqdm(iterate(self.train_data, order[state.batch:], self.pad_id), initial=state.batch, total=len(order),
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.progress, unit="batch")
+        self.optimizer.zero_grad(set_to_none=True)
+        accum, boundary_rng = Accumulated(), rng_state(self.device)
+        for i, batch in enumerate(bar, start=state.batch):
+            self.forward_backward(batch, accum, boundary_rng, epoch)
+            if (i + 1) % cfg.grad_accum and i + 1 != len(order):
+                continue
+            record = self.step(accum, epoch + (i + 1) / len(order), i + 1)
+            accum = Accumulated()
+            bar.set_postfix(loss=f"{record['loss']:.4f}",
+                            ex_s=f"{self.history.train_examples / self.training_seconds():.1f}")
+            boundary_rng = rng_state(self.device)
+            if self.stop_requested() and i + 1 < len(order):
+                bar.close()
+                raise TrainingStopped(f"interrupted at step {state.step} (epoch {epoch + 1})", self.snapshot(), 130)
+        bar.close()
+        self.end_epoch(epoch)
+
+    def forward_backward(self, batch: Batch, accum: "Accumulated", boundary_rng: torch.Tensor, epoch: int) -> None:
+        """One batch's loss and gradients, added to those of the optimiser step in progress."""
+        batch = batch.to(self.device)
+        with autocast(self.device, self.dtype):
+            logits = self.model(batch.input_ids, batch.attention_mask)  # (B, C)
+        loss = F.cross_entropy(logits.float(), batch.labels, weight=self.weight)
+        if not torch.isfinite(loss):
+            set_rng_state(boundary_rng, self.device)
+            raise TrainingStopped(f"training diverged: loss is {loss.item()} at step {self.state.step + 1} "
+                                  f"(epoch {epoch + 1}); lower --lr or use --precision fp32", self.snapshot())
+        (loss / self.cfg.grad_accum).backward()
+        accum.add(loss.item(), len(batch.index), batch.n_tokens)
+
+    def step(self, accum: "Accumulated", epoch_position: float, batches_done: int) -> dict:
+        """The optimiser step over the accumulated gradients; logs it, and a validation slice when due."""
+        cfg, state, history = self.cfg, self.state, self.history
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(state.step, self.total_steps, cfg)
+        if cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step, state.batch = state.step + 1, batches_done
+        history.train_examples += accum.n
+        history.train_tokens += accum.tokens
+        record = {"event": "train", "step": state.step, "epoch": epoch_position,
+                  "examples_seen": history.train_examples, "loss": accum.loss / accum.n,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        history.train.append(record)
+        self.log(record)
+        if cfg.eval_every and state.step % cfg.eval_every == 0 and len(self.val.ids):
+            n = min(len(self.val.ids), cfg.eval_batches * cfg.batch_size)
+            m = self.validate(Encoded(self.val.ids[:n], self.val.labels[:n], 0))
+            evaluation = {"event": "eval", "step": state.step, "epoch": epoch_position,
+                          "examples_seen": history.train_examples, "val_loss": m["loss"],
+                          "val_accuracy": m["accuracy"], "val_examples": n}
+            history.val.append(evaluation)
+            self.log(evaluation)
+        return record
+
+    def end_epoch(self, epoch: int) -> None:
+        """Full validation; keep the adapter if it is the best so far."""
+        state, history = self.state, self.history
+        history.train_seconds = self.training_seconds()
+        m = self.validate(self.val) if len(self.val.ids) else None
+        record = {"event": "epoch", "epoch": epoch + 1, "step": state.step, "examples_seen": history.train_examples,
+                  "val_loss": m["loss"] if m else None, "val_accuracy": m["accuracy"] if m else None,
+                  "seconds": history.train_seconds}
+        history.epochs.append(record)
+        self.log(record)
+        acc = m["accuracy"] if m else float(epoch)  # without validation data: keep the last epoch
+        if acc > state.best_accuracy:
+            state.best_accuracy, history.best = acc, record
+            self.on_best(record)
+        state.epoch, state.batch = epoch + 1, 0
+        if self.stop_requested() and state.epoch < self.cfg.epochs:
+            raise TrainingStopped(f"interrupted after epoch {epoch + 1}", self.snapshot(), 130)
+
+
+@dataclass
+class Accumulated:
+    """Loss, examples and tokens of the batches in the optimiser step being accumulated."""
+
+    loss: float = 0.0  # summed over examples
+    n: int = 0
+    tokens: int = 0
+
+    def add(self, mean_loss: float, n: int, tokens: int) -> None:
+        self.loss += mean_loss * n
+        self.n += n
+        self.tokens += tokens
+
+
+def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, labels: list[str],
+        device: torch.device, dtype: torch.dtype | None = None,
+        on_best: Callable[[dict], None] | None = None, log: Callable[[dict], None] | None = None,
+        progress: bool = True, state: TrainState | None = None,
+        stop_requested: Callable[[], bool] | None = None) -> History:
+    """Train the trainable parameters of ``model``.
+
+    ``on_best`` is called whenever full validation accuracy improves (to save that adapter), ``log`` with
+    every metrics record as it happens. ``state`` resumes from a saved :class:`TrainState`. When
+    ``stop_requested()`` turns true, or the loss stops being finite, :class:`TrainingStopped` is raised
+    carrying the state of the last completed optimiser step.
+    """
+    return_freed_buffers_to_the_os()
+    return Trainer(model, train, val, cfg, pad_id=pad_id, labels=labels, device=device, dtype=dtype, state=state,
+                   on_best=on_best, log=log, progress=progress, stop_requested=stop_requested).run()

@@ -1,0 +1,167 @@
+"""A training run and its directory: data split, adapter, metrics, report and plots, all in one place.
+
+``train_run`` is what ``lorafit train`` calls, ``resume_run`` what ``lorafit train --resume`` calls.
+Each step inside is a public function of its own module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..adapters.accounting import count_parameters
+from ..adapters.storage import (ADAPTER_CONFIG, ClassifierSpec, adapter_state, build_classifier, check_compatible,
+                                load_adapter_into, save_adapter)
+from ..data.batching import encode_frame
+from ..data.datasets import SPLIT_NAMES, DataConfig, Splits, load_splits
+from ..errors import LorafitError
+from ..files import write_json, write_text
+from ..inference.evaluate import evaluate_model
+from ..reporting.plots import plot_accuracy, plot_confusion, plot_loss
+from ..reporting.report import build_report, render_markdown
+from ..runtime import setup
+from .checkpoint import CHECKPOINT_STATE, Checkpoint, RunSettings, load_checkpoint, remove_checkpoint, save_checkpoint
+from .loop import History, TrainConfig, TrainingStopped, fit
+
+RUN_MARKERS = (ADAPTER_CONFIG, "report.json", "metrics.jsonl", CHECKPOINT_STATE)
+
+
+@dataclass
+class RunResult:
+    directory: Path
+    report: dict
+    history: History | None = field(repr=False, default=None)
+
+
+def prepare_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder unless asked, and fail early if the folder is not writable."""
+    if out.exists() and not out.is_dir():
+        raise LorafitError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any((out / m).exists() for m in RUN_MARKERS) and not overwrite:
+        raise LorafitError(f"--out {out}: already holds a run; choose another --out or pass --overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lorafit-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise LorafitError(f"--out {out}: not writable ({e.strerror or e})") from e
+    if overwrite:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, out: str | Path, *,
+              device: str = "auto", precision: str = "auto", overwrite: bool = False, command: str = "",
+              progress: bool = True) -> RunResult:
+    """Everything ``lorafit train`` does: split, build, train, keep the best adapter, report, plot.
+
+    SIGINT / SIGTERM (and a diverging loss) stop training at the next optimiser step and leave a
+    resumable checkpoint in ``out``: :func:`resume_run` continues it to the same adapter.
+    """
+    out = Path(out)
+    dev, dtype = setup(device, precision)  # bad flags fail before any work
+    splits = load_splits(**asdict(data_cfg), seed=train_cfg.seed)
+    prepare_run_dir(out, overwrite)
+    remove_checkpoint(out)
+    spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed))
+    splits.save(out)
+    settings = RunSettings(device, precision, command, splits.skipped_empty)
+    return _train(out, spec, data_cfg, train_cfg, splits, settings, (dev, dtype), None, progress)
+
+
+def resume_run(out: str | Path, *, progress: bool = True) -> RunResult:
+    """Continue an interrupted run from its checkpoint, with its own split, settings and RNG state."""
+    out = Path(out)
+    ckpt = load_checkpoint(out)
+    splits = Splits.load(out, ckpt.spec.labels)
+    runtime = setup(ckpt.settings.device, ckpt.settings.precision)
+    return _train(out, ckpt.spec, ckpt.data, ckpt.train, splits, ckpt.settings, runtime, ckpt, progress)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT / SIGTERM ask training to stop at the next step (a second SIGINT stops at once)."""
+    requested = {"signal": None}
+
+    def handler(signum, frame):
+        if requested["signal"] == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested["signal"] = signum
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: requested["signal"] is not None
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, splits: Splits,
+           settings: RunSettings, runtime: tuple, resume: Checkpoint | None, progress: bool) -> RunResult:
+    wall = time.perf_counter()
+    dev, dtype = runtime
+    model, backbone, built = build_classifier(spec, seed=train_cfg.seed)
+    if resume:
+        check_compatible(spec, built, str(out))  # the base must not have changed since the checkpoint
+        with torch.no_grad():
+            for k, t in adapter_state(model).items():
+                t.copy_(resume.adapter[k])
+    spec = built
+    counts = count_parameters(model)
+    encoder, context = backbone.encoder, backbone.context_length
+    enc = {name: encode_frame(encoder, context, getattr(splits, name), splits.labels, f"{name} split")
+           for name in SPLIT_NAMES}
+
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics_file, stop_on_signals() as stop_requested:
+        try:
+            history = fit(model, enc["train"], enc["val"], train_cfg, pad_id=encoder.pad_id,
+                          labels=splits.labels, device=dev, dtype=dtype,
+                          on_best=lambda rec: save_adapter(out, model, spec),
+                          log=lambda rec: append_metrics(metrics_file, rec), progress=progress,
+                          state=resume.state if resume else None, stop_requested=stop_requested)
+        except TrainingStopped as e:
+            save_checkpoint(out, model, spec, data_cfg, train_cfg, e.state, settings)
+            how = (f"resume with: lorafit train --resume {out}" if e.exit_code == 130 else
+                   f"last good state saved in {out / CHECKPOINT_STATE}; best adapter so far in {out / ADAPTER_CONFIG}")
+            raise TrainingStopped(f"{e}; {how}", e.state, e.exit_code) from None
+    if history.best != history.epochs[-1]:
+        load_adapter_into(model, spec, out)  # evaluate the kept (best) adapter, not the last weights
+    metrics, eval_rate = evaluate_model(model, encoder.pad_id, enc, splits.labels, dev, dtype,
+                                        4 * train_cfg.batch_size)
+    report = build_report(name=out.name, command=settings.command, spec=spec.to_dict(), train=train_cfg.to_dict(),
+                          data={**asdict(data_cfg), "labels": splits.labels,
+                                "skipped_empty_texts": settings.skipped_empty,
+                                "sizes": {k: len(v.ids) for k, v in enc.items()},
+                                "truncated_texts": {k: v.truncated for k, v in enc.items()}},
+                          parameters=counts.to_dict(), metrics=metrics, history=history, device=dev, dtype=dtype,
+                          eval_examples_per_s=eval_rate, wall_seconds=time.perf_counter() - wall,
+                          resumed=resume is not None)
+    write_report(out, report, history)
+    remove_checkpoint(out)  # the run is complete: nothing left to resume
+    return RunResult(out, report, history)
+
+
+def append_metrics(file, record: dict) -> None:
+    file.write(json.dumps(record) + "\n")
+    file.flush()
+
+
+def write_report(out: Path, report: dict, history: History) -> None:
+    plot_loss(history.train, history.val, history.epochs, out / "loss.png")
+    plot_accuracy(history.val, history.epochs, {k: v["accuracy"] for k, v in report["metrics"].items()},
+                  out / "accuracy.png")
+    if "test" in report["metrics"]:
+        plot_confusion(report["metrics"]["test"]["confusion_matrix"], report["model"]["labels"],
+                       out / "confusion_matrix.png")
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", render_markdown(report))
