@@ -7,7 +7,9 @@ import json
 import shlex
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,7 +34,7 @@ def _model_args(p: argparse.ArgumentParser, default: str = "gpt2-small") -> None
     g = p.add_argument_group("base model")
     g.add_argument("--model", default=default,
                    help="gpt2-small|medium|large|xl (OpenAI's weights via the Hugging Face cache), a Hugging Face "
-                        "or OpenAI-layout folder, a book .pth state dict, or hf:<hub id or folder> (default: %(default)s)")
+                        "or OpenAI-layout folder, a book .pth state dict, or hf:<hub id or folder>")
     g.add_argument("--random-init", action="store_true", help="fresh weights of the preset's shape; no download")
     g.add_argument("--tokenizer", metavar="DIR", help="folder with encoder.json + vocab.bpe (or vocab.json + merges.txt)")
     g.add_argument("--gguf-file", metavar="NAME", help="GGUF file inside an hf: model folder or repo")
@@ -41,14 +43,14 @@ def _model_args(p: argparse.ArgumentParser, default: str = "gpt2-small") -> None
 
 def _lora_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
-    g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r (default: %(default)s)")
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path (default: %(default)s)")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path")
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
     g.add_argument("--targets", default="all",
                    help="comma-separated: all (every linear in the blocks), attention, qv, feedforward, "
-                        "or module names / regexes such as W_query,W_value (default: %(default)s)")
-    g.add_argument("--num-classes", type=int, default=2, help="classes of the head, for inspect (default: %(default)s)")
+                        "or module names / regexes such as W_query,W_value")
+    g.add_argument("--num-classes", type=int, default=2, help="classes of the head, for inspect")
 
 
 def _table_args(g) -> None:
@@ -59,23 +61,12 @@ def _table_args(g) -> None:
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto: bf16 autocast where the hardware has native bf16, else fp32 (default: %(default)s)")
+                   help="auto: bf16 autocast where the hardware has native bf16, else fp32")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning of GPT-2 and friends into text classifiers")
-    parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    common = argparse.ArgumentParser(add_help=False)  # so that `lorafit train ... --debug` works too
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-
-    p = command("train", help="fine-tune a classifier and write a run directory")
+def _train_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     _lora_args(p)
     g = p.add_argument_group("data")
@@ -104,16 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     _runtime_args(p)
 
-    p = command("eval", help="re-evaluate a saved run (its own splits, or --data)")
-    p.add_argument("--run", required=True, metavar="DIR")
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="DIR", help="a training run or a merged model")
     p.add_argument("--data", metavar="FILE", help="a labelled file to evaluate on (none: the run's own splits)")
     _table_args(p)
     p.add_argument("--batch-size", type=int, default=32, help="texts per batch")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _runtime_args(p)
 
-    p = command("predict", help="label texts with a saved run")
-    p.add_argument("--run", required=True, metavar="DIR")
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="DIR", help="a training run or a merged model")
     p.add_argument("texts", nargs="*", help="messages to classify")
     p.add_argument("--file", metavar="FILE", help="one message per line")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --file")
@@ -121,23 +114,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="texts per batch")
     _runtime_args(p)
 
-    p = command("inspect", help="print the model with LoRA injected and the parameter accounting")
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     _lora_args(p)
     p.add_argument("--seed", type=int, default=42, help="seeds --random-init and LoRA's initialisation")
 
-    p = command("merge", help="fold a run's adapter into its base and save a plain classifier")
-    p.add_argument("--run", required=True, metavar="DIR")
-    p.add_argument("--out", required=True, metavar="DIR")
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="DIR", help="a training run")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the merged classifier")
     p.add_argument("--overwrite", action="store_true", help="replace a merged model already in --out")
 
-    p = command("generate", help="continue a prompt with the language model (checks the weights)")
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("prompt", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
     p.add_argument("--seed", type=int, default=42, help="seeds --random-init and sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafit", description="LoRA fine-tuning of GPT-2 and friends into text classifiers")
+    parser.add_argument("--version", action="version", version=f"lorafit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    common = argparse.ArgumentParser(add_help=False)  # so that `lorafit train ... --debug` works too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        command.add_arguments(sub.add_parser(name, help=command.help, parents=[common],
+                                             formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     return parser
 
 
@@ -249,8 +257,21 @@ def cmd_generate(args) -> None:
     print(enc.decode(out[0].tolist()))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "inspect": cmd_inspect,
-            "merge": cmd_merge, "generate": cmd_generate}
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], None]
+
+
+COMMANDS = {
+    "train": Command("fine-tune a classifier and write a run directory", _train_args, cmd_train),
+    "eval": Command("re-evaluate a saved run (its own splits, or --data)", _eval_args, cmd_eval),
+    "predict": Command("label texts with a saved run", _predict_args, cmd_predict),
+    "inspect": Command("print the model with LoRA injected and the parameter accounting", _inspect_args, cmd_inspect),
+    "merge": Command("fold a run's adapter into its base and save a plain classifier", _merge_args, cmd_merge),
+    "generate": Command("continue a prompt with the language model (checks the weights)", _generate_args, cmd_generate),
+}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -268,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = _show_warning
-            COMMANDS[args.command](args)
+            COMMANDS[args.command].run(args)
     except LorafitError as e:
         if args.debug:
             raise

@@ -54,64 +54,72 @@ def _pct(x) -> str:
 
 
 def render_markdown(r: dict) -> str:
-    p = r["parameters"]
-    lines = [
+    """report.md: the same facts as report.json, as tables a person reads."""
+    return "\n".join([*_summary(r), *_parameters(r["parameters"]), *_accuracy(r["metrics"]),
+                      *_test_details(r["metrics"].get("test")), *_speed(r["speed"]), *_reproduce(r), ""])
+
+
+def _summary(r: dict) -> list[str]:
+    lora, backbone = r["model"]["lora"], r["model"]["backbone"]
+    return [
         f"# lorafit run: {r['name']}",
         "",
-        f"Base model `{r['model']['backbone']['model']}`"
-        + (" (random init)" if r["model"]["backbone"]["random_init"] else "")
-        + f", LoRA rank {r['model']['lora']['rank']}, alpha {r['model']['lora']['alpha']:g}, "
-        f"targets {', '.join(r['model']['lora']['targets'])}, {len(r['model']['labels'])} classes "
-        f"({', '.join(r['model']['labels'])}).",
-        "",
-        "## Parameters",
-        "",
-        "| group | parameters |",
-        "|---|---:|",
+        f"Base model `{backbone['model']}`" + (" (random init)" if backbone["random_init"] else "")
+        + f", LoRA rank {lora['rank']}, alpha {lora['alpha']:g}, targets {', '.join(lora['targets'])}, "
+        f"{len(r['model']['labels'])} classes ({', '.join(r['model']['labels'])}).",
+    ]
+
+
+def _parameters(p: dict) -> list[str]:
+    return [
+        "", "## Parameters", "", "| group | parameters |", "|---|---:|",
         f"| LoRA A | {p['lora_A']:,} |",
         f"| LoRA B | {p['lora_B']:,} |",
         f"| head | {p['head_and_other_trainable']:,} |",
         f"| frozen base | {p['frozen']:,} |",
         f"| **total** | **{p['total']:,}** |",
         f"| **trainable** | **{p['trainable']:,} ({p['percent_trainable']:.2f} %)** |",
-        "",
-        "## Accuracy",
-        "",
-        "| split | examples | accuracy | loss | macro F1 | ROC-AUC |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
-    for split, m in r["metrics"].items():
+
+
+def _accuracy(metrics: dict) -> list[str]:
+    lines = ["", "## Accuracy", "", "| split | examples | accuracy | loss | macro F1 | ROC-AUC |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for split, m in metrics.items():
         auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
         lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {m['loss']:.4f} | {m['macro_f1']:.4f} | {auc} |")
-    test = r["metrics"].get("test")
-    if test:
-        labels = list(test["per_class"])
-        lines += ["", "## Test set, per class", "", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
-        for name, c in test["per_class"].items():
-            lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
-        lines += ["", "Confusion matrix (rows: true, columns: predicted)", "",
-                  "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
-        for name, row in zip(labels, test["confusion_matrix"]):
-            lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
-    s = r["speed"]
-    lines += [
-        "",
-        "## Speed and memory",
-        "",
+    return lines
+
+
+def _test_details(test: dict | None) -> list[str]:
+    if not test:
+        return []
+    labels = list(test["per_class"])
+    lines = ["", "## Test set, per class", "", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for name, c in test["per_class"].items():
+        lines.append(f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |")
+    lines += ["", "Confusion matrix (rows: true, columns: predicted)", "",
+              "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for name, row in zip(labels, test["confusion_matrix"]):
+        lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    return lines
+
+
+def _speed(s: dict) -> list[str]:
+    return [
+        "", "## Speed and memory", "",
         f"- training: {s['train_seconds']:.1f} s, {s['train_examples_per_s']:.2f} examples/s, "
         f"{s['train_tokens_per_s']:.0f} tokens/s ({s['device']}, {s['precision']})",
         f"- evaluation (merged weights): {s['eval_examples_per_s']:.2f} examples/s",
         f"- wall time: {s['wall_seconds']:.1f} s; peak memory: {s['peak_rss_mb']:.0f} MB RSS"
         + (f", {s['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in s else ""),
-        "",
-        "## Reproduce",
-        "",
-        f"```\n{r['command']}\n```",
-        "",
+    ]
+
+
+def _reproduce(r: dict) -> list[str]:
+    return [
+        "", "## Reproduce", "", f"```\n{r['command']}\n```", "",
         f"Seed {r['train']['seed']}; best adapter from epoch {r['best_epoch']}; "
         + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
-        "",
-        "![loss](loss.png) ![accuracy](accuracy.png) ![confusion matrix](confusion_matrix.png)",
-        "",
+        "", "![loss](loss.png) ![accuracy](accuracy.png) ![confusion matrix](confusion_matrix.png)",
     ]
-    return "\n".join(lines)
