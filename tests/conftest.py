@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import huggingface_hub.constants as hub_constants
 import pytest
 import torch
 
@@ -25,6 +26,9 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("LORAFIT_HOME", str(tmp_path / "lorafit-home"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    # huggingface_hub reads these once, at import (before this fixture runs): patch its constants too
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     torch.manual_seed(0)
 
 
@@ -90,3 +94,9 @@ def write_sms_like(path: Path, n: int = 160, seed: int = 0) -> Path:
 @pytest.fixture
 def sms_file(tmp_path) -> Path:
     return write_sms_like(tmp_path / "SMSSpamCollection")
+
+
+def train_args(model_dir, data, out, *extra) -> list[str]:
+    """``lorafit train`` arguments for a quick, deterministic run on a tiny model (fp32, no progress bar)."""
+    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--epochs", "4",
+            "--batch-size", "8", "--lr", "3e-3", "--eval-every", "5", "--quiet", "--precision", "fp32", *extra]

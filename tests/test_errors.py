@@ -15,7 +15,7 @@ import pytest
 
 from lorafit.cli import main
 
-from test_train import train_args
+from conftest import train_args
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

@@ -9,13 +9,10 @@ import pytest
 
 from lorafit.cli import main
 
+from conftest import TINY, train_args
+
 EXPECTED_FILES = {"adapter.safetensors", "adapter.json", "metrics.jsonl", "report.json", "report.md", "loss.png",
                   "accuracy.png", "confusion_matrix.png", "train.csv", "val.csv", "test.csv"}
-
-
-def train_args(model_dir, data, out, *extra):
-    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--epochs", "4",
-            "--batch-size", "8", "--lr", "3e-3", "--eval-every", "5", "--quiet", "--precision", "fp32", *extra]
 
 
 @pytest.fixture
@@ -34,7 +31,8 @@ def test_run_directory_holds_every_artefact_and_the_loop_learns(trained_run):
     assert report["data"]["sizes"] == {"train": 112, "val": 16, "test": 32}
     for key in ("train_examples_per_s", "eval_examples_per_s", "peak_rss_mb", "wall_seconds"):
         assert report["speed"][key] > 0
-    assert report["parameters"]["trainable"] == report["parameters"]["lora_A"] + report["parameters"]["lora_B"] + 66
+    head = (TINY["emb_dim"] + 1) * 2  # weight and bias of the 2-class head
+    assert report["parameters"]["trainable"] == report["parameters"]["lora_A"] + report["parameters"]["lora_B"] + head
     assert report["versions"]["torch"] and report["command"].startswith("lorafit train")
     events = [json.loads(line)["event"] for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     assert events.count("epoch") == 4 and events.count("train") == 4 * 14 and "eval" in events
@@ -71,7 +69,9 @@ def test_predict_matches_eval_and_merge_gives_the_same_predictions(trained_run, 
     report = json.loads((trained_run / "report.json").read_text())
     accuracy = sum(r["label"] == y for r, y in zip(rows, test.label)) / len(test)
     assert accuracy == report["metrics"]["test"]["accuracy"]
-    assert all(0.5 <= r["probability"] <= 1 for r in rows)
+    for r in rows:  # the label is the most probable class, and the probabilities are a distribution
+        assert r["probability"] == r["probabilities"][r["label"]] == max(r["probabilities"].values())
+        assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
 
     merged = tmp_path / "merged"
     assert main(["merge", "--run", str(trained_run), "--out", str(merged)]) == 0

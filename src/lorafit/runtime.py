@@ -104,8 +104,8 @@ def return_freed_buffers_to_the_os() -> bool:
 
     Training allocates activation buffers of a different size at every batch length. glibc raises its
     mmap threshold each time such a buffer is freed, after which buffers come from the heap and stay
-    there, fragmented: on GPT-2 small that alone lifted peak RSS from 1.5 to 2.0 GB. With the threshold
-    pinned, large buffers go back to the OS when freed; measured cost: none beyond noise.
+    there, fragmented, and peak RSS grows (README gives the measured effect). With the threshold pinned,
+    large buffers go back to the OS when freed.
     """
     if not sys.platform.startswith("linux"):
         return False

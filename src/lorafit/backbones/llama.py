@@ -36,8 +36,7 @@ class RMSNormFunction(torch.autograd.Function):
     """``x / rms(x) * weight`` with its backward written out.
 
     On a CPU, torch composes rms_norm from six elementwise passes and its backward from about eight;
-    written out it is three and four (3x faster at SmolLM2's sizes), and the frozen weight's gradient
-    is only formed when asked for.
+    written out it is three and four, and the frozen weight's gradient is only formed when asked for.
     """
 
     @staticmethod

@@ -2,8 +2,8 @@
 
 Everything in a transformer block except attention works token by token, so the decoders here run
 their linears, norms and activations on the real tokens only, stacked as (N, D), and give attention
-the padded (B, H, T, hd) layout it needs. On the SMS training set, length bucketing still leaves 10 %
-of the positions as padding; those rows now cost nothing in the matmuls that dominate a step.
+the padded (B, H, T, hd) layout it needs. Even length-bucketed batches keep some padding; with packing
+it costs nothing in the matmuls that dominate a step.
 """
 
 from __future__ import annotations

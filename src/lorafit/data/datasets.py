@@ -172,10 +172,11 @@ def _columns(text_col: str | None, label_col: str | None, header: bool) -> tuple
     """Column keys as pandas will name them: names, or integers for a file without a header row."""
     if header:
         return text_col or "text", label_col or "label"
-    try:
-        return int(text_col if text_col is not None else 1), int(label_col if label_col is not None else 0)
-    except ValueError as e:
-        raise UsageError(f"--no-header: --text-col and --label-col take column numbers (from 0), got {e}") from e
+    text_col, label_col = text_col if text_col is not None else "1", label_col if label_col is not None else "0"
+    if not (str(text_col).isdigit() and str(label_col).isdigit()):
+        raise UsageError(f"--no-header: --text-col and --label-col take column numbers (from 0), "
+                         f"got {text_col!r} and {label_col!r}")
+    return int(text_col), int(label_col)
 
 
 def _looks_headerless(content: str) -> bool:

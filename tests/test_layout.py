@@ -1,0 +1,74 @@
+"""The package's shape, checked: layers point down only, functions stay short, optional extras are the only
+imports inside functions, and README's Python API example runs as written."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import lorafit
+from lorafit.backbones.weights import HUB_FILES, HUB_REPOS
+
+from conftest import write_sms_like
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = Path(lorafit.__file__).parent
+# Imported inside functions on purpose: optional extras, loaded only by the command that needs them.
+OPTIONAL = {"transformers", "peft", "tensorflow", "fastapi", "uvicorn", "prometheus_client", "datasets", "pyarrow",
+            "mlflow", "torch.utils.tensorboard", "tensorboard", "selenium"}
+
+
+def test_layers_point_down_only():
+    importlinter = pytest.importorskip("importlinter.cli", reason="import-linter is in the test extra")
+    assert importlinter.lint_imports(config_filename=str(ROOT / "pyproject.toml")) == 0
+
+
+def _functions():
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path.relative_to(SRC), node
+
+
+def test_functions_are_short():
+    long = [f"{path}:{fn.name} ({fn.end_lineno - fn.lineno + 1} lines)" for path, fn in _functions()
+            if fn.end_lineno - fn.lineno + 1 > 60]
+    assert not long, long
+
+
+def test_only_optional_extras_are_imported_inside_functions():
+    inner = []
+    for path, fn in _functions():
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            else:
+                continue
+            inner += [f"{path}:{fn.name} imports {n}" for n in names
+                      if not any(n == m or n.startswith(m + ".") for m in OPTIONAL)]
+    assert not inner, inner
+
+
+def test_readme_api_example_runs_as_written(tmp_path, monkeypatch, hf_gpt2_dir):
+    """The example downloads gpt2-small and reads SMSSpamCollection: a tiny GPT-2 sits in the (offline) hub
+    cache under OpenAI's repo name, and a tiny SMS-format file in the working directory."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## The Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    repo = tmp_path / "hf-home" / "hub" / f"models--{HUB_REPOS['gpt2-small'].replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name in HUB_FILES:
+        shutil.copyfile(hf_gpt2_dir / name, repo / "snapshots" / commit / name)
+    write_sms_like(tmp_path / "SMSSpamCollection")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert {p.name for p in (tmp_path / "runs" / "notebook").iterdir()} == {"adapter.safetensors", "adapter.json"}
