@@ -25,7 +25,7 @@ import torch
 
 from lorafit.runtime import peak_memory_mb
 
-SYSTEMS = ("lorafit", "lorafit-fp32", "peft", "book")
+SYSTEMS = ("lorafit", "lorafit-fp32", "lorafit-bf16", "peft", "peft-bf16", "book")
 FLOPS_PER_TOKEN = 4 * 85e6  # forward 2x + backward (input gradients only: the base is frozen) 2x, 85 M matmul weights
 
 
@@ -51,6 +51,7 @@ def load_data(args):
 
 def run_lorafit(args, precision: str) -> dict:
     from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, TrainConfig, build_classifier, fit
+    from lorafit.adapters.lora import store_frozen_linears
     from lorafit.data.batching import Encoded
     from lorafit.inference.evaluate import evaluate_model
     from lorafit.runtime import resolve_precision
@@ -61,6 +62,8 @@ def run_lorafit(args, precision: str) -> dict:
     model, backbone, spec = build_classifier(spec)
     device = torch.device("cpu")
     dtype = resolve_precision(precision, device)
+    if dtype is not None:
+        store_frozen_linears(model, dtype)  # as lorafit train does
     tr = Encoded(train, ytrain, 0)
     empty = Encoded([], np.zeros(0, dtype=np.int64), 0)
     history = fit(model, tr, empty, TrainConfig(epochs=1, batch_size=args.batch_size, eval_every=0),
@@ -82,9 +85,10 @@ def _pad(seqs, pad, length=None):
     return ids, mask
 
 
-def run_peft(args) -> dict:
+def run_peft(args, dtype: torch.dtype | None = None) -> dict:
     """transformers' GPT2ForSequenceClassification + PEFT LoRA, trained the way their docs show:
-    shuffled batches padded to their longest message, fp32, a plain PyTorch loop."""
+    shuffled batches padded to their longest message, a plain PyTorch loop; fp32, or bf16 autocast
+    (``dtype``) as a PEFT user on bf16 hardware would turn on."""
     import peft
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
@@ -95,11 +99,11 @@ def run_peft(args) -> dict:
                                                        target_modules=["c_attn", "c_proj", "c_fc"]))
     loss = lambda ids, mask, y: model(input_ids=ids, attention_mask=mask, labels=y).loss  # noqa: E731
     logits = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
-    return plain_loop(model, (train, ytrain, test), pad, args.batch_size, loss, logits, clip=1.0)
+    return plain_loop(model, (train, ytrain, test), pad, args.batch_size, loss, logits, clip=1.0, dtype=dtype)
 
 
 def plain_loop(model, data, pad: int, batch_size: int, loss_of, logits_of, *, length: int | None = None,
-               clip: float | None = None) -> dict:
+               clip: float | None = None, dtype: torch.dtype | None = None) -> dict:
     """One epoch the way the peers' docs write it: shuffled batches (padded to their longest, or to
     ``length``), AdamW lr 5e-4; then evaluation in batches of 32 in the data's order."""
     train, ytrain, test = data
@@ -111,7 +115,9 @@ def plain_loop(model, data, pad: int, batch_size: int, loss_of, logits_of, *, le
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         ids, mask = _pad([train[j][:length] for j in idx], pad, length)
-        loss_of(ids, mask, torch.as_tensor(ytrain[idx])).backward()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_of(ids, mask, torch.as_tensor(ytrain[idx]))
+        loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
         opt.step()
@@ -124,10 +130,11 @@ def plain_loop(model, data, pad: int, batch_size: int, loss_of, logits_of, *, le
     with torch.no_grad():
         for i in range(0, len(test), 32):
             ids, mask = _pad([s[:length] for s in test[i:i + 32]], pad, length)
-            logits_of(ids, mask)
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits_of(ids, mask)
     eval_rate = len(test) / (time.perf_counter() - t0)
     return {"seconds": seconds, "examples": len(train), "tokens": tokens, "linear_rows": padded,
-            "eval_examples_per_s": eval_rate, "precision": "fp32"}
+            "eval_examples_per_s": eval_rate, "precision": "bf16 autocast" if dtype else "fp32"}
 
 
 def run_book(args) -> dict:
@@ -173,7 +180,9 @@ def run_worker(name: str, cmd: list[str]) -> dict | None:
 
 def worker(args) -> None:
     runner = {"lorafit": lambda: run_lorafit(args, "auto"), "lorafit-fp32": lambda: run_lorafit(args, "fp32"),
-              "peft": lambda: run_peft(args), "book": lambda: run_book(args)}[args.worker]
+              "lorafit-bf16": lambda: run_lorafit(args, "bf16"),
+              "peft": lambda: run_peft(args), "peft-bf16": lambda: run_peft(args, torch.bfloat16),
+              "book": lambda: run_book(args)}[args.worker]
     result = runner()
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
@@ -213,21 +222,27 @@ def main() -> None:
               f"({time.perf_counter() - t0:.0f} s with start-up and evaluation)", flush=True)
 
     full = 1045
-    ref = results.get("peft")
+    rate = {name: r["examples"] / r["seconds"] for name, r in results.items()}
+    peft = [n for n in ("peft", "peft-bf16") if n in results]
+    best = max(peft, key=rate.get) if peft else None
+    best_eval = max(peft, key=lambda n: results[n]["eval_examples_per_s"]) if peft else None
+    ratio = lambda a, b: f"{a / b:.2f}" if b else "n/a"  # noqa: E731
     print()
+    if best:
+        print(f"PEFT at its best precision on this machine: {best} for training, {best_eval} for evaluation")
     print("| system | precision | s / epoch | examples/s | real tokens/s | rows through the linears | peak RSS "
-          "| x PEFT (train) "
-          "| eval examples/s | x PEFT (eval) | % of matmul peak |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| x PEFT fp32 (train) | x PEFT best (train) | eval examples/s | x PEFT best (eval) | % of matmul peak |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        rate = r["examples"] / r["seconds"]
         tok_rate = r["tokens"] / r["seconds"]
         peak = peak16 if r["precision"].startswith("bf16") else peak32
         util = 100 * tok_rate * FLOPS_PER_TOKEN / 1e9 / peak
-        x_train = f"{rate / (ref['examples'] / ref['seconds']):.2f}" if ref else "n/a"
-        x_eval = f"{r['eval_examples_per_s'] / ref['eval_examples_per_s']:.2f}" if ref else "n/a"
-        print(f"| {name} | {r['precision']} | {full / rate:.0f} | {rate:.2f} | {tok_rate:.0f} | {r['linear_rows']:,} "
-              f"| {r['peak_rss_mb'] / 1024:.2f} GiB | {x_train} | {r['eval_examples_per_s']:.1f} | {x_eval} | {util:.0f} % |")
+        x_fp32 = ratio(rate[name], rate.get("peft"))
+        x_best = ratio(rate[name], rate.get(best))
+        x_eval = ratio(r["eval_examples_per_s"], results[best_eval]["eval_examples_per_s"] if best_eval else None)
+        print(f"| {name} | {r['precision']} | {full / rate[name]:.0f} | {rate[name]:.2f} | {tok_rate:.0f} "
+              f"| {r['linear_rows']:,} | {r['peak_rss_mb'] / 1024:.2f} GiB | {x_fp32} | {x_best} "
+              f"| {r['eval_examples_per_s']:.1f} | {x_eval} | {util:.0f} % |")
     if args.limit_batches:
         print(f"(first {args.limit_batches} batches timed; s / epoch extrapolated to {full} messages)")
     if args.json:

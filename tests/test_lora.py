@@ -263,3 +263,26 @@ def test_lora_math_equals_peft(use_rslora):
             assert m.scaling == peft_layer.scaling["default"]
     ids = torch.randint(0, 64, (2, 11))
     torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_base_in_bf16_merges_and_unmerges_exactly():
+    """bf16 training keeps the frozen linears in bf16 (cast once): unmerge must give back their exact values,
+    and LoRA A/B, which train, stay fp32."""
+    from lorafit.adapters.lora import store_frozen_linears
+
+    model = tiny_model().eval()
+    inject_lora(model, LoRAConfig(rank=4, alpha=8))
+    freeze_for_lora(model)
+    randomize_lora(model)
+    store_frozen_linears(model, torch.bfloat16)
+    layers = lora_layers(model)
+    assert all(m.base.weight.dtype == torch.bfloat16 and m.lora_A.dtype == torch.float32 for m in layers.values())
+    weights = {n: m.base.weight.detach().clone() for n, m in layers.items()}
+    ids = torch.randint(0, 300, (2, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        unmerged = model(ids).float()
+        set_merged(model, True)
+        merged = model(ids).float()
+    set_merged(model, False)
+    assert all(torch.equal(m.base.weight, weights[n]) for n, m in layers.items())
+    torch.testing.assert_close(merged, unmerged, atol=0.1, rtol=0.05)  # bf16 rounding of W + BA only

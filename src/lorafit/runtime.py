@@ -54,15 +54,17 @@ def _cpu_flags() -> set[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def bf16_matmul_pays() -> bool:
-    """Whether bf16 matmuls actually beat fp32 on this CPU, timed on a GPT-2-sized product (~0.1 s).
+def bf16_matmul_pays(width: int = 768) -> bool:
+    """Whether bf16 matmuls actually beat fp32 on this CPU, timed on a feed-forward product of the model's
+    width (256 tokens, ``width`` -> 4 ``width``; ~0.1 s for GPT-2 small).
 
     Native bf16 instructions alone do not settle it: on some AVX-512 BF16 parts oneDNN's bf16 kernels
-    run at half MKL's fp32 speed, on others (AMX, Zen 4) at two to three times it.
+    run at half MKL's fp32 speed, on others (AMX, Zen 4) at two to three times it, and for narrow
+    models bf16's fixed costs outweigh its faster arithmetic.
     """
     if not cpu_has_native_bf16():
         return False
-    x, w = torch.randn(256, 768), torch.randn(3072, 768)
+    x, w = torch.randn(256, width), torch.randn(4 * width, width)
 
     def best_of(a, b) -> float:
         for _ in range(2):
@@ -77,24 +79,29 @@ def bf16_matmul_pays() -> bool:
     return best_of(x.bfloat16(), w.bfloat16()) < 0.8 * best_of(x, w)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype to use, or None for plain fp32.
-
-    ``auto``: bf16 on GPUs that support it and on CPUs where bf16 matmuls measure faster than fp32.
-    ``bf16`` forces bf16 autocast (cpu, cuda); ``fp32`` turns autocast off.
-    """
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot run, before any work (``auto`` is decided by :func:`setup`)."""
     if precision not in PRECISIONS:
         raise LorafitError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16" and device.type not in ("cuda", "cpu"):
+        raise LorafitError(f"--precision bf16 is supported on cpu and cuda, not {device.type}")
+
+
+def resolve_precision(precision: str, device: torch.device, width: int = 768) -> torch.dtype | None:
+    """The autocast dtype to use, or None for plain fp32.
+
+    ``auto``: bf16 on GPUs that support it and on CPUs where bf16 matmuls of the model's ``width``
+    measure faster than fp32. ``bf16`` forces bf16 autocast (cpu, cuda); ``fp32`` turns autocast off.
+    """
+    check_precision(precision, device)
     if precision == "fp32":
         return None
     if precision == "bf16":
-        if device.type not in ("cuda", "cpu"):
-            raise LorafitError(f"--precision bf16 is supported on cpu and cuda, not {device.type}")
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type == "cpu":
-        return torch.bfloat16 if bf16_matmul_pays() else None
+        return torch.bfloat16 if bf16_matmul_pays(width) else None
     return None
 
 
@@ -116,10 +123,18 @@ def return_freed_buffers_to_the_os() -> bool:
         return False
 
 
-def setup(device: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype | None]:
-    """Resolve ``--device`` and ``--precision`` together, and tune the backend for variable-length batches."""
+def check_flags(device: str, precision: str) -> torch.device:
+    """``--device`` and ``--precision`` checked before any work; the device they name."""
     dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev)
+    check_precision(precision, dev)
+    return dev
+
+
+def setup(device: str = "auto", precision: str = "auto", width: int = 768) -> tuple[torch.device, torch.dtype | None]:
+    """Resolve ``--device`` and ``--precision`` for a model of hidden size ``width``, and tune the backend
+    for variable-length batches. Called once per run, when the model is built."""
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev, width)
     if dev.type == "cuda":
         # cuDNN's attention builds a new graph for every sequence length, and length-bucketed batches
         # change length almost every step: the flash and memory-efficient kernels need no such warm-up.

@@ -125,6 +125,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and PEFT) initialise A
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.merged = False
+        self._unmerged_weight: torch.Tensor | None = None  # the exact low-precision base while merged
 
     @property
     def in_features(self) -> int:
@@ -147,16 +148,26 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold B A * scale into the base weight: same outputs, no LoRA cost at inference."""
+        """Fold B A * scale into the base weight: same outputs, no LoRA cost at inference.
+
+        A base stored in low precision (bf16 training) would not get its exact values back by
+        subtracting the update again, so its values are kept for :meth:`unmerge`.
+        """
         if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            w = self.base.weight
+            self._unmerged_weight = w.detach().clone() if w.dtype != torch.float32 else None
+            w += self.delta_weight().to(w.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take the update back out of the base weight, so training can continue."""
         if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            if self._unmerged_weight is not None:
+                self.base.weight.copy_(self._unmerged_weight)
+                self._unmerged_weight = None
+            else:
+                self.base.weight -= self.delta_weight()
             self.merged = False
 
     def extra_repr(self) -> str:
@@ -214,6 +225,13 @@ def freeze_for_lora(model: nn.Module, trainable: tuple[nn.Module, ...] = ()) -> 
         m.lora_B.requires_grad_(True)
     for m in trainable:
         m.requires_grad_(True)
+
+
+def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> None:
+    """Keep every frozen linear's weight and bias in ``dtype`` (the autocast dtype): cast once, not every step."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and not any(p.requires_grad for p in m.parameters()):
+            m.to(dtype)
 
 
 def set_merged(model: nn.Module, merged: bool) -> None:

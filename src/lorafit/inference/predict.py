@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapters.lora import set_merged
+from ..adapters.lora import set_merged, store_frozen_linears
 from ..adapters.storage import load_classifier
 from ..data.batching import Encoded, encode_texts, eval_order, iterate, lengths_of
-from ..runtime import autocast, setup
+from ..runtime import autocast, check_flags, setup
 
 
 @torch.inference_mode()
@@ -35,9 +35,12 @@ def load_for_inference(run: str | Path, device: str, precision: str):
 
     Bad --device / --precision fail before the model loads.
     """
-    dev, dtype = setup(device, precision)
+    check_flags(device, precision)
     model, backbone, spec = load_classifier(run)
+    dev, dtype = setup(device, precision, backbone.hidden_size)
     set_merged(model, True)
+    if dtype is not None:
+        store_frozen_linears(model, dtype)  # the merged weights in the compute precision: no casts per batch
     return model.to(dev), backbone, spec, dev, dtype
 
 

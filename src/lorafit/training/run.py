@@ -26,7 +26,8 @@ from ..files import write_json, write_text
 from ..inference.evaluate import evaluate_model
 from ..reporting.plots import plot_accuracy, plot_confusion, plot_loss
 from ..reporting.report import build_report, render_markdown
-from ..runtime import setup
+from ..adapters.lora import store_frozen_linears
+from ..runtime import check_flags, setup
 from .checkpoint import CHECKPOINT_STATE, Checkpoint, RunSettings, load_checkpoint, remove_checkpoint, save_checkpoint
 from .loop import History, TrainConfig, TrainingStopped, fit
 
@@ -66,14 +67,14 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
     resumable checkpoint in ``out``: :func:`resume_run` continues it to the same adapter.
     """
     out = Path(out)
-    dev, dtype = setup(device, precision)  # bad flags fail before any work
+    check_flags(device, precision)  # bad flags fail before any work
     splits = load_splits(**asdict(data_cfg), seed=train_cfg.seed)
     prepare_run_dir(out, overwrite)
     remove_checkpoint(out)
     spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed))
     splits.save(out)
     settings = RunSettings(device, precision, command, splits.skipped_empty)
-    return _train(out, spec, data_cfg, train_cfg, splits, settings, (dev, dtype), None, progress)
+    return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress)
 
 
 def resume_run(out: str | Path, *, progress: bool = True) -> RunResult:
@@ -81,8 +82,7 @@ def resume_run(out: str | Path, *, progress: bool = True) -> RunResult:
     out = Path(out)
     ckpt = load_checkpoint(out)
     splits = Splits.load(out, ckpt.spec.labels)
-    runtime = setup(ckpt.settings.device, ckpt.settings.precision)
-    return _train(out, ckpt.spec, ckpt.data, ckpt.train, splits, ckpt.settings, runtime, ckpt, progress)
+    return _train(out, ckpt.spec, ckpt.data, ckpt.train, splits, ckpt.settings, ckpt, progress)
 
 
 @contextlib.contextmanager
@@ -107,10 +107,12 @@ def stop_on_signals():
 
 
 def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, splits: Splits,
-           settings: RunSettings, runtime: tuple, resume: Checkpoint | None, progress: bool) -> RunResult:
+           settings: RunSettings, resume: Checkpoint | None, progress: bool) -> RunResult:
     wall = time.perf_counter()
-    dev, dtype = runtime
     model, backbone, built = build_classifier(spec, seed=train_cfg.seed)
+    dev, dtype = setup(settings.device, settings.precision, backbone.hidden_size)
+    if dtype is not None:
+        store_frozen_linears(model, dtype)  # cast once here, not at every step
     if resume:
         check_compatible(spec, built, str(out))  # the base must not have changed since the checkpoint
         with torch.no_grad():
