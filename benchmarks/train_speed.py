@@ -29,8 +29,8 @@ SYSTEMS = ("lorafit", "lorafit-fp32", "lorafit-bf16", "peft", "peft-bf16", "book
 FLOPS_PER_TOKEN = 4 * 85e6  # forward 2x + backward (input gradients only: the base is frozen) 2x, 85 M matmul weights
 
 
-def peak_rss_mb() -> float:
-    return peak_memory_mb(torch.device("cpu"))["peak_rss_mb"]
+def peak_memory(device: str) -> dict:
+    return peak_memory_mb(torch.device(device))
 
 
 def load_data(args):
@@ -60,7 +60,7 @@ def run_lorafit(args, precision: str) -> dict:
     spec = ClassifierSpec(backbone=BackboneSpec("gpt2-small", random_init=True, tokenizer=args.tokenizer),
                           lora=LoRAConfig(rank=8, alpha=16))
     model, backbone, spec = build_classifier(spec)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     dtype = resolve_precision(precision, device)
     if dtype is not None:
         store_frozen_linears(model, dtype)  # as lorafit train does
@@ -99,7 +99,8 @@ def run_peft(args, dtype: torch.dtype | None = None) -> dict:
                                                        target_modules=["c_attn", "c_proj", "c_fc"]))
     loss = lambda ids, mask, y: model(input_ids=ids, attention_mask=mask, labels=y).loss  # noqa: E731
     logits = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
-    return plain_loop(model, (train, ytrain, test), pad, args.batch_size, loss, logits, clip=1.0, dtype=dtype)
+    return plain_loop(model.to(args.device), (train, ytrain, test), pad, args.batch_size, loss, logits, clip=1.0,
+                      dtype=dtype)
 
 
 def plain_loop(model, data, pad: int, batch_size: int, loss_of, logits_of, *, length: int | None = None,
@@ -107,6 +108,8 @@ def plain_loop(model, data, pad: int, batch_size: int, loss_of, logits_of, *, le
     """One epoch the way the peers' docs write it: shuffled batches (padded to their longest, or to
     ``length``), AdamW lr 5e-4; then evaluation in batches of 32 in the data's order."""
     train, ytrain, test = data
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.1)
     order = np.random.default_rng(42).permutation(len(train))
     model.train()
@@ -115,8 +118,8 @@ def plain_loop(model, data, pad: int, batch_size: int, loss_of, logits_of, *, le
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         ids, mask = _pad([train[j][:length] for j in idx], pad, length)
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_of(ids, mask, torch.as_tensor(ytrain[idx]))
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_of(ids.to(device), mask.to(device), torch.as_tensor(ytrain[idx]).to(device))
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
@@ -124,14 +127,16 @@ def plain_loop(model, data, pad: int, batch_size: int, loss_of, logits_of, *, le
         opt.zero_grad()
         tokens += int(mask.sum())
         padded += ids.numel()
+    sync()
     seconds = time.perf_counter() - t0
     model.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(test), 32):
             ids, mask = _pad([s[:length] for s in test[i:i + 32]], pad, length)
-            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-                logits_of(ids, mask)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits_of(ids.to(device), mask.to(device)).cpu()
+    sync()
     eval_rate = len(test) / (time.perf_counter() - t0)
     return {"seconds": seconds, "examples": len(train), "tokens": tokens, "linear_rows": padded,
             "eval_examples_per_s": eval_rate, "precision": "bf16 autocast" if dtype else "fp32"}
@@ -148,6 +153,7 @@ def run_book(args) -> dict:
     inject_lora(model, LoRAConfig(rank=8, alpha=16))
     model.out_head = torch.nn.Linear(768, 2)
     freeze_for_lora(model, trainable=(model.out_head,))
+    model.to(args.device)
     last = lambda ids, mask: model(ids)[:, -1, :]  # noqa: E731  (the book reads the last position)
     loss = lambda ids, mask, y: torch.nn.functional.cross_entropy(last(ids, mask), y)  # noqa: E731
     return plain_loop(model, (train, ytrain, test), pad, args.batch_size, loss, last, length=args.longest)
@@ -184,7 +190,7 @@ def worker(args) -> None:
               "peft": lambda: run_peft(args), "peft-bf16": lambda: run_peft(args, torch.bfloat16),
               "book": lambda: run_book(args)}[args.worker]
     result = runner()
-    result["peak_rss_mb"] = peak_rss_mb()
+    result.update(peak_memory(args.device))
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -194,6 +200,7 @@ def main() -> None:
     p.add_argument("--tokenizer", help="folder with GPT-2's encoder.json + vocab.bpe (else tiktoken's download)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (every system runs there)")
     p.add_argument("--limit-batches", type=int, default=0, help="time only the first N batches (s/epoch extrapolated)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -212,6 +219,7 @@ def main() -> None:
     results = {}
     for name in systems:
         cmd = [sys.executable, __file__, "--worker", name, "--data", args.data, "--batch-size", str(args.batch_size),
+               "--device", args.device,
                "--limit-batches", str(args.limit_batches)] + (["--tokenizer", args.tokenizer] if args.tokenizer else [])
         t0 = time.perf_counter()
         r = run_worker(name, cmd)
@@ -241,7 +249,8 @@ def main() -> None:
         x_best = ratio(rate[name], rate.get(best))
         x_eval = ratio(r["eval_examples_per_s"], results[best_eval]["eval_examples_per_s"] if best_eval else None)
         print(f"| {name} | {r['precision']} | {full / rate[name]:.0f} | {rate[name]:.2f} | {tok_rate:.0f} "
-              f"| {r['linear_rows']:,} | {r['peak_rss_mb'] / 1024:.2f} GiB | {x_fp32} | {x_best} "
+              f"| {r['linear_rows']:,} | {r['peak_rss_mb'] / 1024:.2f} GiB"
+              + (f" (GPU {r['peak_gpu_mb'] / 1024:.2f} GiB)" if "peak_gpu_mb" in r else "") + f" | {x_fp32} | {x_best} "
               f"| {r['eval_examples_per_s']:.1f} | {x_eval} | {util:.0f} % |")
     if args.limit_batches:
         print(f"(first {args.limit_batches} batches timed; s / epoch extrapolated to {full} messages)")
