@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import warnings
@@ -26,6 +27,8 @@ from .errors import LorafitError, UsageError
 from .inference.evaluate import evaluate_run
 from .inference.predict import predict_texts
 from .runtime import PRECISIONS
+from .serving.config import ServeConfig
+from .serving.server import serve
 from .training.loop import SCHEDULES, TrainConfig
 from .training.run import resume_run, train_run
 
@@ -64,6 +67,23 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast where the hardware has native bf16, else fp32")
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="DIR", help="a training run or a `lorafit merge` output")
+    d = ServeConfig(run="")
+    p.add_argument("--host", default=d.host, help="address to listen on (anything but loopback: set --api-key)")
+    p.add_argument("--port", type=int, default=d.port, help="TCP port (0: any free port)")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="texts run together by the worker")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, help="how long a request waits for companions")
+    p.add_argument("--max-client-batch", type=int, default=d.max_client_batch, help="texts in one request (more: 413)")
+    p.add_argument("--max-input-tokens", type=int, help="tokens a text may have, more: 413 unless truncate; "
+                                                       "none: the model's context")
+    p.add_argument("--max-concurrent", type=int, default=d.max_concurrent, help="requests queued before 429")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API route but /health; "
+                                      "none given: $LORAFIT_API_KEY if set (safer: not in the process list)")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes, help="larger request bodies get 413")
+    _runtime_args(p)
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -217,6 +237,15 @@ def cmd_predict(args) -> None:
             print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
 
 
+def cmd_serve(args) -> None:
+    serve(ServeConfig(run=args.run, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                      max_wait_ms=args.max_wait_ms, max_client_batch=args.max_client_batch,
+                      max_input_tokens=args.max_input_tokens, max_concurrent=args.max_concurrent,
+                      device=args.device, precision=args.precision,
+                      api_key=args.api_key or os.environ.get("LORAFIT_API_KEY") or None,
+                      max_request_bytes=args.max_request_bytes))
+
+
 def cmd_inspect(args) -> None:
     backbone = load_backbone(_backbone_spec(args), need_tokenizer=False)  # parameters only: no texts to encode
     model = backbone.module
@@ -268,6 +297,8 @@ COMMANDS = {
     "train": Command("fine-tune a classifier and write a run directory", _train_args, cmd_train),
     "eval": Command("re-evaluate a saved run (its own splits, or --data)", _eval_args, cmd_eval),
     "predict": Command("label texts with a saved run", _predict_args, cmd_predict),
+    "serve": Command("serve a run over HTTP: text-embeddings-inference's /predict, metrics, a web page", _serve_args,
+                     cmd_serve),
     "inspect": Command("print the model with LoRA injected and the parameter accounting", _inspect_args, cmd_inspect),
     "merge": Command("fold a run's adapter into its base and save a plain classifier", _merge_args, cmd_merge),
     "generate": Command("continue a prompt with the language model (checks the weights)", _generate_args, cmd_generate),

@@ -14,20 +14,27 @@ from ..runtime import autocast, check_flags, setup
 
 
 @torch.inference_mode()
-def predict_proba(model, data: Encoded, pad_id: int, *, batch_size: int = 32, device: torch.device | None = None,
-                  dtype: torch.dtype | None = None) -> np.ndarray:
-    """Class probabilities (N, C) in the input order; batches are sorted by length for speed."""
+def predict_logits(model, data: Encoded, pad_id: int, *, batch_size: int = 32, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Class logits (N, C) in fp32, in the input order; batches are sorted by length for speed."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = np.zeros((len(data.ids), model.num_classes), dtype=np.float64)
+    out = torch.zeros((len(data.ids), model.num_classes), dtype=torch.float32)
     for batch in iterate(data, eval_order(lengths_of(data), batch_size), pad_id):
         batch = batch.to(device)
         with autocast(device, dtype):
             logits = model(batch.input_ids, batch.attention_mask)  # (B, C)
-        out[batch.index] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        out[torch.from_numpy(batch.index)] = logits.float().cpu()
     model.train(was_training)
     return out
+
+
+def predict_proba(model, data: Encoded, pad_id: int, *, batch_size: int = 32, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> np.ndarray:
+    """Class probabilities (N, C) in the input order."""
+    logits = predict_logits(model, data, pad_id, batch_size=batch_size, device=device, dtype=dtype)
+    return torch.softmax(logits, dim=-1).numpy().astype(np.float64)
 
 
 def load_for_inference(run: str | Path, device: str, precision: str):

@@ -1,0 +1,237 @@
+"""Serving under load: `lorafit serve` vs the FastAPI + transformers pipeline a user would otherwise write.
+
+Same model for both: GPT-2 small architecture with random weights (timing only), written once by
+transformers; lorafit serves it as its base with a rank-8 LoRA adapter (B = 0, so merging changes
+nothing) and a 2-class head, the baseline as GPT2ForSequenceClassification whose `score` is that head.
+Both answer the same texts (the balanced SMS split's 300 test messages, seed 42) to 1, 8 and 32
+concurrent clients on loopback, a bounded number of requests each, one text per request. Each server runs
+in its own process; texts/s, p50/p99 latency, errors and the server's peak RSS are printed, then the
+latency of single 20-token requests. Needs the serve and bench extras.
+
+    python benchmarks/serve_load.py --data ../shared/data/sms_spam_collection/SMSSpamCollection \\
+        --tokenizer ../shared/models/gpt2
+"""
+
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CLIENTS = (1, 8, 32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_models(root: Path, tokenizer: Path) -> tuple[Path, Path]:
+    """The base (transformers layout), lorafit's run on it, and the equivalent transformers classifier."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2Model
+
+    from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, save_adapter
+
+    torch.manual_seed(0)
+    config = GPT2Config(num_labels=2, id2label={0: "ham", 1: "spam"}, label2id={"ham": 0, "spam": 1},
+                        pad_token_id=50256)
+    base = root / "base"
+    GPT2Model(config).eval().save_pretrained(base)
+    for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        shutil.copyfile(tokenizer / src, base / dst)
+    model, _, spec = build_classifier(ClassifierSpec(BackboneSpec(model=str(base)), LoRAConfig(rank=8, alpha=16),
+                                                     labels=["ham", "spam"]))
+    with torch.no_grad():
+        model.head.bias.zero_()  # transformers' score layer has no bias
+    run = root / "run"
+    save_adapter(run, model, spec)
+    hf = GPT2ForSequenceClassification(config).eval()
+    hf.transformer.load_state_dict(GPT2Model.from_pretrained(base).state_dict())
+    with torch.no_grad():
+        hf.score.weight.copy_(model.head.weight)
+    baseline = root / "baseline"
+    hf.save_pretrained(baseline)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copyfile(base / f, baseline / f)
+    return run, baseline
+
+
+def baseline_server(directory: str, port: int) -> None:
+    """What a user writes: FastAPI calling transformers' pipeline per request."""
+    import uvicorn
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+    from transformers import pipeline
+
+    clf = pipeline("text-classification", model=directory, top_k=None, device="cpu")
+    app = FastAPI()
+
+    class Request(BaseModel):
+        inputs: str
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.post("/predict")
+    def predict(req: Request):
+        return clf(req.inputs)
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+class Client:
+    """One keep-alive HTTP connection."""
+
+    def __init__(self, port: int):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def post(self, text: str) -> tuple[bool, float, object]:
+        t0 = time.perf_counter()
+        try:
+            self.conn.request("POST", "/predict", body=json.dumps({"inputs": text}),
+                              headers={"content-type": "application/json"})
+            r = self.conn.getresponse()
+            body = r.read()
+            return r.status == 200, time.perf_counter() - t0, json.loads(body)
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            self.conn.close()
+            return False, time.perf_counter() - t0, str(e)
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server did not become healthy")
+
+
+def load(port: int, texts: list[str], clients: int, per_client: int) -> dict:
+    latencies, errors = [], []
+    lock = threading.Lock()
+
+    def work(k: int):
+        c = Client(port)
+        for i in range(per_client):
+            ok, dt, body = c.post(texts[(k * per_client + i) % len(texts)])
+            with lock:
+                latencies.append(dt) if ok else errors.append(body)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        print(f"{len(errors)} errors, the first: {errors[0]}", file=sys.stderr)
+    lat = np.array(latencies or [float("nan")]) * 1000
+    return {"clients": clients, "requests": clients * per_client, "texts_per_s": len(latencies) / wall,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "errors": len(errors)}
+
+
+def rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """The server's peak (VmHWM) or current (VmRSS) resident memory."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(name: str, cmd: list[str], port: int, texts: list[str], short: str, args) -> dict:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_healthy(port, proc)
+        warm = Client(port)
+        for t in texts[:8]:
+            warm.post(t)
+        rows = [load(port, texts, n, max(1, args.requests // n)) for n in CLIENTS]
+        single = Client(port)
+        times = [single.post(short)[1] * 1000 for _ in range(args.single)]
+        probe = Client(port).post(texts[0])[2]
+        return {"name": name, "rows": rows, "single_p50_ms": float(np.median(times)), "peak_rss_mb": rss_mb(proc.pid),
+                "rss_mb": rss_mb(proc.pid, "VmRSS"), "probe": probe}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="the SMS Spam Collection file")
+    p.add_argument("--tokenizer", required=True, help="folder with GPT-2's encoder.json + vocab.bpe")
+    p.add_argument("--requests", type=int, default=192, help="requests per level, split among its clients")
+    p.add_argument("--single", type=int, default=50, help="single 20-token requests timed one after another")
+    p.add_argument("--precision", default="auto", help="lorafit serve --precision")
+    p.add_argument("--baseline-server", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.baseline_server:
+        return baseline_server(args.baseline_server, args.port)
+
+    from lorafit import load_splits, load_tokenizer
+
+    texts = load_splits(args.data, seed=42).test["text"].tolist()
+    enc = load_tokenizer(args.tokenizer)
+    short = next(t for t in texts if len(enc.encode_ordinary(t)) == 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        run, baseline = write_models(Path(tmp), Path(args.tokenizer))
+        results = []
+        port = free_port()
+        results.append(measure(f"lorafit serve ({args.precision})",
+                               [sys.executable, "-m", "lorafit", "serve", "--run", str(run), "--port", str(port),
+                                "--device", "cpu", "--precision", args.precision], port, texts, short, args))
+        port = free_port()
+        results.append(measure("FastAPI + pipeline", [sys.executable, __file__, "--data", args.data, "--tokenizer",
+                                                      args.tokenizer, "--baseline-server", str(baseline),
+                                                      "--port", str(port)], port, texts, short, args))
+    report(results, args)
+
+
+def report(results: list[dict], args) -> None:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    print(f"CPU: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; {args.requests} requests per level\n")
+    print("| server | clients | requests | texts/s | p50 ms | p99 ms | errors | peak RSS MB | RSS at end MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        for row in r["rows"]:
+            print(f"| {r['name']} | {row['clients']} | {row['requests']} | {row['texts_per_s']:.1f} | "
+                  f"{row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['errors']} | {r['peak_rss_mb']:.0f} | "
+                  f"{r['rss_mb']:.0f} |")
+    print()
+    for r in results:
+        print(f"{r['name']}: single 20-token request p50 {r['single_p50_ms']:.1f} ms ({args.single} requests)")
+    ours, base = results[0]["rows"][-1], results[1]["rows"][-1]
+    print(f"\nat {ours['clients']} clients: throughput x{ours['texts_per_s'] / base['texts_per_s']:.2f}, "
+          f"p99 {ours['p99_ms']:.0f} vs {base['p99_ms']:.0f} ms")
+    a = {p["label"]: p["score"] for p in results[0]["probe"]}
+    b = {p["label"]: p["score"] for p in results[1]["probe"]}
+    print(f"same model: P(spam) of the first test text {a['spam']:.6f} (lorafit) vs {b['spam']:.6f} (transformers)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+// The page's logic: calls POST /predict (text-embeddings-inference's schema) and shows what comes back.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let maxClientBatch = 64;
+let labels = [];
+
+function apiKey() { return sessionStorage.getItem("lorafit-api-key") || ""; }
+
+function explain(status, body) {
+  const said = body && body.error ? body.error : "";
+  switch (status) {
+    case 401: $("key-row").hidden = false; return "This server needs an API key: enter it above and try again.";
+    case 413: return "Too large: " + said;
+    case 422: return "The request was refused: " + said;
+    case 429: return "The server is busy (its queue is full): try again in a moment.";
+    case 500: return "The server failed on this request (" + said + ").";
+    case 503: return "The model is not ready: " + said;
+    default: return "Unexpected answer from the server (HTTP " + status + ")" + (said ? ": " + said : ".");
+  }
+}
+
+async function call(path, payload) {
+  const headers = { "Content-Type": "application/json" };
+  if (apiKey()) headers["Authorization"] = "Bearer " + apiKey();
+  let response;
+  try {
+    response = await fetch(path, payload === undefined ? { headers } : { method: "POST", headers, body: JSON.stringify(payload) });
+  } catch (e) {
+    throw new Error("Cannot reach the server: is `lorafit serve` still running?");
+  }
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (!response.ok) throw new Error(explain(response.status, body));
+  return body;
+}
+
+function showError(id, message) { $(id).textContent = message; $(id).hidden = !message; }
+
+async function loadInfo() {
+  try {
+    const info = await call("/info");
+    labels = info.labels;
+    maxClientBatch = info.max_client_batch_size;
+    const base = info.base_model.model + (info.base_model.random_init ? " (random weights)" : "");
+    $("model-info").textContent = `Run ${info.model_id} on ${base}: classes ${labels.join(", ")}; ` +
+      `up to ${info.max_input_length} tokens a message; lorafit ${info.version}.`;
+    $("key-row").hidden = !apiKey();
+  } catch (e) {
+    $("model-info").textContent = e.message;
+  }
+}
+
+function renderBars(predictions) {
+  const bars = $("bars");
+  bars.replaceChildren();
+  predictions.forEach((p, i) => {
+    const row = document.createElement("div");
+    row.className = "bar-row" + (i === 0 ? " top" : "");
+    row.dataset.label = p.label;
+    const name = document.createElement("span");
+    name.className = "bar-label";
+    name.textContent = p.label;
+    const track = document.createElement("div");
+    track.className = "bar-track";
+    const fill = document.createElement("div");
+    fill.className = "bar-fill";
+    fill.style.width = (100 * p.score).toFixed(1) + "%";
+    track.appendChild(fill);
+    const value = document.createElement("span");
+    value.className = "bar-value";
+    value.textContent = (100 * p.score).toFixed(1) + " %";
+    row.append(name, track, value);
+    bars.appendChild(row);
+  });
+}
+
+async function classifyOne() {
+  const text = $("text").value;
+  showError("error", "");
+  $("result").hidden = true;
+  $("classify").disabled = true;
+  const t0 = performance.now();
+  try {
+    const predictions = await call("/predict", { inputs: text });
+    $("latency").textContent = `answered in ${(performance.now() - t0).toFixed(0)} ms`;
+    $("label").textContent = predictions[0].label;
+    renderBars(predictions);
+    $("result").hidden = false;
+  } catch (e) {
+    $("latency").textContent = "";
+    showError("error", e.message);
+  } finally {
+    $("classify").disabled = false;
+  }
+}
+
+// CSV: quoted fields with "" escapes, commas and newlines inside quotes (RFC 4180).
+function parseCsv(text) {
+  const rows = [];
+  let row = [], field = "", quoted = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (quoted) {
+      if (c === '"' && text[i + 1] === '"') { field += '"'; i++; }
+      else if (c === '"') quoted = false;
+      else field += c;
+    } else if (c === '"') quoted = true;
+    else if (c === ",") { row.push(field); field = ""; }
+    else if (c === "\n" || c === "\r") {
+      if (c === "\r" && text[i + 1] === "\n") i++;
+      row.push(field); rows.push(row); row = []; field = "";
+    } else field += c;
+  }
+  if (field || row.length) { row.push(field); rows.push(row); }
+  return rows;
+}
+
+function textsOfFile(name, content) {
+  if (!name.toLowerCase().endsWith(".csv")) return content.split(/\r?\n/);
+  const rows = parseCsv(content).filter((r) => r.some((f) => f.trim()));
+  if (!rows.length) return [];
+  const col = rows[0].map((h) => h.trim().toLowerCase()).indexOf("text");
+  return col >= 0 ? rows.slice(1).map((r) => r[col] || "") : rows.map((r) => r[0]);
+}
+
+function csvField(s) { return /[",\n\r]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }
+
+function renderTable(texts, results) {
+  const classes = results.length ? results[0].map((p) => p.label).sort() : labels;
+  const head = $("batch-head");
+  head.replaceChildren();
+  for (const h of ["#", "text", "label", ...classes.map((c) => "P(" + c + ")")]) {
+    const th = document.createElement("th");
+    th.textContent = h;
+    head.appendChild(th);
+  }
+  const body = $("batch-body");
+  body.replaceChildren();
+  const lines = [["text", "label", ...classes.map((c) => "p_" + c)].map(csvField).join(",")];
+  results.forEach((preds, i) => {
+    const score = Object.fromEntries(preds.map((p) => [p.label, p.score]));
+    const tr = document.createElement("tr");
+    const cells = [String(i + 1), texts[i], preds[0].label, ...classes.map((c) => score[c].toFixed(4))];
+    cells.forEach((v, k) => {
+      const td = document.createElement("td");
+      td.textContent = v;
+      if (k === 0 || k > 2) td.className = "num";
+      tr.appendChild(td);
+    });
+    body.appendChild(tr);
+    lines.push([texts[i], preds[0].label, ...classes.map((c) => String(score[c]))].map(csvField).join(","));
+  });
+  $("batch-table").hidden = false;
+  const link = $("download");
+  if (link.href) URL.revokeObjectURL(link.href);
+  link.href = URL.createObjectURL(new Blob([lines.join("\n") + "\n"], { type: "text/csv" }));
+  link.hidden = false;
+}
+
+async function classifyMany(fromFile) {
+  showError("batch-error", "");
+  const texts = (Array.isArray(fromFile) ? fromFile : $("batch-text").value.split(/\r?\n/)).filter((t) => t.trim());
+  if (!texts.length) { showError("batch-error", "Nothing to classify: paste messages (one a line) or choose a file."); return; }
+  $("classify-batch").disabled = true;
+  const results = [];
+  const t0 = performance.now();
+  try {
+    for (let i = 0; i < texts.length; i += maxClientBatch) {
+      $("batch-status").textContent = `${i} of ${texts.length}…`;
+      results.push(...await call("/predict", { inputs: texts.slice(i, i + maxClientBatch) }));
+    }
+    $("batch-status").textContent = `${texts.length} messages in ${(performance.now() - t0).toFixed(0)} ms`;
+    renderTable(texts, results);
+  } catch (e) {
+    $("batch-status").textContent = "";
+    showError("batch-error", e.message);
+  } finally {
+    $("classify-batch").disabled = false;
+  }
+}
+
+function readFile() {
+  const file = $("file").files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => {
+    const texts = textsOfFile(file.name, String(reader.result)).filter((t) => t.trim());
+    $("batch-text").value = texts.join("\n");
+    classifyMany(texts);
+  };
+  reader.onerror = () => showError("batch-error", "Could not read " + file.name + ".");
+  reader.readAsText(file);
+}
+
+$("classify").addEventListener("click", classifyOne);
+$("text").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) classifyOne(); });
+$("classify-batch").addEventListener("click", () => classifyMany());
+$("file").addEventListener("change", readFile);
+$("save-key").addEventListener("click", () => { sessionStorage.setItem("lorafit-api-key", $("api-key").value.trim()); loadInfo(); });
+loadInfo();

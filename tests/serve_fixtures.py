@@ -1,0 +1,61 @@
+"""A saved tiny run for the server tests: a tiny HF-layout GPT-2 with a LoRA adapter whose B matrices and
+head are random, so that the adapter and the merge both change every prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from conftest import TINY, hf_gpt2_config, write_bpe
+from lorafit.adapters.lora import LoRAConfig, lora_layers
+from lorafit.adapters.storage import ClassifierSpec, build_classifier, save_adapter
+from lorafit.backbones.base import BackboneSpec
+from lorafit.backbones.gpt2 import GPTConfig
+
+TEXTS = ["WIN cash prize now!!! call 09061701461", "see you at lunch later", "ok", "FREE entry txt WIN to claim",
+         "are we still on for dinner tonight, or on friday?", "hello hello"]
+
+
+def write_tiny_run(root: Path) -> Path:
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    base = root / "base"
+    GPT2LMHeadModel(hf_gpt2_config(GPTConfig(**TINY))).eval().save_pretrained(base)
+    write_bpe(base, names=("vocab.json", "merges.txt"))
+    model, _, spec = build_classifier(ClassifierSpec(BackboneSpec(model=str(base)), LoRAConfig(rank=4),
+                                                     labels=["ham", "spam", "unsure"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=g))
+        model.head.weight.copy_(0.5 * torch.randn(model.head.weight.shape, generator=g))
+    run = root / "run"
+    save_adapter(run, model, spec)
+    return run
+
+
+def start_server(run: Path, *flags: str, timeout: float = 60.0):
+    """`python -m lorafit serve` on a free loopback port: (process, base URL) once it prints its URL."""
+    import queue
+    import re
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit", "serve", "--run", str(run), "--host", "127.0.0.1",
+                             "--port", "0", "--device", "cpu", "--precision", "fp32", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        proc.kill()
+        raise AssertionError(f"lorafit serve printed no URL within {timeout} s") from None
+    found = re.search(r"http://127\.0\.0\.1:\d+", line)
+    if not found:
+        proc.kill()
+        raise AssertionError(f"lorafit serve said {line!r}; stderr: {proc.stderr.read()}")
+    return proc, found.group(0)

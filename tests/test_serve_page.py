@@ -1,0 +1,81 @@
+"""The web page in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium): one message
+with its label and bars, a file of many with its table and CSV link, and an API error shown in words."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="lorafit[serve] is not installed")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
+if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+    pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)", allow_module_level=True)
+
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from lorafit.inference.predict import predict_texts  # noqa: E402
+from serve_fixtures import TEXTS, start_server, write_tiny_run  # noqa: E402
+
+
+@pytest.fixture
+def browser(tmp_path):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync",
+                 "--window-size=1100,1250", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+def test_the_page_classifies_one_message_and_a_file(tmp_path, browser):
+    run = write_tiny_run(tmp_path)
+    reference = {r["text"]: r for r in predict_texts(run, TEXTS, device="cpu", precision="fp32")}
+    proc, url = start_server(run)
+    try:
+        wait = WebDriverWait(browser, 30)
+        browser.get(url)
+        wait.until(lambda d: "classes ham, spam, unsure" in d.find_element(By.ID, "model-info").text)
+
+        browser.find_element(By.ID, "text").send_keys(TEXTS[0])
+        browser.find_element(By.ID, "classify").click()
+        wait.until(ec.visibility_of_element_located((By.ID, "result")))
+        expected = reference[TEXTS[0]]
+        assert browser.find_element(By.ID, "label").text == expected["label"]
+        bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar-row")
+        shown = {b.get_attribute("data-label"): b.find_element(By.CLASS_NAME, "bar-value").text for b in bars}
+        assert shown == {k: f"{100 * p:.1f} %" for k, p in expected["probabilities"].items()}
+        assert "answered in" in browser.find_element(By.ID, "latency").text
+
+        upload = tmp_path / "messages.csv"
+        upload.write_text('id,text\n1,"%s"\n2,%s\n3,"%s"\n' % (TEXTS[4], TEXTS[1], TEXTS[3]), encoding="utf-8")
+        browser.find_element(By.ID, "file").send_keys(str(upload))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#batch-body tr")) == 3)
+        rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                for tr in browser.find_elements(By.CSS_SELECTOR, "#batch-body tr")]
+        for row, text in zip(rows, (TEXTS[4], TEXTS[1], TEXTS[3])):
+            assert row[1] == text and row[2] == reference[text]["label"]
+            assert row[3:] == [f"{reference[text]['probabilities'][k]:.4f}" for k in ("ham", "spam", "unsure")]
+        assert browser.find_element(By.ID, "download").get_attribute("href").startswith("blob:")
+        browser.save_screenshot(str(tmp_path / "serve.png"))
+        if os.environ.get("LORAFIT_SCREENSHOT"):  # how docs/serve.png was made
+            browser.save_screenshot(os.environ["LORAFIT_SCREENSHOT"])
+        assert (tmp_path / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        browser.find_element(By.ID, "text").clear()
+        browser.find_element(By.ID, "text").send_keys("   ")
+        browser.find_element(By.ID, "classify").click()
+        wait.until(ec.visibility_of_element_located((By.ID, "error")))
+        assert browser.find_element(By.ID, "error").text == "The request was refused: inputs is an empty string"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
