@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..adapters.classifier import Classifier
 from ..adapters.storage import ClassifierSpec
 from ..data.batching import Encoded
 from ..inference.predict import load_for_inference, predict_logits
+from ..reporting.report import library_versions
 from .config import ServeConfig
 
 
@@ -74,7 +74,7 @@ class ServedModel:
             "max_wait_ms": config.max_wait_ms,
             "max_request_bytes": config.max_request_bytes,
             "auto_truncate": False,
-            "version": __version__,
+            "version": library_versions().get("lorafit", "0+unknown"),
             "base_model": self.spec.backbone.to_dict(),
             "architecture": self.spec.architecture,
             "labels": self.labels,
