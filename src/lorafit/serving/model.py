@@ -53,7 +53,7 @@ class ServedModel:
                     raise RequestError(413, "Validation", f"inputs[{i}] has {len(x)} tokens, more than the limit "
                                        f"of {self.max_input_tokens} (--max-input-tokens); send truncate: true to cut it")
                 ids[i] = x[:self.max_input_tokens] if direction == "right" else x[-self.max_input_tokens:]
-        return [x if x else [self.encoder.pad_id] for x in ids]
+        return ids  # never empty: the schema refuses empty and blank texts
 
     def logits(self, ids: list[list[int]], batch_size: int) -> torch.Tensor:
         """(N, C) fp32 logits; what the worker thread runs."""
