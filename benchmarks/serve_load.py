@@ -228,8 +228,8 @@ def report(results: list[dict], args) -> None:
     ours, base = results[0]["rows"][-1], results[1]["rows"][-1]
     print(f"\nat {ours['clients']} clients: throughput x{ours['texts_per_s'] / base['texts_per_s']:.2f}, "
           f"p99 {ours['p99_ms']:.0f} vs {base['p99_ms']:.0f} ms")
-    a = {p["label"]: p["score"] for p in results[0]["probe"]}
-    b = {p["label"]: p["score"] for p in results[1]["probe"]}
+    a, b = ({p["label"]: p["score"] for p in (r["probe"][0] if isinstance(r["probe"][0], list) else r["probe"])}
+            for r in results)  # the pipeline nests one string's answer in a list
     print(f"same model: P(spam) of the first test text {a['spam']:.6f} (lorafit) vs {b['spam']:.6f} (transformers)")
 
 
