@@ -176,8 +176,9 @@ def test_diverging_loss_stops_names_the_step_and_keeps_the_last_good_state(tmp_p
     assert code == 1
     line = error_line(err)
     assert "training diverged: loss is" in line and "at step" in line
-    state = json.loads((out / "checkpoint.json").read_text())
-    assert f"at step {state['state']['step'] + 1} " in line
+    from lorafit.training.checkpoint import load_checkpoint
+
+    assert f"at step {load_checkpoint(out).state.step + 1} " in line
     assert not (out / "report.json").exists() and no_temp_files(out)
 
 
@@ -207,7 +208,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, sms
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "resume with: lorafit train --resume" in err
-    assert (out / "checkpoint.json").exists() and not (out / "report.json").exists() and no_temp_files(out)
+    assert (out / "checkpoint.safetensors").exists() and not (out / "report.json").exists() and no_temp_files(out)
 
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     a, b = load_file(reference / "adapter.safetensors"), load_file(out / "adapter.safetensors")
@@ -217,7 +218,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, sms
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(ln)["event"] == "train"]
     assert steps == list(range(1, len(steps) + 1))  # every step logged once, none twice
-    assert not (out / "checkpoint.json").exists()
+    assert not (out / "checkpoint.safetensors").exists()
     code, err = run_cli(capsys, "train", "--resume", str(out))
     assert code == 1 and "it finished" in error_line(err)
 

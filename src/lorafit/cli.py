@@ -29,6 +29,7 @@ from .inference.predict import predict_texts
 from .runtime import PRECISIONS
 from .serving.config import ServeConfig
 from .serving.server import serve
+from .training.checkpoint import RunSettings
 from .training.loop import SCHEDULES, TrainConfig
 from .training.run import resume_run, train_run
 
@@ -111,7 +112,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help="fixes split, initialisation and order")
     g.add_argument("--out", metavar="DIR", help="run directory (none: runs/<model>-r<rank>-s<seed>)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    g.add_argument("--resume", metavar="DIR", help="continue an interrupted run (its own settings are used)")
+    g.add_argument("--resume", metavar="DIR", help="continue an interrupted or killed run from its last checkpoint "
+                                                   "(its own settings are used)")
+    r = RunSettings()
+    g.add_argument("--save-every", type=int, default=r.save_every, metavar="STEPS",
+                   help="optimiser steps between checkpoints (0: off); one is also written at each epoch end")
+    g.add_argument("--save-every-minutes", type=float, default=r.save_every_minutes, metavar="M",
+                   help="minutes between checkpoints (0: off)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     _runtime_args(p)
 
@@ -196,7 +203,8 @@ def cmd_train(args) -> None:
     out = Path(args.out or f"runs/{name}-r{args.rank}-s{args.seed}")
     command = "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
     _print_summary(train_run(spec, dcfg, tcfg, out, device=args.device, precision=args.precision,
-                             overwrite=args.overwrite, command=command, progress=not args.quiet))
+                             overwrite=args.overwrite, command=command, progress=not args.quiet,
+                             save_every=args.save_every, save_every_minutes=args.save_every_minutes))
 
 
 def _print_summary(result) -> None:

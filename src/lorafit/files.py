@@ -9,30 +9,57 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import LorafitError
+from .errors import LorafitError, WriteError
+
+TEMP_SUFFIX = ".tmp"
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    The temporary file is fsynced before the rename and the folder after it, so the new file is whole on
+    disk before it replaces the old one: a kill or a power cut at any moment leaves one or the other.
+    A full disk or a read-only folder becomes a :class:`WriteError` naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
         yield Path(tmp)
         # mkstemp makes 0600, and so do writers that replace the file themselves (safetensors does):
         # the final file gets ordinary permissions
         os.chmod(tmp, 0o666 & ~umask)
+        _fsync(tmp)
         os.replace(tmp, path)
+        if os.name == "posix":  # the rename itself reaches the disk only with its folder
+            _fsync(path.parent, os.O_RDONLY)
+    except OSError as e:
+        raise WriteError(path, e.strerror or str(e)) from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str | os.PathLike, flags: int = os.O_RDWR) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temp_files(directory: str | os.PathLike) -> None:
+    """Delete what :func:`atomic_path` left behind when its process was killed mid-write."""
+    for tmp in Path(directory).glob(f".*{TEMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -54,14 +81,29 @@ def read_json(path: str | os.PathLike):
 
 def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # its I/O errors (a full disk) come in its own exception type
+            raise WriteError(path, str(e).removeprefix("Error while serializing: ")) from e
 
 
 def load_safetensors(path: str | os.PathLike) -> dict:
     """Load a safetensors file; a corrupt or truncated file becomes a one-line LorafitError."""
+    with _reading_safetensors(path):
+        return load_file(str(path))
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (no tensor is read)."""
+    with _reading_safetensors(path), safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+@contextlib.contextmanager
+def _reading_safetensors(path: str | os.PathLike) -> Iterator[None]:
     if not Path(path).is_file():
         raise LorafitError(f"{path}: file not found")
     try:
-        return load_file(str(path))
+        yield
     except (SafetensorError, OSError, ValueError) as e:
         raise LorafitError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e

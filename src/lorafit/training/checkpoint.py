@@ -1,24 +1,28 @@
 """Resumable checkpoints: LoRA + head, optimiser moments, RNG and position in the data order.
 
-Two files, written atomically: ``checkpoint.safetensors`` (tensors) and ``checkpoint.json`` (the run's
-settings and counters). Both carry the optimiser step, so a pair from different steps is refused.
+One file, ``checkpoint.safetensors``: the tensors, with the run's settings, counters and history as JSON in
+its header. It is written under a temporary name, fsynced and renamed over the previous one, so a kill at
+any moment leaves the previous checkpoint or the new one whole, never a mix of two steps.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..adapters.storage import ClassifierSpec, adapter_state
 from ..data.datasets import DataConfig
-from ..errors import LorafitError
-from ..files import load_safetensors, read_json, save_safetensors, write_json
-from .loop import History, TrainConfig, TrainState
+from ..errors import LorafitError, UsageError
+from ..files import load_safetensors, safetensors_metadata, save_safetensors
+from .loop import History, TrainConfig, Trainer, TrainState
 
-CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
-CHECKPOINT_STATE = "checkpoint.json"
+CHECKPOINT = "checkpoint.safetensors"
+FORMAT = "lorafit-checkpoint"
 
 
 @dataclass
@@ -29,6 +33,13 @@ class RunSettings:
     precision: str = "auto"
     command: str = ""
     skipped_empty: int = 0  # empty texts dropped from the data file
+    save_every: int = 0  # optimiser steps between periodic checkpoints (0: off)
+    save_every_minutes: float = 10.0  # minutes between periodic checkpoints (0: off)
+
+    def __post_init__(self) -> None:
+        if self.save_every < 0 or self.save_every_minutes < 0:
+            raise UsageError(f"--save-every and --save-every-minutes must be >= 0 (0 turns them off), got "
+                             f"{self.save_every} and {self.save_every_minutes}")
 
 
 @dataclass
@@ -43,29 +54,29 @@ class Checkpoint:
 
 def save_checkpoint(out: Path, model, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig,
                     state: TrainState, settings: RunSettings) -> None:
-    """What an exact resume needs, in two atomically written files."""
+    """What an exact resume needs, in one atomically replaced file."""
     tensors = {f"model.{k}": v for k, v in adapter_state(model).items()}
     for idx, moments in state.optimizer["state"].items():
         for name, t in moments.items():
             tensors[f"optimizer.{idx}.{name}"] = torch.as_tensor(t)
     tensors["rng.torch"] = state.rng
-    tensors["checkpoint.step"] = torch.tensor(state.step)
-    save_safetensors(out / CHECKPOINT_WEIGHTS, tensors, metadata={"format": "lorafit-checkpoint"})
-    write_json(out / CHECKPOINT_STATE, {
-        "spec": spec.to_dict(), "data": asdict(data_cfg), "train": train_cfg.to_dict(), "run": asdict(settings),
-        "state": {"epoch": state.epoch, "batch": state.batch, "step": state.step,
-                  "best_accuracy": state.best_accuracy},
-        "history": state.history.to_dict(), "optimizer_param_groups": state.optimizer["param_groups"],
-    })
+    saved = {"spec": spec.to_dict(), "data": asdict(data_cfg), "train": train_cfg.to_dict(), "run": asdict(settings),
+             "state": {"epoch": state.epoch, "batch": state.batch, "step": state.step,
+                       "best_accuracy": state.best_accuracy},
+             "history": state.history.to_dict(), "optimizer_param_groups": state.optimizer["param_groups"]}
+    save_safetensors(out / CHECKPOINT, tensors, metadata={"format": FORMAT, "run": json.dumps(saved)})
 
 
 def load_checkpoint(out: Path) -> Checkpoint:
-    path = out / CHECKPOINT_STATE
+    path = out / CHECKPOINT
     if not path.is_file():
         done = " (it finished: see report.md)" if (out / "report.json").is_file() else ""
-        raise LorafitError(f"--resume {out}: no {CHECKPOINT_STATE} to resume from{done}")
-    saved = read_json(path)
+        raise LorafitError(f"--resume {out}: no {CHECKPOINT} to resume from{done}")
+    meta = safetensors_metadata(path)
     try:
+        if meta.get("format") != FORMAT:
+            raise KeyError("format")
+        saved = json.loads(meta["run"])
         spec = ClassifierSpec.from_dict(saved["spec"])
         data_cfg = DataConfig(**saved["data"])
         train_cfg = TrainConfig(**saved["train"])
@@ -73,11 +84,9 @@ def load_checkpoint(out: Path) -> Checkpoint:
         counters = saved["state"]
         history = History.from_dict(saved["history"])
         groups = saved["optimizer_param_groups"]
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise LorafitError(f"{path}: not a lorafit checkpoint ({e})") from e
-    tensors = load_safetensors(out / CHECKPOINT_WEIGHTS)
-    if tensors.get("checkpoint.step", torch.tensor(-1)).item() != counters["step"]:
-        raise LorafitError(f"{out}: {CHECKPOINT_WEIGHTS} and {CHECKPOINT_STATE} are from different steps")
+    tensors = load_safetensors(path)
     optimizer = {"state": {}, "param_groups": groups}
     for key, t in tensors.items():
         if key.startswith("optimizer."):
@@ -89,5 +98,26 @@ def load_checkpoint(out: Path) -> Checkpoint:
 
 
 def remove_checkpoint(out: Path) -> None:
-    for name in (CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):
-        (out / name).unlink(missing_ok=True)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+
+
+class PeriodicCheckpoints:
+    """The training loop's ``on_step`` hook: a checkpoint every N steps, every M minutes and at each epoch end.
+
+    ``saved_step`` is the step of the last checkpoint on disk (None before the first), for error messages.
+    """
+
+    def __init__(self, save: Callable[[TrainState], None], every_steps: int, every_minutes: float,
+                 saved_step: int | None = None):
+        self.write, self.every_steps, self.every_seconds = save, every_steps, 60 * every_minutes
+        self.saved_step, self.saved_at = saved_step, time.monotonic()
+
+    def __call__(self, trainer: Trainer, epoch_end: bool) -> None:
+        step = trainer.state.step
+        if (epoch_end or (self.every_steps and step % self.every_steps == 0)
+                or (self.every_seconds and time.monotonic() - self.saved_at >= self.every_seconds)):
+            self.save(trainer.snapshot())
+
+    def save(self, state: TrainState) -> None:
+        self.write(state)
+        self.saved_step, self.saved_at = state.step, time.monotonic()

@@ -81,6 +81,11 @@ class History:
     def from_dict(cls, d: dict) -> "History":
         return cls(**d)
 
+    def records(self) -> list[dict]:
+        """Every metrics record in the order it was logged: a step, its evaluation, then its epoch's end."""
+        order = {"train": 0, "eval": 1, "epoch": 2}
+        return sorted(self.train + self.val + self.epochs, key=lambda r: (r["step"], order[r["event"]]))
+
 
 @dataclass
 class TrainState:
@@ -153,13 +158,13 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim
 class Trainer:
     """One training run's moving parts: the optimiser, the position in the data, the history, the clock.
 
-    Time spent validating is kept out of the training time (and so out of examples/s).
+    Time spent validating or checkpointing is kept out of the training time (and so out of examples/s).
     """
 
     def __init__(self, model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, labels: list[str],
                  device: torch.device, dtype: torch.dtype | None, state: TrainState | None,
                  on_best: Callable[[dict], None] | None, log: Callable[[dict], None] | None, progress: bool,
-                 stop_requested: Callable[[], bool] | None):
+                 stop_requested: Callable[[], bool] | None, on_step: Callable[["Trainer", bool], None] | None):
         self.model, self.train_data, self.val, self.cfg = model.to(device).train(), train, val, cfg
         self.pad_id, self.labels, self.device, self.dtype = pad_id, labels, device, dtype
         self.optimizer = make_optimizer(model, cfg, device)
@@ -178,10 +183,11 @@ class Trainer:
         self.log = log or (lambda record: None)
         self.progress = progress
         self.stop_requested = stop_requested or (lambda: False)
-        self.base_seconds, self.start, self.eval_seconds = self.history.train_seconds, time.perf_counter(), 0.0
+        self.on_step = on_step or (lambda trainer, epoch_end: None)
+        self.base_seconds, self.start, self.aside_seconds = self.history.train_seconds, time.perf_counter(), 0.0
 
     def training_seconds(self) -> float:
-        return self.base_seconds + time.perf_counter() - self.start - self.eval_seconds
+        return self.base_seconds + time.perf_counter() - self.start - self.aside_seconds
 
     def validate(self, part: Encoded) -> dict:
         """Metrics on (part of) the validation set, timed apart from training."""
@@ -189,7 +195,7 @@ class Trainer:
         probs = predict_proba(self.model, part, self.pad_id, batch_size=self.cfg.batch_size, device=self.device,
                               dtype=self.dtype)
         metrics = classification_metrics(part.labels, probs, self.labels)
-        self.eval_seconds += time.perf_counter() - t0
+        self.aside_seconds += time.perf_counter() - t0
         return metrics
 
     def snapshot(self) -> TrainState:
@@ -208,24 +214,33 @@ class Trainer:
     def epoch(self, epoch: int) -> None:
         cfg, state = self.cfg, self.state
         order = train_order(self.lengths, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]), cfg.bucket)
-        bar = tqdm(iterate(self.train_data, order[state.batch:], self.pad_id), initial=state.batch, total=len(order),
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.progress, unit="batch")
         self.optimizer.zero_grad(set_to_none=True)
         accum, boundary_rng = Accumulated(), rng_state(self.device)
-        for i, batch in enumerate(bar, start=state.batch):
-            self.forward_backward(batch, accum, boundary_rng, epoch)
-            if (i + 1) % cfg.grad_accum and i + 1 != len(order):
-                continue
-            record = self.step(accum, epoch + (i + 1) / len(order), i + 1)
-            accum = Accumulated()
-            bar.set_postfix(loss=f"{record['loss']:.4f}",
-                            ex_s=f"{self.history.train_examples / self.training_seconds():.1f}")
-            boundary_rng = rng_state(self.device)
-            if self.stop_requested() and i + 1 < len(order):
-                bar.close()
-                raise TrainingStopped(f"interrupted at step {state.step} (epoch {epoch + 1})", self.snapshot(), 130)
-        bar.close()
+        with tqdm(iterate(self.train_data, order[state.batch:], self.pad_id), initial=state.batch, total=len(order),
+                  desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.progress, unit="batch") as bar:
+            for i, batch in enumerate(bar, start=state.batch):
+                self.forward_backward(batch, accum, boundary_rng, epoch)
+                if (i + 1) % cfg.grad_accum and i + 1 != len(order):
+                    continue
+                record = self.step(accum, epoch + (i + 1) / len(order), i + 1)
+                accum = Accumulated()
+                bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                ex_s=f"{self.history.train_examples / self.training_seconds():.1f}")
+                boundary_rng = rng_state(self.device)
+                if i + 1 < len(order):  # the last batch's boundary comes after end_epoch
+                    self.boundary(epoch_end=False)
         self.end_epoch(epoch)
+        self.boundary(epoch_end=True)
+
+    def boundary(self, epoch_end: bool) -> None:
+        """A resumable point: stop here if asked (before the last epoch's end), else run the on_step hook."""
+        state = self.state
+        if self.stop_requested() and state.epoch < self.cfg.epochs:
+            where = f"after epoch {state.epoch}" if epoch_end else f"at step {state.step} (epoch {state.epoch + 1})"
+            raise TrainingStopped(f"interrupted {where}", self.snapshot(), 130)
+        t0 = time.perf_counter()
+        self.on_step(self, epoch_end)
+        self.aside_seconds += time.perf_counter() - t0
 
     def forward_backward(self, batch: Batch, accum: "Accumulated", boundary_rng: torch.Tensor, epoch: int) -> None:
         """One batch's loss and gradients, added to those of the optimiser step in progress."""
@@ -282,8 +297,6 @@ class Trainer:
             state.best_accuracy, history.best = acc, record
             self.on_best(record)
         state.epoch, state.batch = epoch + 1, 0
-        if self.stop_requested() and state.epoch < self.cfg.epochs:
-            raise TrainingStopped(f"interrupted after epoch {epoch + 1}", self.snapshot(), 130)
 
 
 @dataclass
@@ -304,14 +317,18 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
         device: torch.device, dtype: torch.dtype | None = None,
         on_best: Callable[[dict], None] | None = None, log: Callable[[dict], None] | None = None,
         progress: bool = True, state: TrainState | None = None,
-        stop_requested: Callable[[], bool] | None = None) -> History:
+        stop_requested: Callable[[], bool] | None = None,
+        on_step: Callable[[Trainer, bool], None] | None = None) -> History:
     """Train the trainable parameters of ``model``.
 
     ``on_best`` is called whenever full validation accuracy improves (to save that adapter), ``log`` with
     every metrics record as it happens. ``state`` resumes from a saved :class:`TrainState`. When
     ``stop_requested()`` turns true, or the loss stops being finite, :class:`TrainingStopped` is raised
-    carrying the state of the last completed optimiser step.
+    carrying the state of the last completed optimiser step. ``on_step(trainer, epoch_end)`` is called at
+    every point training can resume from (after each optimiser step, and after each epoch's end), where
+    ``trainer.snapshot()`` is exact: periodic checkpoints hook in there.
     """
     return_freed_buffers_to_the_os()
     return Trainer(model, train, val, cfg, pad_id=pad_id, labels=labels, device=device, dtype=dtype, state=state,
-                   on_best=on_best, log=log, progress=progress, stop_requested=stop_requested).run()
+                   on_best=on_best, log=log, progress=progress, stop_requested=stop_requested,
+                   on_step=on_step).run()

@@ -17,21 +17,23 @@ from pathlib import Path
 import torch
 
 from ..adapters.accounting import count_parameters
-from ..adapters.storage import (ADAPTER_CONFIG, ClassifierSpec, adapter_state, build_classifier, check_compatible,
-                                load_adapter_into, save_adapter)
+from ..adapters.lora import store_frozen_linears
+from ..adapters.storage import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, adapter_state, build_classifier,
+                                check_compatible, load_adapter_into, save_adapter)
 from ..data.batching import encode_frame
 from ..data.datasets import SPLIT_NAMES, DataConfig, Splits, load_splits
-from ..errors import LorafitError
-from ..files import write_json, write_text
+from ..errors import LorafitError, WriteError
+from ..files import remove_temp_files, write_json, write_text
 from ..inference.evaluate import evaluate_model
 from ..reporting.plots import plot_accuracy, plot_confusion, plot_loss
 from ..reporting.report import build_report, render_markdown
-from ..adapters.lora import store_frozen_linears
 from ..runtime import check_flags, setup
-from .checkpoint import CHECKPOINT_STATE, Checkpoint, RunSettings, load_checkpoint, remove_checkpoint, save_checkpoint
+from .checkpoint import (CHECKPOINT, Checkpoint, PeriodicCheckpoints, RunSettings, load_checkpoint, remove_checkpoint,
+                         save_checkpoint)
 from .loop import History, TrainConfig, TrainingStopped, fit
 
-RUN_MARKERS = (ADAPTER_CONFIG, "report.json", "metrics.jsonl", CHECKPOINT_STATE)
+METRICS = "metrics.jsonl"
+RUN_MARKERS = (ADAPTER_CONFIG, "report.json", METRICS, CHECKPOINT)
 
 
 @dataclass
@@ -55,32 +57,35 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
     except OSError as e:
         raise LorafitError(f"--out {out}: not writable ({e.strerror or e})") from e
     if overwrite:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / METRICS).unlink(missing_ok=True)
 
 
 def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, out: str | Path, *,
               device: str = "auto", precision: str = "auto", overwrite: bool = False, command: str = "",
-              progress: bool = True) -> RunResult:
+              progress: bool = True, save_every: int = 0, save_every_minutes: float = 10.0) -> RunResult:
     """Everything ``lorafit train`` does: split, build, train, keep the best adapter, report, plot.
 
-    SIGINT / SIGTERM (and a diverging loss) stop training at the next optimiser step and leave a
-    resumable checkpoint in ``out``: :func:`resume_run` continues it to the same adapter.
+    A checkpoint is written every ``save_every`` optimiser steps, every ``save_every_minutes`` and at each
+    epoch end (0 turns either period off); SIGINT / SIGTERM (and a diverging loss) stop training at the
+    next optimiser step and write one too. :func:`resume_run` continues from it to the same adapter.
     """
     out = Path(out)
     check_flags(device, precision)  # bad flags fail before any work
+    settings = RunSettings(device, precision, command, save_every=save_every, save_every_minutes=save_every_minutes)
     splits = load_splits(**asdict(data_cfg), seed=train_cfg.seed)
     prepare_run_dir(out, overwrite)
     remove_checkpoint(out)
     spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed))
     splits.save(out)
-    settings = RunSettings(device, precision, command, splits.skipped_empty)
+    settings = replace(settings, skipped_empty=splits.skipped_empty)
     return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress)
 
 
 def resume_run(out: str | Path, *, progress: bool = True) -> RunResult:
-    """Continue an interrupted run from its checkpoint, with its own split, settings and RNG state."""
+    """Continue an interrupted (or killed) run from its checkpoint, with its own split, settings and RNG state."""
     out = Path(out)
     ckpt = load_checkpoint(out)
+    remove_temp_files(out)  # a kill during a write leaves its temporary file
     splits = Splits.load(out, ckpt.spec.labels)
     return _train(out, ckpt.spec, ckpt.data, ckpt.train, splits, ckpt.settings, ckpt, progress)
 
@@ -123,39 +128,72 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
     encoder, context = backbone.encoder, backbone.context_length
     enc = {name: encode_frame(encoder, context, getattr(splits, name), splits.labels, f"{name} split")
            for name in SPLIT_NAMES}
-
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics_file, stop_on_signals() as stop_requested:
-        try:
-            history = fit(model, enc["train"], enc["val"], train_cfg, pad_id=encoder.pad_id,
-                          labels=splits.labels, device=dev, dtype=dtype,
-                          on_best=lambda rec: save_adapter(out, model, spec),
-                          log=lambda rec: append_metrics(metrics_file, rec), progress=progress,
-                          state=resume.state if resume else None, stop_requested=stop_requested)
-        except TrainingStopped as e:
-            save_checkpoint(out, model, spec, data_cfg, train_cfg, e.state, settings)
-            how = (f"resume with: lorafit train --resume {out}" if e.exit_code == 130 else
-                   f"last good state saved in {out / CHECKPOINT_STATE}; best adapter so far in {out / ADAPTER_CONFIG}")
-            raise TrainingStopped(f"{e}; {how}", e.state, e.exit_code) from None
-    if history.best != history.epochs[-1]:
-        load_adapter_into(model, spec, out)  # evaluate the kept (best) adapter, not the last weights
-    metrics, eval_rate = evaluate_model(model, encoder.pad_id, enc, splits.labels, dev, dtype,
-                                        4 * train_cfg.batch_size)
-    report = build_report(name=out.name, command=settings.command, spec=spec.to_dict(), train=train_cfg.to_dict(),
-                          data={**asdict(data_cfg), "labels": splits.labels,
-                                "skipped_empty_texts": settings.skipped_empty,
-                                "sizes": {k: len(v.ids) for k, v in enc.items()},
-                                "truncated_texts": {k: v.truncated for k, v in enc.items()}},
-                          parameters=counts.to_dict(), metrics=metrics, history=history, device=dev, dtype=dtype,
-                          eval_examples_per_s=eval_rate, wall_seconds=time.perf_counter() - wall,
-                          resumed=resume is not None)
-    write_report(out, report, history)
+    checkpoints = PeriodicCheckpoints(lambda state: save_checkpoint(out, model, spec, data_cfg, train_cfg, state,
+                                                                    settings),
+                                      settings.save_every, settings.save_every_minutes,
+                                      saved_step=resume.state.step if resume else None)
+    try:
+        history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, (dev, dtype), resume, checkpoints,
+                       progress)
+        if history.best != history.epochs[-1]:
+            load_adapter_into(model, spec, out)  # evaluate the kept (best) adapter, not the last weights
+        metrics, eval_rate = evaluate_model(model, encoder.pad_id, enc, splits.labels, dev, dtype,
+                                            4 * train_cfg.batch_size)
+        report = build_report(name=out.name, command=settings.command, spec=spec.to_dict(),
+                              train=train_cfg.to_dict(),
+                              data={**asdict(data_cfg), "labels": splits.labels,
+                                    "skipped_empty_texts": settings.skipped_empty,
+                                    "sizes": {k: len(v.ids) for k, v in enc.items()},
+                                    "truncated_texts": {k: v.truncated for k, v in enc.items()}},
+                              parameters=counts.to_dict(), metrics=metrics, history=history, device=dev, dtype=dtype,
+                              eval_examples_per_s=eval_rate, wall_seconds=time.perf_counter() - wall,
+                              resumed=resume is not None)
+        write_report(out, report, history)
+    except WriteError as e:  # a full disk, a read-only folder: say what is still whole
+        raise LorafitError(f"{e}; {what_survives(out, checkpoints.saved_step)}") from e
     remove_checkpoint(out)  # the run is complete: nothing left to resume
     return RunResult(out, report, history)
 
 
+def _fit(out: Path, model, spec: ClassifierSpec, enc: dict, labels: list[str], pad_id: int, train_cfg: TrainConfig,
+         runtime: tuple, resume: Checkpoint | None, checkpoints: PeriodicCheckpoints, progress: bool) -> History:
+    """:func:`fit` with the run's files around it: best adapter, metrics.jsonl, checkpoints (one when stopped)."""
+    metrics_path = out / METRICS
+    if resume:  # the steps after the checkpoint are replayed: their lines go, so that none is logged twice
+        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in resume.state.history.records()))
+    with open(metrics_path, "ab", buffering=0) as metrics_file, stop_on_signals() as stop_requested:
+        try:
+            return fit(model, enc["train"], enc["val"], train_cfg, pad_id=pad_id,
+                       labels=labels, device=runtime[0], dtype=runtime[1],
+                       on_best=lambda rec: save_adapter(out, model, spec),
+                       log=lambda rec: append_metrics(metrics_file, rec), progress=progress,
+                       state=resume.state if resume else None, stop_requested=stop_requested, on_step=checkpoints)
+        except TrainingStopped as e:
+            checkpoints.save(e.state)
+            how = (f"resume with: lorafit train --resume {out}" if e.exit_code == 130 else
+                   f"last good state saved in {out / CHECKPOINT}; best adapter so far in {out / ADAPTER_WEIGHTS}")
+            raise TrainingStopped(f"{e}; {how}", e.state, e.exit_code) from None
+
+
+def what_survives(out: Path, saved_step: int | None) -> str:
+    """After a failed write: which files are still whole, and how to go on."""
+    kept = []
+    if saved_step is not None and (out / CHECKPOINT).is_file():
+        kept.append(f"the last checkpoint (step {saved_step}) {out / CHECKPOINT}")
+    if (out / ADAPTER_WEIGHTS).is_file():
+        kept.append(f"the best adapter so far {out / ADAPTER_WEIGHTS}")
+    if not kept:
+        return "nothing was saved yet"
+    then = f"; make room, then: lorafit train --resume {out}" if saved_step is not None else ""
+    return f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} intact{then}"
+
+
 def append_metrics(file, record: dict) -> None:
-    file.write(json.dumps(record) + "\n")
-    file.flush()
+    """One JSON line, written at once (unbuffered: a failed write leaves nothing pending to flush)."""
+    try:
+        file.write((json.dumps(record) + "\n").encode())
+    except OSError as e:
+        raise WriteError(file.name, e.strerror or str(e)) from e
 
 
 def write_report(out: Path, report: dict, history: History) -> None:
