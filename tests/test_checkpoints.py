@@ -18,12 +18,39 @@ import pytest
 from lorafit.cli import main
 from lorafit.training.checkpoint import CHECKPOINT, load_checkpoint
 
+from conftest import train_args
 from test_errors import error_line, no_temp_files, run_cli
-from test_train import train_args
 
-# 10 epochs of 7 optimiser steps; dropout makes the RNG state part of what must resume exactly
-EXTRA = ("--epochs", "10", "--lora-dropout", "0.1", "--grad-accum", "2")
-STEPS = 70
+# 3 epochs of 7 optimiser steps; dropout makes the RNG state part of what must resume exactly
+EXTRA = ("--epochs", "3", "--lora-dropout", "0.1", "--grad-accum", "2")
+STEPS = 21
+
+CHILD = """
+import os, signal, sys, time
+import lorafit.files, lorafit.training.run as run
+from lorafit.cli import main
+%s
+sys.exit(main(sys.argv[1:]))
+"""
+SLOW_STEPS = """
+log = run.append_metrics
+def slow_log(file, record):  # a tiny model trains too fast for a kill to land at a chosen step
+    time.sleep(0.03)
+    log(file, record)
+run.append_metrics = slow_log
+"""
+DIE_MID_WRITE = """
+real, saves = lorafit.files.save_file, []
+def save_then_die_halfway(tensors, path, metadata=None):
+    real(tensors, path, metadata=metadata)
+    if ".checkpoint.safetensors." in path:
+        saves.append(path)
+        if len(saves) == 4:  # steps 4, 7 (epoch end), 8, then 12: half written, killed before the rename
+            data = open(path, "rb").read()
+            open(path, "wb").write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+lorafit.files.save_file = save_then_die_halfway
+"""
 
 
 def same_run(reference: Path, out: Path) -> None:
@@ -42,64 +69,42 @@ def train_steps_logged(path: Path) -> int:
     return path.read_text().count('"event": "train"') if path.exists() else 0
 
 
-def start(argv: list[str], code: str = "import sys; from lorafit.cli import main; sys.exit(main(sys.argv[1:]))"):
-    return subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+def start(argv: list[str], patch: str):
+    return subprocess.Popen([sys.executable, "-c", CHILD % patch, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
 
 
-def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_run(tmp_path, sms_file, hf_gpt2_dir):
+def test_sigkill_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, sms_file, hf_gpt2_dir):
     reference = tmp_path / "reference"
     assert main(train_args(hf_gpt2_dir, sms_file, reference, *EXTRA)) == 0
-    for seed in range(3):
-        rng = random.Random(seed)
-        every = rng.choice([1, 2, 3])  # kills land between checkpoints too: those steps are replayed
-        kill_at = rng.randint(every + 1, STEPS - 10)  # after the first checkpoint is whole
-        out = tmp_path / f"killed-{seed}"
-        proc = start(train_args(hf_gpt2_dir, sms_file, out, *EXTRA, "--save-every", str(every)))
-        deadline = time.time() + 120
-        while train_steps_logged(out / "metrics.jsonl") < kill_at and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.02))  # anywhere in the step: mid-forward, mid-write
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.kill()  # SIGKILL: nothing in the process runs after it
-        proc.communicate(timeout=60)
-        assert load_checkpoint(out).state.step >= every
-        assert main(["train", "--resume", str(out), "--quiet"]) == 0
-        same_run(reference, out)
 
-
-KILL_MID_WRITE = """
-import os, signal, sys
-import lorafit.files
-from lorafit.cli import main
-
-real, saves = lorafit.files.save_file, []
-
-def save_then_die_halfway(tensors, path, metadata=None):
-    real(tensors, path, metadata=metadata)
-    if ".checkpoint.safetensors." in path:
-        saves.append(path)
-        if len(saves) == 4:  # steps 4, 7 (epoch end), 8, then 12: half written, killed before the rename
-            data = open(path, "rb").read()
-            open(path, "wb").write(data[: len(data) // 2])
-            os.kill(os.getpid(), signal.SIGKILL)
-
-lorafit.files.save_file = save_then_die_halfway
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def test_a_kill_while_a_checkpoint_is_written_leaves_the_previous_one_whole(tmp_path, sms_file, hf_gpt2_dir):
-    reference = tmp_path / "reference"
-    assert main(train_args(hf_gpt2_dir, sms_file, reference, *EXTRA)) == 0
-    out = tmp_path / "killed"
-    proc = start(train_args(hf_gpt2_dir, sms_file, out, *EXTRA, "--save-every", "4"), KILL_MID_WRITE)
+    # killed while a checkpoint is half written: the previous checkpoint is whole
+    out = tmp_path / "killed-mid-write"
+    proc = start(train_args(hf_gpt2_dir, sms_file, out, *EXTRA, "--save-every", "4"), DIE_MID_WRITE)
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL
     assert not no_temp_files(out)  # the half-written temporary file is still there...
     assert load_checkpoint(out).state.step == 8  # ...and the checkpoint is the one before, whole
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     same_run(reference, out)
+
+    for seed in range(2):  # killed from outside at a random step, at a random moment in it
+        rng = random.Random(seed)
+        every = rng.choice([2, 3])  # kills land between checkpoints too: those steps are replayed
+        kill_at = rng.randint(every + 1, STEPS - 3)  # after the first checkpoint is whole
+        out = tmp_path / f"killed-{seed}"
+        proc = start(train_args(hf_gpt2_dir, sms_file, out, *EXTRA, "--save-every", str(every)), SLOW_STEPS)
+        deadline = time.time() + 120
+        while train_steps_logged(out / "metrics.jsonl") < kill_at and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.03))  # mid-step, mid-evaluation or mid-checkpoint
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()  # SIGKILL: nothing in the process runs after it
+        proc.communicate(timeout=60)
+        assert load_checkpoint(out).state.step >= every
+        assert main(["train", "--resume", str(out), "--quiet"]) == 0
+        same_run(reference, out)
 
 
 @pytest.fixture
@@ -127,43 +132,40 @@ def fill(disk: Path) -> None:
             assert e.errno == errno.ENOSPC
 
 
-@pytest.mark.parametrize("fault", [errno.ENOSPC, errno.EROFS])
 def test_a_full_disk_or_read_only_folder_stops_with_one_line_and_keeps_the_last_checkpoint(
-        tmp_path, capsys, monkeypatch, sms_file, hf_gpt2_dir, small_disk, fault):
+        tmp_path, capsys, monkeypatch, sms_file, hf_gpt2_dir, small_disk):
     import lorafit.training.run as run
 
-    extra = ("--save-every", "3")
     reference = tmp_path / "reference"
-    assert main(train_args(hf_gpt2_dir, sms_file, reference, *extra)) == 0
-    real_disk = fault == errno.ENOSPC and small_disk is not None  # else the write is patched to fail
-    out = (small_disk if real_disk else tmp_path) / "run"
-    real_save, saves = run.save_checkpoint, []
+    assert main(train_args(hf_gpt2_dir, sms_file, reference, *EXTRA)) == 0
+    real_save = run.save_checkpoint
+    for fault in (errno.ENOSPC, errno.EROFS):
+        real_disk = fault == errno.ENOSPC and small_disk is not None  # else the write is patched to fail
+        out = (small_disk if real_disk else tmp_path) / f"run-{fault}"
+        saves = []
+        with monkeypatch.context() as patched:
+            def save_then_fault(*args):
+                real_save(*args)
+                saves.append(args)
+                if len(saves) == 4:  # steps 3, 6, 7 (epoch end), 9; from then on no write succeeds
+                    if real_disk:
+                        fill(small_disk)
+                    else:
+                        def refuse(src, dst):
+                            raise OSError(fault, os.strerror(fault), str(src))
+                        patched.setattr(os, "replace", refuse)
 
-    def save_then_fault(*args):
-        real_save(*args)
-        saves.append(args)
-        if len(saves) == 2:  # from the third checkpoint on, no write succeeds
-            if real_disk:
-                fill(small_disk)
-            else:
-                def refuse(src, dst):
-                    raise OSError(fault, os.strerror(fault), str(src))
-                monkeypatch.setattr(os, "replace", refuse)
-
-    monkeypatch.setattr(run, "save_checkpoint", save_then_fault)
-    code, err = run_cli(capsys, *train_args(hf_gpt2_dir, sms_file, out, *extra))
-    monkeypatch.undo()
-    line = error_line(err)
-    assert code == 1 and f"cannot write {out}" in line and os.strerror(fault) in line, line
-    assert f"the last checkpoint (step 6) {out / CHECKPOINT}" in line and "intact" in line
-    assert f"lorafit train --resume {out}" in line
-    assert no_temp_files(out) and not (out / "report.json").exists()
-    assert load_checkpoint(out).state.step == 6
-
-    if real_disk:
-        (small_disk / "filler").unlink()
-    assert main(["train", "--resume", str(out), "--quiet"]) == 0  # the checkpoint was whole
-    same_run(reference, out)
+            patched.setattr(run, "save_checkpoint", save_then_fault)
+            code, err = run_cli(capsys, *train_args(hf_gpt2_dir, sms_file, out, *EXTRA, "--save-every", "3"))
+        line = error_line(err)
+        assert code == 1 and f"cannot write {out}" in line and os.strerror(fault) in line, line
+        assert (f"the last checkpoint (step 9) {out / CHECKPOINT} and the best adapter so far "
+                f"{out / 'adapter.safetensors'} are intact; make room, then: lorafit train --resume {out}") in line
+        assert no_temp_files(out) and not (out / "report.json").exists()
+        if real_disk:
+            (small_disk / "filler").unlink()
+        assert main(["train", "--resume", str(out), "--quiet"]) == 0  # the checkpoint was whole
+        same_run(reference, out)
 
 
 def test_checkpoints_are_due_every_n_steps_every_m_minutes_and_at_each_epoch_end(tmp_path, capsys, monkeypatch,
