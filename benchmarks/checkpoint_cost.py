@@ -52,6 +52,14 @@ def trained_state(args):
     return model, spec, cfg, state
 
 
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def timed(fn, repeats: int) -> float:
     seconds = []
     for _ in range(repeats):
@@ -82,7 +90,7 @@ def main() -> None:
     rows = [("lorafit save_checkpoint (atomic, fsynced)", timed(lorafit_save, args.repeats), out / CHECKPOINT),
             ("nanoGPT-style torch.save (in place)", timed(nanogpt_save, args.repeats), out / "ckpt.pt")]
     load = timed(lambda: load_checkpoint(out), args.repeats)
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+    print(f"CPU: {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads; folder {out}; median of {args.repeats}")
     for name, seconds, path in rows:
         print(f"{name:<44} {1000 * seconds:7.1f} ms  {path.stat().st_size / 1e6:5.1f} MB")
