@@ -30,7 +30,7 @@ class RunSettings:
     """How a run was started, kept in its checkpoint so that a resume repeats it."""
 
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = "auto"  # in a checkpoint: what "auto" resolved to, so that a resume computes the same way
     command: str = ""
     skipped_empty: int = 0  # empty texts dropped from the data file
     save_every: int = 0  # optimiser steps between periodic checkpoints (0: off)

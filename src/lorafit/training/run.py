@@ -116,6 +116,8 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
     wall = time.perf_counter()
     model, backbone, built = build_classifier(spec, seed=train_cfg.seed)
     dev, dtype = setup(settings.device, settings.precision, backbone.hidden_size)
+    # "auto" is a start-up timing: a resume must compute in the precision it chose, not time again
+    settings = replace(settings, precision="fp32" if dtype is None else "bf16")
     if dtype is not None:
         store_frozen_linears(model, dtype)  # cast once here, not at every step
     if resume:
