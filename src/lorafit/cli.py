@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .adapters.accounting import count_parameters, format_counts
 from .adapters.classifier import Classifier
-from .adapters.lora import LoRAConfig, freeze_for_lora, inject_lora
+from .adapters.lora import INITS, LoRAConfig, freeze_for_lora, inject_lora
 from .adapters.storage import MERGED_CONFIG, ClassifierSpec, load_classifier, save_merged
 from .backbones.base import BackboneSpec
 from .backbones.generate import generate
@@ -51,6 +51,11 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path")
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    g.add_argument("--dora", action="store_true",
+                   help="DoRA: a trainable magnitude per output row over the normalised adapted weight")
+    g.add_argument("--init", default="default", choices=INITS,
+                   help="default: A random, B zero; pissa: A, B from the base weight's top-r singular vectors "
+                        "(default: %(default)s)")
     g.add_argument("--targets", default="all",
                    help="comma-separated: all (every linear in the blocks), attention, qv, feedforward, "
                         "or module names / regexes such as W_query,W_value")
@@ -109,6 +114,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations on a validation slice")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches, help="batches in that validation slice")
     g.add_argument("--class-weights", choices=["auto"], help="auto: weight the loss by inverse class frequency")
+    g.add_argument("--lora-plus-ratio", type=float, metavar="R",
+                   help="LoRA+: LoRA B learns at R x --lr (the paper suggests 16); none: plain AdamW groups")
     g.add_argument("--seed", type=int, default=d.seed, help="fixes split, initialisation and order")
     g.add_argument("--out", metavar="DIR", help="run directory (none: runs/<model>-r<rank>-s<seed>)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -184,7 +191,7 @@ def _backbone_spec(args):
 def _lora_config(args):
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     return LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.lora_dropout, use_rslora=args.rslora,
-                      targets=targets)
+                      targets=targets, use_dora=args.dora, init=args.init)
 
 
 def cmd_train(args) -> None:
@@ -195,7 +202,7 @@ def cmd_train(args) -> None:
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        grad_accum=args.grad_accum, schedule=args.schedule, warmup_steps=args.warmup_steps,
                        clip_grad=args.clip_grad or None, eval_every=args.eval_every, eval_batches=args.eval_batches,
-                       class_weights=args.class_weights, seed=args.seed)
+                       class_weights=args.class_weights, seed=args.seed, lora_plus_ratio=args.lora_plus_ratio)
     dcfg = DataConfig(data=args.data, val=args.val, test=args.test, text_col=args.text_col,
                       label_col=args.label_col, balance=not args.no_balance, encoding=args.encoding,
                       header=not args.no_header)

@@ -15,10 +15,11 @@ class ParamCounts:
     lora_B: int
     other_trainable: int  # the classification head, or anything else left trainable
     frozen: int
+    magnitude: int = 0  # DoRA's magnitude vectors (one value per output row of each adapted layer)
 
     @property
     def trainable(self) -> int:
-        return self.lora_A + self.lora_B + self.other_trainable
+        return self.lora_A + self.lora_B + self.magnitude + self.other_trainable
 
     @property
     def total(self) -> int:
@@ -30,20 +31,24 @@ class ParamCounts:
 
     def to_dict(self) -> dict:
         return {"total": self.total, "trainable": self.trainable, "percent_trainable": round(self.percent_trainable, 4),
-                "lora_A": self.lora_A, "lora_B": self.lora_B, "head_and_other_trainable": self.other_trainable,
-                "frozen": self.frozen}
+                "lora_A": self.lora_A, "lora_B": self.lora_B, "dora_magnitude": self.magnitude,
+                "head_and_other_trainable": self.other_trainable, "frozen": self.frozen}
 
 
 def count_parameters(model: nn.Module) -> ParamCounts:
     """Group every parameter once (shared ones count once, as in ``model.parameters()``)."""
-    lora_a = {id(m.lora_A) for m in model.modules() if isinstance(m, LoRALinear)}
-    lora_b = {id(m.lora_B) for m in model.modules() if isinstance(m, LoRALinear)}
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    lora_a = {id(m.lora_A) for m in layers}
+    lora_b = {id(m.lora_B) for m in layers}
+    magnitude = {id(m.lora_magnitude) for m in layers if m.use_dora}
     counts = ParamCounts(0, 0, 0, 0)
     for p in model.parameters():
         if id(p) in lora_a:
             counts.lora_A += p.numel()
         elif id(p) in lora_b:
             counts.lora_B += p.numel()
+        elif id(p) in magnitude:
+            counts.magnitude += p.numel()
         elif p.requires_grad:
             counts.other_trainable += p.numel()
         else:
@@ -55,6 +60,7 @@ def format_counts(counts: ParamCounts, title: str = "Parameters") -> str:
     rows = [
         ("LoRA A", counts.lora_A, True),
         ("LoRA B", counts.lora_B, True),
+        *([("DoRA magnitude", counts.magnitude, True)] if counts.magnitude else []),  # plain LoRA: no such row
         ("head / other trainable", counts.other_trainable, True),
         ("frozen base", counts.frozen, False),
     ]

@@ -71,8 +71,10 @@ def weight_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def build_classifier(spec: ClassifierSpec, seed: int = 42) -> tuple[Classifier, Backbone, ClassifierSpec]:
-    """Load the base, inject LoRA, add the head, freeze: the model ready to train (or to load into).
+def build_classifier(spec: ClassifierSpec, seed: int = 42,
+                     initialise: bool = True) -> tuple[Classifier, Backbone, ClassifierSpec]:
+    """Load the base, inject LoRA, add the head, freeze: the model ready to train (or, with
+    ``initialise=False``, to load an adapter into without PiSSA's SVD).
 
     Returns the spec completed with what the loaded base told (architecture, weight fingerprint,
     pooling): what :func:`save_adapter` writes. ``spec`` itself is left as it was.
@@ -81,18 +83,26 @@ def build_classifier(spec: ClassifierSpec, seed: int = 42) -> tuple[Classifier, 
     spec = dataclasses.replace(spec, architecture=backbone.architecture, fingerprint=weight_fingerprint(backbone.module),
                                pooling=spec.pooling or backbone.default_pooling)
     torch.manual_seed(seed)  # LoRA A and the head start from the same values for the same seed
-    inject_lora(backbone.module, spec.lora)
+    inject_lora(backbone.module, spec.lora, initialise)
     model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling)
     freeze_for_lora(model, trainable=(model.head,))
     return model, backbone, spec
 
 
 def adapter_state(model: Classifier) -> dict[str, torch.Tensor]:
-    """The trained tensors only: every LoRA A/B and the head."""
+    """The trained tensors only: every LoRA A/B (DoRA's magnitude, PiSSA's starting A0/B0) and the head.
+
+    PiSSA's A0/B0 are what turns the unchanged base into the residual ``W - s B0 A0`` on any machine,
+    bit for bit, without repeating the SVD (whose singular vectors may differ in sign elsewhere)."""
     state = {}
     for name, m in lora_layers(model).items():
         state[f"{name}.lora_A"] = m.lora_A
         state[f"{name}.lora_B"] = m.lora_B
+        if m.use_dora:
+            state[f"{name}.lora_magnitude"] = m.lora_magnitude
+        if m.use_pissa:
+            state[f"{name}.pissa_A0"] = m.pissa_A0
+            state[f"{name}.pissa_B0"] = m.pissa_B0
     state.update({f"head.{k}": v for k, v in model.head.state_dict().items()})
     return state
 
@@ -154,7 +164,7 @@ def load_classifier(directory: str | Path, backbone_spec: BackboneSpec | None = 
         return load_merged(directory)
     saved = read_spec(directory)
     model, backbone, spec = build_classifier(
-        ClassifierSpec(backbone_spec or saved.backbone, saved.lora, saved.labels, saved.pooling))
+        ClassifierSpec(backbone_spec or saved.backbone, saved.lora, saved.labels, saved.pooling), initialise=False)
     load_adapter_into(model, spec, directory)
     model.eval()
     return model, backbone, spec

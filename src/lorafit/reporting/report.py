@@ -53,6 +53,15 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f} %"
 
 
+def _variant(lora: dict, train: dict) -> str:
+    """"LoRA", or what was changed: "DoRA", "LoRA (rsLoRA scaling, pissa init, LoRA+ ratio 16)"..."""
+    extra = (["rsLoRA scaling"] if lora.get("use_rslora") else []) + (
+        [f"{lora['init']} init"] if lora.get("init", "default") != "default" else []) + (
+        [f"LoRA+ ratio {train['lora_plus_ratio']:g}"] if train.get("lora_plus_ratio") else [])
+    name = "DoRA" if lora.get("use_dora") else "LoRA"
+    return f"{name} ({', '.join(extra)})" if extra else name
+
+
 def render_markdown(r: dict) -> str:
     """report.md: the same facts as report.json, as tables a person reads."""
     return "\n".join([*_summary(r), *_parameters(r["parameters"]), *_accuracy(r["metrics"]),
@@ -65,7 +74,7 @@ def _summary(r: dict) -> list[str]:
         f"# lorafit run: {r['name']}",
         "",
         f"Base model `{backbone['model']}`" + (" (random init)" if backbone["random_init"] else "")
-        + f", LoRA rank {lora['rank']}, alpha {lora['alpha']:g}, targets {', '.join(lora['targets'])}, "
+        + f", {_variant(lora, r['train'])} rank {lora['rank']}, alpha {lora['alpha']:g}, targets {', '.join(lora['targets'])}, "
         f"{len(r['model']['labels'])} classes ({', '.join(r['model']['labels'])}).",
     ]
 
@@ -75,6 +84,7 @@ def _parameters(p: dict) -> list[str]:
         "", "## Parameters", "", "| group | parameters |", "|---|---:|",
         f"| LoRA A | {p['lora_A']:,} |",
         f"| LoRA B | {p['lora_B']:,} |",
+        *([f"| DoRA magnitude | {p['dora_magnitude']:,} |"] if p.get("dora_magnitude") else []),
         f"| head | {p['head_and_other_trainable']:,} |",
         f"| frozen base | {p['frozen']:,} |",
         f"| **total** | **{p['total']:,}** |",

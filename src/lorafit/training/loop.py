@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from torch import nn
+
+from ..adapters.lora import lora_layers
 from ..data.batching import Batch, Encoded, iterate, lengths_of, train_order
 from ..errors import LorafitError, UsageError
 from ..inference.predict import predict_proba
@@ -42,6 +45,7 @@ class TrainConfig:
     class_weights: str | None = None  # "auto": inverse class frequency in the loss
     bucket: int = 32  # length-sort within chunks of this many batches (1: plain shuffling)
     seed: int = 42
+    lora_plus_ratio: float | None = None  # LoRA+: B (and 1-D parameters) learn at this multiple of lr
 
     def __post_init__(self) -> None:
         problems = [f"--{f.name.replace('_', '-')} must be >= 1, got {getattr(self, f.name)}"
@@ -53,6 +57,8 @@ class TrainConfig:
             problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.class_weights not in (None, "auto"):
             problems.append(f"--class-weights must be 'auto', got {self.class_weights!r}")
+        if self.lora_plus_ratio is not None and self.lora_plus_ratio <= 0:
+            problems.append(f"--lora-plus-ratio must be > 0, got {self.lora_plus_ratio}")
         if min(self.warmup_steps, self.eval_every, self.eval_batches) < 0:
             problems.append("--warmup-steps, --eval-every and --eval-batches must be >= 0")
         if problems:
@@ -143,15 +149,38 @@ def class_weight_tensor(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases and norms (1-D) without weight decay."""
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The optimiser's groups, each with the multiple of the scheduled lr it learns at (``lr_scale``).
+
+    Plain: matrices with weight decay, 1-D parameters (biases, DoRA's magnitude) without. LoRA+ (Hayou
+    et al., 2024, arXiv:2402.12354) groups as PEFT's ``create_loraplus_optimizer`` does (with
+    ``loraplus_weight_decay`` = weight_decay): LoRA B and every 1-D parameter at ratio x lr, the rest at
+    lr; weight decay on all but biases and LayerNorm parameters (so DoRA's magnitude is decayed there).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LorafitError("the model has no trainable parameters (inject LoRA and add a head first)")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
+    if cfg.lora_plus_ratio is None:
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    else:
+        lora_b = {id(m.lora_B) for m in lora_layers(model).values()}
+        no_decay = {id(p) for m in model.modules() for name, p in m.named_parameters(recurse=False)
+                    if name == "bias" or isinstance(m, nn.LayerNorm)}
+        fast = [p for p in params if id(p) in lora_b or p.ndim == 1]
+        fast_ids = {id(p) for p in fast}
+        ratio = float(cfg.lora_plus_ratio)
+        groups = [{"params": [p for p in params if id(p) not in fast_ids], "weight_decay": cfg.weight_decay,
+                   "lr_scale": 1.0},
+                  {"params": [p for p in fast if id(p) not in no_decay], "weight_decay": cfg.weight_decay,
+                   "lr_scale": ratio},
+                  {"params": [p for p in fast if id(p) in no_decay], "weight_decay": 0.0, "lr_scale": ratio}]
+    return [{**g, "lr": cfg.lr * g["lr_scale"]} for g in groups if g["params"]]
+
+
+def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr,
                              fused=device.type in ("cpu", "cuda"))  # one kernel, not a loop over tensors
 
 
@@ -259,7 +288,7 @@ class Trainer:
         """The optimiser step over the accumulated gradients; logs it, and a validation slice when due."""
         cfg, state, history = self.cfg, self.state, self.history
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(state.step, self.total_steps, cfg)
+            group["lr"] = lr_at(state.step, self.total_steps, cfg) * group.get("lr_scale", 1.0)
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
         self.optimizer.step()

@@ -114,7 +114,7 @@ def stop_on_signals():
 def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, splits: Splits,
            settings: RunSettings, resume: Checkpoint | None, progress: bool) -> RunResult:
     wall = time.perf_counter()
-    model, backbone, built = build_classifier(spec, seed=train_cfg.seed)
+    model, backbone, built = build_classifier(spec, seed=train_cfg.seed, initialise=resume is None)
     dev, dtype = setup(settings.device, settings.precision, backbone.hidden_size)
     # "auto" is a start-up timing: a resume must compute in the precision it chose, not time again
     settings = replace(settings, precision="fp32" if dtype is None else "bf16")
