@@ -3,7 +3,8 @@
 Same work for every system: GPT-2 small architecture with random weights (timing only), LoRA rank 8
 alpha 16 on every linear of the blocks plus a 2-class head, batch 8, one epoch over the balanced SMS
 split's training messages (seed 42), AdamW lr 5e-4; then evaluation of the 300 test messages. Each
-system runs in its own process so that peak RSS is its own. Needs the bench extra:
+system runs in its own process so that peak RSS is its own. The ``-dora`` systems are the same with
+DoRA (lorafit ``use_dora=True``, PEFT ``LoraConfig(use_dora=True)``): DoRA's cost over plain LoRA. Needs the bench extra:
 ``pip install -e '.[bench]'``.
 
     python benchmarks/train_speed.py --data ../shared/data/sms_spam_collection/SMSSpamCollection \\
@@ -25,7 +26,8 @@ import torch
 
 from lorafit.runtime import peak_memory_mb
 
-SYSTEMS = ("lorafit", "lorafit-fp32", "lorafit-bf16", "peft", "peft-bf16", "book")
+SYSTEMS = ("lorafit", "lorafit-fp32", "lorafit-bf16", "peft", "peft-bf16", "book", "lorafit-dora", "lorafit-dora-fp32",
+           "peft-dora")
 FLOPS_PER_TOKEN = 4 * 85e6  # forward 2x + backward (input gradients only: the base is frozen) 2x, 85 M matmul weights
 
 
@@ -49,7 +51,7 @@ def load_data(args):
     return train, ytrain, test, ytest, enc.eot_token
 
 
-def run_lorafit(args, precision: str) -> dict:
+def run_lorafit(args, precision: str, dora: bool = False) -> dict:
     from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, TrainConfig, build_classifier, fit
     from lorafit.adapters.lora import store_frozen_linears
     from lorafit.data.batching import Encoded
@@ -58,7 +60,7 @@ def run_lorafit(args, precision: str) -> dict:
 
     train, ytrain, test, ytest, pad = load_data(args)
     spec = ClassifierSpec(backbone=BackboneSpec("gpt2-small", random_init=True, tokenizer=args.tokenizer),
-                          lora=LoRAConfig(rank=8, alpha=16))
+                          lora=LoRAConfig(rank=8, alpha=16, use_dora=dora))
     model, backbone, spec = build_classifier(spec)
     device = torch.device(args.device)
     dtype = resolve_precision(precision, device)
@@ -85,7 +87,7 @@ def _pad(seqs, pad, length=None):
     return ids, mask
 
 
-def run_peft(args, dtype: torch.dtype | None = None) -> dict:
+def run_peft(args, dtype: torch.dtype | None = None, dora: bool = False) -> dict:
     """transformers' GPT2ForSequenceClassification + PEFT LoRA, trained the way their docs show:
     shuffled batches padded to their longest message, a plain PyTorch loop; fp32, or bf16 autocast
     (``dtype``) as a PEFT user on bf16 hardware would turn on."""
@@ -96,7 +98,7 @@ def run_peft(args, dtype: torch.dtype | None = None) -> dict:
     torch.manual_seed(42)
     model = GPT2ForSequenceClassification(GPT2Config(num_labels=2, pad_token_id=pad))
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, task_type="SEQ_CLS", fan_in_fan_out=True,
-                                                       target_modules=["c_attn", "c_proj", "c_fc"]))
+                                                       target_modules=["c_attn", "c_proj", "c_fc"], use_dora=dora))
     loss = lambda ids, mask, y: model(input_ids=ids, attention_mask=mask, labels=y).loss  # noqa: E731
     logits = lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits  # noqa: E731
     return plain_loop(model.to(args.device), (train, ytrain, test), pad, args.batch_size, loss, logits, clip=1.0,
@@ -188,7 +190,10 @@ def worker(args) -> None:
     runner = {"lorafit": lambda: run_lorafit(args, "auto"), "lorafit-fp32": lambda: run_lorafit(args, "fp32"),
               "lorafit-bf16": lambda: run_lorafit(args, "bf16"),
               "peft": lambda: run_peft(args), "peft-bf16": lambda: run_peft(args, torch.bfloat16),
-              "book": lambda: run_book(args)}[args.worker]
+              "book": lambda: run_book(args),
+              "lorafit-dora": lambda: run_lorafit(args, "auto", dora=True),
+              "lorafit-dora-fp32": lambda: run_lorafit(args, "fp32", dora=True),
+              "peft-dora": lambda: run_peft(args, dora=True)}[args.worker]
     result = runner()
     result.update(peak_memory(args.device))
     print("RESULT " + json.dumps(result), flush=True)
@@ -254,6 +259,11 @@ def main() -> None:
               f"| {r['eval_examples_per_s']:.1f} | {x_eval} | {util:.0f} % |")
     if args.limit_batches:
         print(f"(first {args.limit_batches} batches timed; s / epoch extrapolated to {full} messages)")
+    step = {name: r["seconds"] / r["examples"] for name, r in results.items()}
+    for dora, plain in (("lorafit-dora", "lorafit"), ("lorafit-dora-fp32", "lorafit-fp32"), ("peft-dora", "peft"),
+                        ("lorafit-dora-fp32", "peft-dora"), ("lorafit-dora", "peft-dora")):
+        if dora in step and plain in step:
+            print(f"step time {dora} / {plain}: {step[dora] / step[plain]:.2f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"fp32_peak": peak32, "bf16_peak": peak16, "results": results}, f, indent=2)

@@ -229,7 +229,8 @@ def test_adapter_json_is_small_and_readable(tmp_path, hf_gpt2_dir):
     model, _, spec = build_classifier(spec)
     save_adapter(tmp_path / "run", model, spec)
     d = json.loads((tmp_path / "run" / "adapter.json").read_text())
-    assert d["lora"] == {"rank": 4, "alpha": 8, "dropout": 0.0, "use_rslora": True, "targets": ["all"]}
+    assert d["lora"] == {"rank": 4, "alpha": 8, "dropout": 0.0, "use_rslora": True, "targets": ["all"],
+                         "use_dora": False, "init": "default"}
     assert d["labels"] == ["a", "b", "c"] and d["num_classes"] == 3 and d["architecture"]["emb_dim"] == 32
 
 

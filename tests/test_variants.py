@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from lorafit import GPTModel, LoRAConfig, LoRALinear, PRESETS, count_parameters, freeze_for_lora, inject_lora
+from lorafit import GPTModel, LorafitError, LoRAConfig, LoRALinear, PRESETS, count_parameters, freeze_for_lora, inject_lora
 from lorafit.adapters.accounting import format_counts
 from lorafit.adapters.lora import lora_layers
 from lorafit.backbones.gpt2 import GPTConfig
 from lorafit.cli import main
+from lorafit.errors import UsageError
 from lorafit.training.loop import TrainConfig, param_groups
 
 from conftest import TINY, write_sms_like
@@ -237,3 +238,17 @@ def test_every_variant_trains_resumes_merges_and_predicts(variant, tmp_path, hf_
     assert main(["predict", "--run", str(merged), "--json", "--precision", "fp32", *texts]) == 0
     for r, s in zip(rows, (json.loads(line) for line in capsys.readouterr().out.splitlines())):
         assert r["label"] == s["label"] and r["probability"] == pytest.approx(s["probability"], abs=1e-5)
+
+
+def test_old_adapter_configs_load_and_bad_settings_are_named():
+    old = {"rank": 4, "alpha": 8, "dropout": 0.0, "use_rslora": True, "targets": ["all"]}  # before DoRA and PiSSA
+    cfg = LoRAConfig.from_dict(old)
+    assert (cfg.use_dora, cfg.init) == (False, "default")
+    assert LoRAConfig.from_dict(LoRAConfig(use_dora=True, init="pissa").to_dict()) == LoRAConfig(use_dora=True,
+                                                                                                   init="pissa")
+    with pytest.raises(UsageError, match="--init must be one of default, pissa, got 'olora'"):
+        LoRAConfig(init="olora")
+    with pytest.raises(UsageError, match="--lora-plus-ratio must be > 0"):
+        TrainConfig(lora_plus_ratio=0)
+    with pytest.raises(LorafitError, match="--init pissa: rank 8 exceeds the layer's size"):
+        LoRALinear(nn.Linear(4, 6), LoRAConfig(rank=8, init="pissa"))
