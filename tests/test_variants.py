@@ -19,8 +19,7 @@ from lorafit.cli import main
 from lorafit.errors import UsageError
 from lorafit.training.loop import TrainConfig, param_groups
 
-from conftest import TINY, write_sms_like
-from test_train import train_args
+from conftest import TINY, train_args, write_sms_like
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -252,3 +251,21 @@ def test_old_adapter_configs_load_and_bad_settings_are_named():
         TrainConfig(lora_plus_ratio=0)
     with pytest.raises(LorafitError, match="--init pissa: rank 8 exceeds the layer's size"):
         LoRALinear(nn.Linear(4, 6), LoRAConfig(rank=8, init="pissa"))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dora_under_bf16_autocast_stays_close_and_keeps_fp32_parameters(dropout):
+    torch.manual_seed(0)
+    m = LoRALinear(nn.Linear(32, 48), LoRAConfig(rank=4, alpha=8, use_dora=True, dropout=dropout)).train()
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.1)
+    x = torch.randn(16, 32)
+    torch.manual_seed(1)
+    ref = m(x)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
+    y.float().sum().backward()
+    assert m.lora_magnitude.grad.dtype == torch.float32 and m.lora_magnitude.grad.abs().sum() > 0

@@ -74,7 +74,8 @@ def _summary(r: dict) -> list[str]:
         f"# lorafit run: {r['name']}",
         "",
         f"Base model `{backbone['model']}`" + (" (random init)" if backbone["random_init"] else "")
-        + f", {_variant(lora, r['train'])} rank {lora['rank']}, alpha {lora['alpha']:g}, targets {', '.join(lora['targets'])}, "
+        + f", {_variant(lora, r['train'])} rank {lora['rank']}, alpha {lora['alpha']:g}, "
+        f"targets {', '.join(lora['targets'])}, "
         f"{len(r['model']['labels'])} classes ({', '.join(r['model']['labels'])}).",
     ]
 
