@@ -269,3 +269,10 @@ def test_dora_under_bf16_autocast_stays_close_and_keeps_fp32_parameters(dropout)
     torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
     y.float().sum().backward()
     assert m.lora_magnitude.grad.dtype == torch.float32 and m.lora_magnitude.grad.abs().sum() > 0
+    m.base.to(torch.bfloat16)  # as bf16 training stores the frozen base
+    torch.testing.assert_close(m.weight_norm(), (m.base.weight.float() + m.delta_weight()).norm(dim=1),
+                               atol=1e-3, rtol=1e-3)
+    w = m.base.weight.clone()
+    m.merge()
+    m.unmerge()
+    assert torch.equal(m.base.weight, w)  # a bf16 base comes back exactly

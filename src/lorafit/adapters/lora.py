@@ -195,13 +195,14 @@ class LoRALinear(nn.Module):
         """Row norms of ``W + s B A`` in fp32, detached, without forming the (out, in) sum:
         ``||W_i||^2 + 2 s <W_i, (B A)_i> + s^2 ||(B A)_i||^2`` needs only W A^T (out, r) and A A^T (r, r)."""
         a, b = self.factors()
-        w = self.base.weight.float()  # (out, in); a no-op for fp32 bases
+        w = self.base.weight  # (out, in): fp32, or bf16 where bf16 training stores the frozen base so (no fp32 copy)
         dev = w.device.type
         in_autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
         with torch.autocast(dev, enabled=False) if in_autocast else contextlib.nullcontext():  # fp32 under autocast too
-            cross = ((w @ a.t()) * b).sum(1)  # (out,)
+            cross = ((w @ a.t().to(w.dtype)).float() * b).sum(1)  # (out,)
             own = ((b @ (a @ a.t())) * b).sum(1)  # (out,)
-            sq = torch.linalg.vector_norm(w, dim=1).square() + (2 * self.scaling) * cross + self.scaling ** 2 * own
+            sq = (torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).square() + (2 * self.scaling) * cross
+                  + self.scaling ** 2 * own)
         return sq.clamp_min(0).sqrt()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
