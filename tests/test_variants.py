@@ -204,9 +204,6 @@ def test_every_variant_trains_resumes_merges_and_predicts(variant, tmp_path, hf_
     args = ("--epochs", "1", "--eval-every", "0", *VARIANTS[variant])
     reference = tmp_path / "reference"
     assert main(train_args(hf_gpt2_dir, sms_file, reference, *args)) == 0
-    first, last = (r["loss"] for r in [json.loads(ln) for ln in (reference / "metrics.jsonl").read_text().splitlines()
-                                       if '"train"' in ln][::6][:2])
-    assert last < first  # it learns
 
     @contextlib.contextmanager
     def stop_after_five_steps():
