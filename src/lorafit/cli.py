@@ -26,6 +26,8 @@ from .data.datasets import DataConfig, read_text
 from .errors import LorafitError, UsageError
 from .inference.evaluate import evaluate_run
 from .inference.predict import predict_texts
+from .reporting.compare import compare_runs
+from .reporting.loggers import LOGGERS, LoggerConfig
 from .runtime import PRECISIONS
 from .serving.config import ServeConfig
 from .serving.server import serve
@@ -127,6 +129,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every-minutes", type=float, default=r.save_every_minutes, metavar="M",
                    help="minutes between checkpoints (0: off)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("experiment tracking (metrics.jsonl is always written)")
+    g.add_argument("--logger", action="append", metavar="NAME",
+                   help=f"also log to {', '.join(LOGGERS)} (repeat, or a comma list): metrics.csv, "
+                        "<run>/tensorboard event files, an MLflow run")
+    g.add_argument("--mlflow-uri", default=LoggerConfig.mlflow_uri,
+                   help="MLflow tracking URI or folder, for --logger mlflow")
     _runtime_args(p)
 
 
@@ -153,6 +161,11 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     _lora_args(p)
     p.add_argument("--seed", type=int, default=42, help="seeds --random-init and LoRA's initialisation")
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by lorafit train")
+    p.add_argument("--out-png", default="compare.png", help="where to write the overlaid validation curves")
 
 
 def _merge_args(p: argparse.ArgumentParser) -> None:
@@ -195,8 +208,10 @@ def _lora_config(args):
 
 
 def cmd_train(args) -> None:
+    names = tuple(n.strip() for v in args.logger or () for n in v.split(",") if n.strip())
+    loggers = LoggerConfig(names, args.mlflow_uri)
     if args.resume:
-        _print_summary(resume_run(args.resume, progress=not args.quiet))
+        _print_summary(resume_run(args.resume, progress=not args.quiet, loggers=loggers))
         return
     spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args))
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -211,7 +226,7 @@ def cmd_train(args) -> None:
     command = "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
     _print_summary(train_run(spec, dcfg, tcfg, out, device=args.device, precision=args.precision,
                              overwrite=args.overwrite, command=command, progress=not args.quiet,
-                             save_every=args.save_every, save_every_minutes=args.save_every_minutes))
+                             save_every=args.save_every, save_every_minutes=args.save_every_minutes, loggers=loggers))
 
 
 def _print_summary(result) -> None:
@@ -279,6 +294,11 @@ def cmd_inspect(args) -> None:
     print(format_counts(count_parameters(clf), f"Parameters with the {args.num_classes}-class head"))
 
 
+def cmd_compare(args) -> None:
+    print(compare_runs(args.runs, args.out_png))
+    print(f"validation curves written to {args.out_png}")
+
+
 def cmd_merge(args) -> None:
     out = Path(args.out)
     if (out / MERGED_CONFIG).exists() and not args.overwrite:
@@ -315,6 +335,8 @@ COMMANDS = {
     "serve": Command("serve a run over HTTP: text-embeddings-inference's /predict, metrics, a web page", _serve_args,
                      cmd_serve),
     "inspect": Command("print the model with LoRA injected and the parameter accounting", _inspect_args, cmd_inspect),
+    "compare": Command("compare runs: a table of settings and results, their validation curves in one PNG",
+                       _compare_args, cmd_compare),
     "merge": Command("fold a run's adapter into its base and save a plain classifier", _merge_args, cmd_merge),
     "generate": Command("continue a prompt with the language model (checks the weights)", _generate_args, cmd_generate),
 }

@@ -78,3 +78,21 @@ def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: st
     ax.set_ylabel("true")
     ax.set_title(title)
     _save(fig, path)
+
+
+def plot_validation_curves(curves: dict[str, list[dict]], path: Path) -> None:
+    """Several runs' validation loss and accuracy against examples seen, overlaid: lines for the
+    validation slices (``eval`` records), squares for the full validation at each epoch's end."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, records) in enumerate(curves.items()):
+        for ax, key, scale in ((axes[0], "val_loss", 1), (axes[1], "val_accuracy", 100)):
+            for event, style in (("eval", dict(ls="-", marker="o", ms=2, lw=1.2, label=name)),
+                                 ("epoch", dict(ls="none", marker="s", ms=7))):
+                rs = [r for r in records if r["event"] == event and r.get(key) is not None]
+                ax.plot([r["examples_seen"] for r in rs], [scale * r[key] for r in rs], color=f"C{i}", **style)
+    for ax, title in ((axes[0], "validation loss"), (axes[1], "validation accuracy (%)")):
+        ax.set_xlabel("examples seen")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].legend(title="lines: slices, squares: full set", fontsize=8)
+    _save(fig, path)

@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,6 +26,7 @@ from ..data.datasets import SPLIT_NAMES, DataConfig, Splits, load_splits
 from ..errors import LorafitError, WriteError
 from ..files import remove_temp_files, write_json, write_text
 from ..inference.evaluate import evaluate_model
+from ..reporting.loggers import LoggerConfig, flatten, open_loggers
 from ..reporting.plots import plot_accuracy, plot_confusion, plot_loss
 from ..reporting.report import build_report, render_markdown
 from ..runtime import check_flags, setup
@@ -62,12 +64,15 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
 
 def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, out: str | Path, *,
               device: str = "auto", precision: str = "auto", overwrite: bool = False, command: str = "",
-              progress: bool = True, save_every: int = 0, save_every_minutes: float = 10.0) -> RunResult:
+              progress: bool = True, save_every: int = 0, save_every_minutes: float = 10.0,
+              loggers: LoggerConfig = LoggerConfig()) -> RunResult:
     """Everything ``lorafit train`` does: split, build, train, keep the best adapter, report, plot.
 
     A checkpoint is written every ``save_every`` optimiser steps, every ``save_every_minutes`` and at each
     epoch end (0 turns either period off); SIGINT / SIGTERM (and a diverging loss) stop training at the
     next optimiser step and write one too. :func:`resume_run` continues from it to the same adapter.
+    ``loggers`` names trackers (CSV, TensorBoard, MLflow) that receive every metrics record besides
+    metrics.jsonl.
     """
     out = Path(out)
     check_flags(device, precision)  # bad flags fail before any work
@@ -78,16 +83,16 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
     spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed))
     splits.save(out)
     settings = replace(settings, skipped_empty=splits.skipped_empty)
-    return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress)
+    return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress, loggers)
 
 
-def resume_run(out: str | Path, *, progress: bool = True) -> RunResult:
+def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig = LoggerConfig()) -> RunResult:
     """Continue an interrupted (or killed) run from its checkpoint, with its own split, settings and RNG state."""
     out = Path(out)
     ckpt = load_checkpoint(out)
     remove_temp_files(out)  # a kill during a write leaves its temporary file
     splits = Splits.load(out, ckpt.spec.labels)
-    return _train(out, ckpt.spec, ckpt.data, ckpt.train, splits, ckpt.settings, ckpt, progress)
+    return _train(out, ckpt.spec, ckpt.data, ckpt.train, splits, ckpt.settings, ckpt, progress, loggers)
 
 
 @contextlib.contextmanager
@@ -112,7 +117,7 @@ def stop_on_signals():
 
 
 def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, splits: Splits,
-           settings: RunSettings, resume: Checkpoint | None, progress: bool) -> RunResult:
+           settings: RunSettings, resume: Checkpoint | None, progress: bool, loggers: LoggerConfig) -> RunResult:
     wall = time.perf_counter()
     model, backbone, built = build_classifier(spec, seed=train_cfg.seed, initialise=resume is None)
     dev, dtype = setup(settings.device, settings.precision, backbone.hidden_size)
@@ -135,8 +140,9 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
                                       settings.save_every, settings.save_every_minutes,
                                       saved_step=resume.state.step if resume else None)
     try:
-        history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, (dev, dtype), resume, checkpoints,
-                       progress)
+        with open_loggers(loggers, out, _hparams(spec, train_cfg, dtype), resume=resume is not None) as track:
+            history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, (dev, dtype), resume,
+                           checkpoints, progress, track)
         if history.best != history.epochs[-1]:
             load_adapter_into(model, spec, out)  # evaluate the kept (best) adapter, not the last weights
         metrics, eval_rate = evaluate_model(model, encoder.pad_id, enc, splits.labels, dev, dtype,
@@ -158,8 +164,10 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
 
 
 def _fit(out: Path, model, spec: ClassifierSpec, enc: dict, labels: list[str], pad_id: int, train_cfg: TrainConfig,
-         runtime: tuple, resume: Checkpoint | None, checkpoints: PeriodicCheckpoints, progress: bool) -> History:
-    """:func:`fit` with the run's files around it: best adapter, metrics.jsonl, checkpoints (one when stopped)."""
+         runtime: tuple, resume: Checkpoint | None, checkpoints: PeriodicCheckpoints, progress: bool,
+         track: Callable[[dict], None]) -> History:
+    """:func:`fit` with the run's files around it: best adapter, metrics.jsonl and the trackers, checkpoints
+    (one when stopped)."""
     metrics_path = out / METRICS
     if resume:  # the steps after the checkpoint are replayed: their lines go, so that none is logged twice
         write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in resume.state.history.records()))
@@ -168,13 +176,19 @@ def _fit(out: Path, model, spec: ClassifierSpec, enc: dict, labels: list[str], p
             return fit(model, enc["train"], enc["val"], train_cfg, pad_id=pad_id,
                        labels=labels, device=runtime[0], dtype=runtime[1],
                        on_best=lambda rec: save_adapter(out, model, spec),
-                       log=lambda rec: append_metrics(metrics_file, rec), progress=progress,
+                       log=lambda rec: (append_metrics(metrics_file, rec), track(rec)), progress=progress,
                        state=resume.state if resume else None, stop_requested=stop_requested, on_step=checkpoints)
         except TrainingStopped as e:
             checkpoints.save(e.state)
             how = (f"resume with: lorafit train --resume {out}" if e.exit_code == 130 else
                    f"last good state saved in {out / CHECKPOINT}; best adapter so far in {out / ADAPTER_WEIGHTS}")
             raise TrainingStopped(f"{e}; {how}", e.state, e.exit_code) from None
+
+
+def _hparams(spec: ClassifierSpec, train_cfg: TrainConfig, dtype) -> dict:
+    """The run's settings as the trackers record them (flat names)."""
+    return flatten({"model": spec.backbone.model, "random_init": spec.backbone.random_init,
+                    "precision": "bf16" if dtype else "fp32", "lora": spec.lora.to_dict(), "train": train_cfg.to_dict()})
 
 
 def what_survives(out: Path, saved_step: int | None) -> str:
