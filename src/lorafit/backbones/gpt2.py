@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LorafitError
-from .packing import Packing
+from .packing import Packing, attention
 
 
 @dataclass
@@ -142,11 +142,11 @@ class MultiHeadAttention(nn.Module):
         if at is not None:
             b = at.shape[0]
             q = self.W_query(x.index_select(0, at)).view(b, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.visible(packing.positions[at]),
+            y = attention(q, k, v, attn_mask=packing.visible(packing.positions[at]),
                                                dropout_p=dropout)  # (B, H, 1, hd)
             return self.out_proj(y.reshape(b, -1))  # (B, D)
         q = packing.heads(self.W_query(x), self.n_heads)  # (B, H, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)  # (B, H, T, hd)
+        y = attention(q, k, v, is_causal=True, dropout_p=dropout)  # (B, H, T, hd)
         return self.out_proj(packing.tokens(y))  # (N, D)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .packing import Packing
+from .packing import Packing, attention
 
 
 def supports(config) -> bool:
@@ -119,12 +119,12 @@ class Attention(nn.Module):
         v = packing.heads(self.v_proj(x), self.n_kv)  # (B, KV, T, hd)
         if at is None:
             q = packing.heads(self._rotated(self.q_proj, x, self.n_heads, cos, sin), self.n_heads)  # (B, H, T, hd)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
+            y = attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
             return self.o_proj(packing.tokens(y))  # (N, D)
         b = at.shape[0]
         q = self._rotated(self.q_proj, x.index_select(0, at), self.n_heads, cos[at], sin[at])  # (B, H * hd)
         q = q.view(b, self.n_heads, 1, -1)  # (B, H, 1, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.visible(packing.positions[at]),
+        y = attention(q, k, v, attn_mask=packing.visible(packing.positions[at]),
                                            enable_gqa=True)  # (B, H, 1, hd)
         return self.o_proj(y.reshape(b, -1))  # (B, D)
 

@@ -9,6 +9,7 @@ it costs nothing in the matmuls that dominate a step.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 class Packing:
@@ -56,3 +57,16 @@ class Packing:
     def visible(self, at: torch.Tensor) -> torch.Tensor:
         """(B, 1, 1, T) attention mask for one query per sequence at position ``at[b]``: causal for it."""
         return (torch.arange(self.t, device=at.device)[None, :] <= at[:, None])[:, None, None, :]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``scaled_dot_product_attention``; in a bf16 training step on a CPU it runs in fp32.
+
+    torch's CPU bf16 attention kernels are several times slower than fp32's in the backward pass at
+    short lengths (README, "Measured results"), and attention holds no weights:
+    casting q, k, v up costs little. Inference keeps bf16, whose forward is not slower.
+    """
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
