@@ -100,3 +100,49 @@ def train_args(model_dir, data, out, *extra) -> list[str]:
     """``lorafit train`` arguments for a quick, deterministic run on a tiny model (fp32, no progress bar)."""
     return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--epochs", "4",
             "--batch-size", "8", "--lr", "3e-3", "--eval-every", "5", "--quiet", "--precision", "fp32", *extra]
+
+
+WORDS = ("win cash prize now call free entry txt to claim urgent you won a see at lunch later ok thanks running "
+         "late are we still on for dinner tonight").split()
+
+
+def word_tokenizer(directory, bert: bool):
+    """A word-level tokenizer written to ``directory`` (no download): BERT-style or decoder-style (no pad token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertTokenizer, PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if bert:
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        (directory / "vocab.txt").write_text("\n".join(specials + WORDS + [str(i) for i in range(100)]) + "\n")
+        tok = BertTokenizer(str(directory / "vocab.txt"))
+    else:
+        vocab = {w: i for i, w in enumerate(["<unk>", "</s>"] + WORDS + [str(i) for i in range(100)])}
+        core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>")
+    tok.save_pretrained(directory)
+    return tok
+
+
+def save_tiny(directory, bert: bool):
+    """A random 2-layer, 32-wide model of either family, saved with its tokenizer."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    tok = word_tokenizer(directory, bert=bert)
+    shape = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**shape)) if bert else LlamaModel(LlamaConfig(**shape, num_key_value_heads=2))
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    return save_tiny(tmp_path / "tiny-llama", bert=False)
+
+
+@pytest.fixture
+def tiny_bert(tmp_path):
+    return save_tiny(tmp_path / "tiny-bert", bert=True)

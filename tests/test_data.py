@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lorafit import LorafitError, load_splits, prepare_splits, read_table
+from lorafit.errors import UsageError
 from lorafit.data.batching import collate, encode_texts, eval_order, train_order
 from lorafit.adapters.classifier import Classifier, pool
 from lorafit.backbones.gpt2 import GPTConfig, GPTModel
@@ -146,3 +147,65 @@ def test_pooled_last_block_equals_the_full_forward():
         packed = gpt.hidden_states(ids, mask)
         torch.testing.assert_close(packed[real], gpt.hidden_states(ids)[real], atol=1e-5, rtol=0)
         assert not packed[~real].any()  # padded positions come back as zeros
+
+
+def _frame(n: int = 40, labels=("ham", "spam")):
+    import pandas as pd
+
+    return pd.DataFrame({"msg": [f"text number {i}" for i in range(n)], "y": [labels[i % len(labels)] for i in range(n)]})
+
+
+def test_parquet_files(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "d.parquet"
+    _frame().to_parquet(path)
+    splits = load_splits(path, text_col="msg", label_col="y", seed=1)
+    assert splits.labels == ["ham", "spam"] and len(splits.train) + len(splits.val) + len(splits.test) == 40
+    with pytest.raises(LorafitError, match=r"d.parquet: no column 'text', 'label'; columns found: msg, y"):
+        read_table(path)
+    _frame(labels=("ham",)).to_parquet(path)
+    with pytest.raises(LorafitError, match="only one class"):
+        load_splits(path, text_col="msg", label_col="y")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(LorafitError, match="not a readable Parquet file"):
+        read_table(tmp_path / "bad.parquet")
+
+
+def test_hf_datasets_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"msg": datasets.Value("string"), "y": datasets.ClassLabel(names=["ham", "spam"])})
+    frame = _frame()
+    frame["y"] = frame["y"].map({"ham": 0, "spam": 1})
+    ds = datasets.Dataset.from_pandas(frame, features=features, preserve_index=False)
+    datasets.DatasetDict({"train": ds, "validation": ds.select(range(10)), "test": ds.select(range(10, 20))}
+                         ).save_to_disk(tmp_path / "ds")
+    src = f"hf:{tmp_path / 'ds'}"
+    splits = load_splits(src, text_col="msg", label_col="y", val_split="validation", test_split="test")
+    assert splits.labels == ["ham", "spam"]  # ClassLabel ids became their names
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (40, 10, 10)
+    assert set(splits.val["text"]) == set(frame["msg"][:10])
+    assert len(load_splits(src, text_col="msg", label_col="y").train) == 28  # one split: 70/10/20
+    with pytest.raises(LorafitError, match=r"no split 'dev' \(splits: train, validation, test\)"):
+        load_splits(src, text_col="msg", label_col="y", split="dev")
+    with pytest.raises(LorafitError, match=r"\(train\): no column 'text'"):
+        load_splits(src)
+    with pytest.raises(UsageError, match="go together"):
+        load_splits(src, text_col="msg", label_col="y", val_split="validation")
+    datasets.Dataset.from_pandas(_frame(labels=("ham",)), preserve_index=False).save_to_disk(tmp_path / "one")
+    with pytest.raises(LorafitError, match="only one class"):
+        load_splits(f"hf:{tmp_path / 'one'}", text_col="msg", label_col="y")
+
+
+def test_hf_dataset_through_the_cli(tmp_path, request, capsys):
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("transformers")
+    hf_gpt2_dir = request.getfixturevalue("hf_gpt2_dir")
+    from lorafit.cli import main
+
+    rows = [("WIN cash prize now call", "spam"), ("see you at lunch later", "ham")] * 20
+    datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]}).save_to_disk(tmp_path / "ds")
+    assert main(["train", "--model", str(hf_gpt2_dir), "--data", f"hf:{tmp_path / 'ds'}", "--out", str(tmp_path / "r"),
+                 "--epochs", "1", "--rank", "2", "--quiet"]) == 0
+    assert (tmp_path / "r" / "test.csv").is_file()
+    assert main(["eval", "--run", str(tmp_path / "r"), "--data", f"hf:{tmp_path / 'ds'}", "--split", "nope"]) == 1
+    assert "no split 'nope'" in capsys.readouterr().err

@@ -12,7 +12,8 @@ from torch import nn
 
 from lorafit import (Classifier, ClassifierSpec, GPTModel, LoRAConfig, LoRALinear, LorafitError, PRESETS,
                      build_classifier, count_parameters, freeze_for_lora, inject_lora, set_merged)
-from lorafit.adapters.storage import load_adapter_into, load_classifier, save_adapter
+from lorafit.adapters.loading import load_classifier
+from lorafit.adapters.storage import load_adapter_into, save_adapter
 from lorafit.backbones.base import BackboneSpec
 from lorafit.backbones.gpt2 import GPTConfig
 from lorafit.adapters.lora import lora_layers

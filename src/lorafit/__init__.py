@@ -16,7 +16,8 @@ from importlib import metadata
 from .adapters.accounting import ParamCounts, count_parameters, format_counts
 from .adapters.classifier import Classifier, pool
 from .adapters.lora import LoRAConfig, LoRALinear, freeze_for_lora, inject_lora, merged, set_merged, unwrap_merged
-from .adapters.storage import ClassifierSpec, build_classifier, load_classifier, load_merged, save_adapter, save_merged
+from .adapters.loading import load_classifier
+from .adapters.storage import ClassifierSpec, build_classifier, load_merged, save_adapter, save_merged
 from .backbones.base import Backbone, BackboneModule, BackboneSpec, Encoder
 from .backbones.generate import generate
 from .backbones.gpt2 import PRESETS, GPTConfig, GPTModel

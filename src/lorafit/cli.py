@@ -17,8 +17,11 @@ import torch
 from . import __version__
 from .adapters.accounting import count_parameters, format_counts
 from .adapters.classifier import Classifier
+from .adapters.hf_format import export_hf
+from .adapters.loading import load_classifier
 from .adapters.lora import INITS, LoRAConfig, freeze_for_lora, inject_lora
-from .adapters.storage import MERGED_CONFIG, ClassifierSpec, load_classifier, save_merged
+from .adapters.peft_format import export_peft
+from .adapters.storage import MERGED_CONFIG, ClassifierSpec, save_merged
 from .backbones.base import BackboneSpec
 from .backbones.generate import generate
 from .backbones.loader import load_backbone
@@ -34,6 +37,9 @@ from .serving.server import serve
 from .training.checkpoint import RunSettings
 from .training.loop import SCHEDULES, TrainConfig
 from .training.run import resume_run, train_run
+
+
+EXPORT_FORMATS = ("peft", "hf")
 
 
 def _model_args(p: argparse.ArgumentParser, default: str = "gpt2-small") -> None:
@@ -62,6 +68,9 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: all (every linear in the blocks), attention, qv, feedforward, "
                         "or module names / regexes such as W_query,W_value")
     g.add_argument("--num-classes", type=int, default=2, help="classes of the head, for inspect")
+    g.add_argument("--head-bias", action=argparse.BooleanOptionalAction, default=True,
+                   help="a bias on the classification head; --no-head-bias matches transformers' decoder classifiers "
+                        "(GPT-2, Llama), so that any adapter exports exactly")
 
 
 def _table_args(g) -> None:
@@ -69,6 +78,7 @@ def _table_args(g) -> None:
     g.add_argument("--label-col", help="label column: a name, or a number from 0 with --no-header (none: label, or 0)")
     g.add_argument("--no-header", action="store_true", help="CSV/TSV files without a header row")
     g.add_argument("--encoding", default="utf-8", help="text encoding of the data files (e.g. cp1252, latin-1)")
+    g.add_argument("--split", default="train", help="hf: datasets: the split --data reads")
 
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
@@ -98,9 +108,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     _lora_args(p)
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="FILE", help="labelled texts (CSV, TSV, JSONL or the SMS file); none: download the SMS Spam Collection")
+    g.add_argument("--data", metavar="FILE", help="labelled texts (CSV, TSV, JSONL, Parquet or the SMS file) or "
+                                                 "hf:<dataset id or save_to_disk folder>; none: download the SMS Spam Collection")
     g.add_argument("--val", metavar="FILE", help="validation file (with --test; otherwise --data is split 70/10/20)")
     g.add_argument("--test", metavar="FILE", help="test file")
+    g.add_argument("--val-split", metavar="NAME", help="hf: datasets: validation split (with --test-split; "
+                                                       "otherwise --split is split 70/10/20)")
+    g.add_argument("--test-split", metavar="NAME", help="hf: datasets: test split")
     _table_args(g)
     g.add_argument("--no-balance", action="store_true", help="keep every example (stratified split) instead of under-sampling")
     g = p.add_argument_group("training")
@@ -139,8 +153,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, metavar="DIR", help="a training run or a merged model")
-    p.add_argument("--data", metavar="FILE", help="a labelled file to evaluate on (none: the run's own splits)")
+    p.add_argument("--run", required=True, metavar="DIR", help="a training run, a merged model or a PEFT adapter")
+    p.add_argument("--data", metavar="FILE", help="a labelled file or hf:<dataset> to evaluate on (none: the run's own splits)")
     _table_args(p)
     p.add_argument("--batch-size", type=int, default=32, help="texts per batch")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -148,7 +162,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, metavar="DIR", help="a training run or a merged model")
+    p.add_argument("--run", required=True, metavar="DIR", help="a training run, a merged model or a PEFT adapter")
     p.add_argument("texts", nargs="*", help="messages to classify")
     p.add_argument("--file", metavar="FILE", help="one message per line")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --file")
@@ -172,6 +186,15 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="DIR", help="a training run")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the merged classifier")
     p.add_argument("--overwrite", action="store_true", help="replace a merged model already in --out")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="a training run (for --format hf also a merged model or a PEFT adapter)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="peft: a PEFT SEQ_CLS LoRA adapter folder; hf: a merged transformers model folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -213,14 +236,15 @@ def cmd_train(args) -> None:
     if args.resume:
         _print_summary(resume_run(args.resume, progress=not args.quiet, loggers=loggers))
         return
-    spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args))
+    spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args), head_bias=args.head_bias)
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        grad_accum=args.grad_accum, schedule=args.schedule, warmup_steps=args.warmup_steps,
                        clip_grad=args.clip_grad or None, eval_every=args.eval_every, eval_batches=args.eval_batches,
                        class_weights=args.class_weights, seed=args.seed, lora_plus_ratio=args.lora_plus_ratio)
     dcfg = DataConfig(data=args.data, val=args.val, test=args.test, text_col=args.text_col,
                       label_col=args.label_col, balance=not args.no_balance, encoding=args.encoding,
-                      header=not args.no_header)
+                      header=not args.no_header, split=args.split, val_split=args.val_split,
+                      test_split=args.test_split)
     name = Path(args.model.removeprefix("hf:")).name or "model"
     out = Path(args.out or f"runs/{name}-r{args.rank}-s{args.seed}")
     command = "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
@@ -241,7 +265,7 @@ def _print_summary(result) -> None:
 def cmd_eval(args) -> None:
     result = evaluate_run(args.run, args.data, text_col=args.text_col, label_col=args.label_col, device=args.device,
                           precision=args.precision, batch_size=args.batch_size, encoding=args.encoding,
-                          header=not args.no_header)
+                          header=not args.no_header, split=args.split)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -287,7 +311,7 @@ def cmd_inspect(args) -> None:
     print(format_counts(count_parameters(model), "Parameters after LoRA injection and freezing"))
     old_head = getattr(model, "out_head", None)
     model.out_head = None  # the classification head takes the LM head's place
-    clf = Classifier(model, backbone.hidden_size, args.num_classes, backbone.default_pooling)
+    clf = Classifier(model, backbone.hidden_size, args.num_classes, backbone.default_pooling, args.head_bias)
     freeze_for_lora(clf, trainable=(clf.head,))
     before = old_head if old_head is not None else "none (the backbone was loaded without its LM head)"
     print(f"\nhead before: {before}\nhead after:  {clf.head}  (trainable)\n")
@@ -307,6 +331,17 @@ def cmd_merge(args) -> None:
     save_merged(out, model, spec, backbone)
     print(f"merged classifier written to {out}/ (model.safetensors, {MERGED_CONFIG}); "
           f"use it like a run: lorafit predict --run {out} ...")
+
+
+def cmd_export(args) -> None:
+    if args.format == "peft":
+        diff = export_peft(args.run, args.out, overwrite=args.overwrite)
+        check = ("transformers + PEFT not installed: not checked" if diff is None
+                 else f"transformers + PEFT give lorafit's probabilities within {diff:.1e}")
+    else:
+        diff = export_hf(args.run, args.out, overwrite=args.overwrite)
+        check = f"transformers gives lorafit's probabilities within {diff:.1e}"
+    print(f"{args.format} export written to {args.out}/ ({check}); {args.out}/README.md shows how to load it")
 
 
 def cmd_generate(args) -> None:
@@ -338,6 +373,8 @@ COMMANDS = {
     "compare": Command("compare runs: a table of settings and results, their validation curves in one PNG",
                        _compare_args, cmd_compare),
     "merge": Command("fold a run's adapter into its base and save a plain classifier", _merge_args, cmd_merge),
+    "export": Command("write a run for PEFT (an adapter) or for transformers' pipeline (a merged model)",
+                      _export_args, cmd_export),
     "generate": Command("continue a prompt with the language model (checks the weights)", _generate_args, cmd_generate),
 }
 

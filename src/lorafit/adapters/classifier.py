@@ -27,7 +27,8 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
 class Classifier(nn.Module):
     """``head(pool(backbone.hidden_states(ids)))``: the head runs only at the pooled position."""
 
-    def __init__(self, backbone: nn.Module, hidden_size: int, num_classes: int, pooling: str = "last"):
+    def __init__(self, backbone: nn.Module, hidden_size: int, num_classes: int, pooling: str = "last",
+                 head_bias: bool = True):
         super().__init__()
         if num_classes < 2:
             raise LorafitError(f"a classifier needs at least 2 classes, got {num_classes}")
@@ -37,7 +38,9 @@ class Classifier(nn.Module):
             raise LorafitError("the backbone still has its LM head: load it without one (lm_head=False) "
                                "or set backbone.out_head = None; the classification head takes its place")
         self.backbone = backbone
-        self.head = nn.Linear(hidden_size, num_classes)
+        # transformers' decoder classifiers (GPT-2, Llama: ``score``) have no bias; without one an adapter
+        # exports exactly to any of them
+        self.head = nn.Linear(hidden_size, num_classes, bias=head_bias)
         self.pooling = pooling
 
     @property

@@ -41,6 +41,7 @@ class ClassifierSpec:
     pooling: str | None = None  # None: the backbone's default ("last" for decoders)
     architecture: dict = field(default_factory=dict)  # filled from the loaded base
     fingerprint: str = ""  # filled from the loaded base's weights
+    head_bias: bool = True  # False: a bias-free head, as transformers' decoder classifiers have
 
     @property
     def num_classes(self) -> int:
@@ -51,13 +52,13 @@ class ClassifierSpec:
             "format": "lorafit-adapter", "version": FORMAT_VERSION,
             "backbone": self.backbone.to_dict(), "lora": self.lora.to_dict(), "labels": list(self.labels),
             "num_classes": self.num_classes, "pooling": self.pooling, "architecture": self.architecture,
-            "fingerprint": self.fingerprint,
+            "fingerprint": self.fingerprint, "head_bias": self.head_bias,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ClassifierSpec":
         return cls(BackboneSpec.from_dict(d["backbone"]), LoRAConfig.from_dict(d["lora"]), list(d["labels"]),
-                   d.get("pooling"), d.get("architecture", {}), d.get("fingerprint", ""))
+                   d.get("pooling"), d.get("architecture", {}), d.get("fingerprint", ""), d.get("head_bias", True))
 
 
 def weight_fingerprint(module: nn.Module) -> str:
@@ -84,7 +85,7 @@ def build_classifier(spec: ClassifierSpec, seed: int = 42,
                                pooling=spec.pooling or backbone.default_pooling)
     torch.manual_seed(seed)  # LoRA A and the head start from the same values for the same seed
     inject_lora(backbone.module, spec.lora, initialise)
-    model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling)
+    model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling, spec.head_bias)
     freeze_for_lora(model, trainable=(model.head,))
     return model, backbone, spec
 
@@ -157,14 +158,15 @@ def load_adapter_into(model: Classifier, spec: ClassifierSpec, directory: str | 
             t.copy_(tensors[k])
 
 
-def load_classifier(directory: str | Path, backbone_spec: BackboneSpec | None = None) -> tuple[Classifier, Backbone, ClassifierSpec]:
-    """A saved run or adapter folder -> the classifier, rebuilt on its base (or on ``backbone_spec``)."""
+def load_run(directory: str | Path, backbone_spec: BackboneSpec | None = None) -> tuple[Classifier, Backbone, ClassifierSpec]:
+    """A saved lorafit run, adapter or merged folder -> the classifier, rebuilt on its base (or on ``backbone_spec``)."""
     directory = Path(directory)
     if (directory / MERGED_CONFIG).is_file() and not (directory / ADAPTER_CONFIG).is_file():
         return load_merged(directory)
     saved = read_spec(directory)
     model, backbone, spec = build_classifier(
-        ClassifierSpec(backbone_spec or saved.backbone, saved.lora, saved.labels, saved.pooling), initialise=False)
+        ClassifierSpec(backbone_spec or saved.backbone, saved.lora, saved.labels, saved.pooling,
+                       head_bias=saved.head_bias), initialise=False)
     load_adapter_into(model, spec, directory)
     model.eval()
     return model, backbone, spec
@@ -184,7 +186,7 @@ def load_merged(directory: str | Path) -> tuple[Classifier, Backbone, Classifier
     directory = Path(directory)
     spec = read_spec(directory, MERGED_CONFIG)
     backbone = backbone_skeleton(spec.architecture, directory, spec.backbone)
-    model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling)
+    model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling, spec.head_bias)
     tensors = load_safetensors(directory / MERGED_WEIGHTS)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if missing or unexpected:

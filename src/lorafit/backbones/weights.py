@@ -91,6 +91,31 @@ def hf_to_lorafit(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch
     return out
 
 
+def lorafit_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`hf_to_lorafit` for a backbone without LM head: q, k, v fused into c_attn
+    (zero biases where the model has none), Conv1D weights transposed back to [in, out]."""
+    top = {v: k for k, v in _TOP_TABLE.items()}
+    block = {v: k for k, v in _BLOCK_TABLE.items()}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v
+            continue
+        i, rest = re.fullmatch(r"trf_blocks\.(\d+)\.(.+)", k).groups()
+        if rest.startswith("att.W_"):
+            qkv.setdefault(i, {})[rest.removeprefix("att.")] = v
+        else:
+            hf = block[rest]
+            out[f"h.{i}.{hf}"] = (v.t() if hf.endswith(_TRANSPOSED) else v).contiguous()
+    for i, parts in qkv.items():
+        names = ("W_query", "W_key", "W_value")
+        out[f"h.{i}.attn.c_attn.weight"] = torch.cat([parts[f"{n}.weight"] for n in names]).t().contiguous()
+        out[f"h.{i}.attn.c_attn.bias"] = torch.cat([parts.get(f"{n}.bias", torch.zeros(parts[f"{n}.weight"].shape[0]))
+                                                    for n in names])
+    return out
+
+
 def load_state_into(model: GPTModel, sd: dict[str, torch.Tensor], source: str) -> GPTModel:
     """Copy ``sd`` into ``model``, refusing missing keys, extra keys and shape mismatches by name."""
     if model.out_head is None:

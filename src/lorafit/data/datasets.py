@@ -1,4 +1,5 @@
-"""Labelled texts: the SMS Spam Collection (downloaded, verified, cached) or any CSV / TSV / JSONL file.
+"""Labelled texts: the SMS Spam Collection (downloaded, verified, cached), any CSV / TSV / JSONL / Parquet
+file, or a Hugging Face dataset (``hf:<hub id or save_to_disk folder>``, one split per role).
 
 Preparation follows the book: under-sample every class to the rarest one's count (``balance``),
 shuffle with the seed, split 70 / 10 / 20 — on the SMS data that is 1,045 / 149 / 300 messages.
@@ -70,6 +71,9 @@ class DataConfig:
     balance: bool = True  # under-sample every class to the rarest one's count
     encoding: str = "utf-8"
     header: bool = True  # False: CSV/TSV files have no header row
+    split: str = "train"  # hf: datasets: the split read as --data
+    val_split: str | None = None  # hf: datasets: validation and test splits (together), else 70/10/20
+    test_split: str | None = None
 
     def read_options(self) -> dict:
         return {"encoding": self.encoding, "header": self.header}
@@ -126,21 +130,28 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
 
 
 def read_table(path: str | Path, text_col: str | None = None, label_col: str | None = None, *,
-               encoding: str = "utf-8", header: bool = True) -> pd.DataFrame:
+               encoding: str = "utf-8", header: bool = True, split: str = "train") -> pd.DataFrame:
     """Read labelled texts as a (text, label) frame with string labels.
 
     A file with ``label<TAB>text`` lines and no header (the SMS Spam Collection's format) is read as such;
-    otherwise CSV, TSV (.tsv) or JSONL (.jsonl / .json) with ``text_col`` / ``label_col`` columns
-    (default ``text`` and ``label``). ``header=False``: a CSV/TSV without a header row, whose columns
-    are named by 0-based numbers (default: label 0, text 1).
+    otherwise CSV, TSV (.tsv), JSONL (.jsonl / .json) or Parquet (.parquet) with ``text_col`` / ``label_col``
+    columns (default ``text`` and ``label``). ``header=False``: a CSV/TSV without a header row, whose columns
+    are named by 0-based numbers (default: label 0, text 1). ``hf:<id or folder>`` reads ``split`` of a
+    Hugging Face dataset (:func:`read_hf_dataset`).
     """
+    if str(path).startswith("hf:"):
+        text_col, label_col = _columns(text_col, label_col, True)
+        return _text_label_frame(read_hf_dataset(str(path), split, label_col), f"{path} ({split})", text_col,
+                                 label_col, True)
     path = Path(path)
     if not path.is_file():
         raise LorafitError(f"{path}: data file not found")
+    text_col, label_col = _columns(text_col, label_col, header)
+    if path.suffix.lower() == ".parquet":
+        return _text_label_frame(read_parquet(path), str(path), text_col, label_col, True)
     content = read_text(path, encoding)
     if not content.strip():
         raise LorafitError(f"{path}: data file is empty")
-    text_col, label_col = _columns(text_col, label_col, header)
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".json"):
@@ -154,18 +165,67 @@ def read_table(path: str | Path, text_col: str | None = None, label_col: str | N
                 df = read(header=None, names=[label_col, text_col])
     except (ValueError, pd.errors.ParserError) as e:
         raise LorafitError(f"{path}: cannot be parsed ({str(e).splitlines()[0]})") from e
+    return _text_label_frame(df, str(path), text_col, label_col, header)
+
+
+def _text_label_frame(df: pd.DataFrame, where: str, text_col, label_col, header: bool) -> pd.DataFrame:
+    """Any table -> (text, label) with string labels; empty texts dropped and counted."""
     missing = [c for c in (text_col, label_col) if c not in df.columns]
     if missing:
         flags = "--text-col / --label-col" + ("" if header else " (column numbers from 0, with --no-header)")
-        raise LorafitError(f"{path}: no column {', '.join(map(repr, missing))}; columns found: "
+        raise LorafitError(f"{where}: no column {', '.join(map(repr, missing))}; columns found: "
                            f"{', '.join(map(str, df.columns))} (choose with {flags})")
+    if df.empty:
+        raise LorafitError(f"{where}: data file is empty")
     out = pd.DataFrame({"text": df[text_col].astype(str), "label": df[label_col].astype(str).str.strip()})
     blank = out["text"].str.strip() == ""
     if blank.all():
-        raise LorafitError(f"{path}: every text is empty")
+        raise LorafitError(f"{where}: every text is empty")
     out = out[~blank].reset_index(drop=True)
     out.attrs["skipped_empty"] = int(blank.sum())
     return out
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except ImportError as e:
+        raise LorafitError(f"{path}: reading Parquet needs pyarrow: pip install 'lorafit[parquet]'") from e
+    except (OSError, ValueError) as e:
+        raise LorafitError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from e
+
+
+def read_hf_dataset(source: str, split: str, label_col: str) -> pd.DataFrame:
+    """One split of a Hugging Face dataset as a frame: ``hf:<folder>`` written by ``save_to_disk``, or
+    ``hf:<hub id>`` through ``load_dataset`` (cached in the datasets cache; HF_HUB_OFFLINE=1 reads only
+    the cache). Integer ``ClassLabel`` labels become their names."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise LorafitError(f"--data {source}: Hugging Face datasets need the datasets library: "
+                           "pip install 'lorafit[datasets]'") from e
+    ident = source.removeprefix("hf:")
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        if Path(ident).is_dir():
+            ds = datasets.load_from_disk(ident)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise LorafitError(f"--data {source}: no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+            elif str(ds.split or "train") != split:
+                raise LorafitError(f"--data {source}: no split {split!r} (one split: {ds.split or 'train'})")
+        else:
+            ds = datasets.load_dataset(ident, split=split)
+    except (OSError, ValueError, FileNotFoundError, ConnectionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LorafitError(f"--data {source}: cannot load split {split!r} ({first})") from e
+    df = ds.to_pandas()
+    feature = ds.features.get(label_col)
+    if isinstance(feature, datasets.ClassLabel) and label_col in df.columns:
+        df[label_col] = df[label_col].map(feature.int2str)
+    return df
 
 
 def _columns(text_col: str | None, label_col: str | None, header: bool) -> tuple:
@@ -221,25 +281,36 @@ def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: bool = True, wh
 
 def load_splits(data: str | Path | None = None, *, val: str | Path | None = None, test: str | Path | None = None,
                 text_col: str | None = None, label_col: str | None = None, seed: int = 42,
-                balance: bool = True, encoding: str = "utf-8", header: bool = True) -> Splits:
-    """The whole data step: read (or download) the data, then split it or use the given val/test files.
+                balance: bool = True, encoding: str = "utf-8", header: bool = True, split: str = "train",
+                val_split: str | None = None, test_split: str | None = None) -> Splits:
+    """The whole data step: read (or download) the data, then split it or use the given val/test files
+    (or, for ``hf:`` datasets, the val/test splits).
 
     The keyword arguments are :class:`DataConfig`'s fields: ``load_splits(**asdict(cfg), seed=...)``.
     """
-    path = Path(data) if data else sms_spam_path()
-    read = lambda p: read_table(p, text_col, label_col, encoding=encoding, header=header)  # noqa: E731
-    df = read(path)
+    source = str(data) if data else str(sms_spam_path())
+    if (val_split or test_split) and not source.startswith("hf:"):
+        raise UsageError("--val-split / --test-split apply to --data hf:<dataset>; use --val / --test for files")
+    if (val_split is None) != (test_split is None):
+        raise UsageError("--val-split and --test-split go together (or give neither and the data is split 70/10/20)")
+    read = lambda p, s=split: read_table(p, text_col, label_col, encoding=encoding, header=header, split=s)  # noqa: E731
+    df = read(source)
+    where = f"{source} ({split})" if source.startswith("hf:") else source
+    if val_split is not None:
+        val, test, val_where, test_where = source, source, f"{source} ({val_split})", f"{source} ({test_split})"
+    else:
+        val_where, test_where = str(val), str(test)
     if val is None and test is None:
-        splits = prepare_splits(df, seed=seed, balance=balance, where=str(path))
+        splits = prepare_splits(df, seed=seed, balance=balance, where=where)
     else:
         if val is None or test is None:
             raise UsageError("--val and --test go together (or give neither and the data is split 70/10/20)")
         labels = label_names(df["label"])
         if len(labels) < 2:
-            raise LorafitError(f"{path}: only one class ({labels[0]!r}); a classifier needs at least two")
+            raise LorafitError(f"{where}: only one class ({labels[0]!r}); a classifier needs at least two")
         train = df.iloc[np.random.default_rng(seed).permutation(len(df))].reset_index(drop=True)
-        splits = Splits(train, read(val), read(test), labels)
-        splits.encode_labels(splits.val, str(val))
-        splits.encode_labels(splits.test, str(test))
+        splits = Splits(train, read(val, val_split or split), read(test, test_split or split), labels)
+        splits.encode_labels(splits.val, val_where)
+        splits.encode_labels(splits.test, test_where)
     splits.skipped_empty = df.attrs.get("skipped_empty", 0)
     return splits

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..adapters.loading import load_classifier
 from ..adapters.lora import set_merged, store_frozen_linears
-from ..adapters.storage import load_classifier
 from ..data.batching import Encoded, encode_texts, eval_order, iterate, lengths_of
 from ..runtime import autocast, check_flags, setup
 

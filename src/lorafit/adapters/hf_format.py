@@ -1,0 +1,112 @@
+"""A classifier as a merged transformers model folder: ``pipeline("text-classification", model=OUT)`` loads it
+with neither lorafit nor PEFT installed.
+
+The LoRA updates are folded into the base weights, the head becomes ``score`` (a GPT-2 head bias moves
+into the final LayerNorm's shift, see :func:`.hf_layout.head_for_transformers`), and config.json carries
+the architecture, ``id2label`` / ``label2id`` and ``pad_token_id`` (transformers pools the last token that
+is not the pad token; lorafit the last real one: the same token for texts that do not end in it).
+Needs the optional extra ``lorafit[hf]`` (transformers).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..backbones.weights import lorafit_to_hf
+from ..errors import LorafitError
+from ..files import atomic_dir, write_text
+from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps, layout_of,
+                        padded, sample_texts)
+from .loading import load_classifier
+from .lora import unwrap_merged
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:
+        raise LorafitError("--format hf needs transformers: pip install 'lorafit[hf]'") from e
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _config(transformers, backbone, layout: Layout):
+    """The base's transformers config (GPT-2's built from lorafit's shape)."""
+    if layout.kind == "llama":
+        return transformers.LlamaConfig.from_dict(backbone.module.model.config.to_dict())
+    cfg = backbone.module.cfg
+    return transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                                   n_layer=cfg.n_layers, n_head=cfg.n_heads, layer_norm_epsilon=cfg.layer_norm_eps,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0,
+                                   bos_token_id=cfg.vocab_size - 1, eos_token_id=cfg.vocab_size - 1)
+
+
+def _state(model, layout: Layout) -> dict[str, torch.Tensor]:
+    """transformers' state dict for the merged classifier."""
+    score, base_changes = head_for_transformers(model, layout)
+    unwrap_merged(model)
+    backbone = model.backbone
+    if layout.kind == "llama":
+        sd = {f"model.{k}": v for k, v in backbone.model.state_dict().items()}
+    else:
+        sd = {f"transformer.{k}": v for k, v in lorafit_to_hf(backbone.state_dict()).items()}
+    return {**sd, **base_changes, "score.weight": score}
+
+
+def _tokenizer(transformers, backbone, layout: Layout):
+    """The base's tokenizer as transformers' (GPT-2: from the same BPE files lorafit's tiktoken reads)."""
+    if layout.kind == "llama":
+        return backbone.module.tokenizer
+    files = getattr(backbone.encoder, "files", None)
+    if not files and backbone.directory is not None and (Path(backbone.directory) / "vocab.json").is_file():
+        files = (Path(backbone.directory) / "vocab.json", Path(backbone.directory) / "merges.txt")
+    if not files:
+        raise LorafitError("--format hf: the GPT-2 tokenizer's files (vocab.json + merges.txt or encoder.json + "
+                           "vocab.bpe) are not known for this run; train with --tokenizer DIR")
+    pad = backbone.encoder.decode([backbone.encoder.pad_id])
+    return transformers.GPT2Tokenizer(vocab=str(files[0]), merges=str(files[1]), unk_token=pad, bos_token=pad,
+                                      eos_token=pad, pad_token=pad)
+
+
+def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> float:
+    """Write ``run`` (a lorafit run, merged model or PEFT adapter) as a transformers model folder; it is
+    loaded back by transformers and must give lorafit's probabilities within 1e-5 before it is moved into
+    place. Returns the largest difference seen."""
+    transformers = _transformers()
+    out = Path(out)
+    model, backbone, spec = load_classifier(run)
+    layout = layout_of(spec)
+    texts = sample_texts(run)
+    batch, mask = padded(backbone.encoder, texts, str(out))
+    with torch.no_grad():
+        reference = model(batch, mask)  # (B, C), before merging
+    config = _config(transformers, backbone, layout)
+    id2label, label2id = label_maps(spec.labels)
+    config.update({"architectures": [layout.architecture], "id2label": id2label, "label2id": label2id,
+                   "pad_token_id": backbone.encoder.pad_id, "problem_type": "single_label_classification"})
+    tokenizer = _tokenizer(transformers, backbone, layout)
+    state = _state(model, layout)
+    hf = getattr(transformers, layout.architecture)(config)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise LorafitError(f"--format hf: the weights do not fit {layout.architecture} ({(missing or unexpected)[0]})")
+    with atomic_dir(out, overwrite) as tmp:
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_text(tmp / "README.md", _readme(layout, spec.labels, str(out)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp, dtype=torch.float32).eval()
+            loaded_tok = transformers.AutoTokenizer.from_pretrained(tmp)
+        check_tokenizer(backbone.encoder, loaded_tok, texts, str(out))
+        diff = check_same_predictions(reference, loaded, batch, mask, str(out))
+    return diff
+
+
+def _readme(layout: Layout, labels: list[str], out: str) -> str:
+    return (f"# Text classifier exported by lorafit\n\nA {layout.architecture} (LoRA merged) for the classes "
+            f"{', '.join(labels)}. Needs only transformers:\n\n```python\nfrom transformers import pipeline\n"
+            f"classify = pipeline(\"text-classification\", model={out!r})\nprint(classify(\"your text\"))\n```\n")
