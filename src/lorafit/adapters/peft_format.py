@@ -138,8 +138,12 @@ def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False, ve
     model, backbone, spec = load_run(run)
     if not lora_layers(model):
         raise LorafitError(f"--run {run}: a merged model has no adapter left to export; use --format hf")
-    if getattr(spec.lora, "use_dora", False):
-        raise LorafitError(f"--run {run}: a DoRA adapter; export to PEFT covers plain LoRA only for now")
+    if spec.lora.use_dora:
+        raise LorafitError(f"--run {run}: a DoRA adapter; export to PEFT covers plain LoRA only for now "
+                           "(--format hf writes the merged model)")
+    if spec.lora.init == "pissa":
+        raise LorafitError(f"--run {run}: a PiSSA adapter (its update is B A - B0 A0, not PEFT's form); "
+                           "--format hf writes the merged model")
     layout = layout_of(spec)
     base, gguf, local = _base(spec, backbone)
     tensors, fields = peft_tensors(model, spec, layout)
