@@ -14,6 +14,7 @@ from torch import nn
 from lorafit import GPTModel, LorafitError, LoRAConfig, LoRALinear, PRESETS, count_parameters, freeze_for_lora, inject_lora
 from lorafit.adapters.accounting import format_counts
 from lorafit.adapters.lora import lora_layers
+from lorafit.training.checkpoint import CHECKPOINT
 from lorafit.backbones.gpt2 import GPTConfig
 from lorafit.cli import main
 from lorafit.errors import UsageError
@@ -214,7 +215,7 @@ def test_every_variant_trains_resumes_merges_and_predicts(variant, tmp_path, hf_
     with monkeypatch.context() as m:
         m.setattr(run, "stop_on_signals", stop_after_five_steps)
         assert main(train_args(hf_gpt2_dir, sms_file, out, *args)) == 130
-    assert (out / "checkpoint.json").exists()
+    assert (out / CHECKPOINT).exists()
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     a, b = load_file(reference / "adapter.safetensors"), load_file(out / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # resumed bit-identically
