@@ -36,7 +36,8 @@ from .serving.config import ServeConfig
 from .serving.server import serve
 from .training.checkpoint import RunSettings
 from .training.loop import SCHEDULES, TrainConfig
-from .training.run import resume_run, train_run
+from .training.distributed import Launch, launched_by_torchrun
+from .training.run import resume_or_start, resume_run, train_run
 
 
 EXPORT_FORMATS = ("peft", "hf")
@@ -135,8 +136,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help="fixes split, initialisation and order")
     g.add_argument("--out", metavar="DIR", help="run directory (none: runs/<model>-r<rank>-s<seed>)")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    g.add_argument("--resume", metavar="DIR", help="continue an interrupted or killed run from its last checkpoint "
-                                                   "(its own settings are used)")
+    g.add_argument("--resume", metavar="DIR",
+                   help="continue an interrupted or killed run from its last checkpoint (its own settings are used); "
+                        "auto: --out's run if it holds a checkpoint of this same command, else start (the default "
+                        "under torchrun)")
     r = RunSettings()
     g.add_argument("--save-every", type=int, default=r.save_every, metavar="STEPS",
                    help="optimiser steps between checkpoints (0: off); one is also written at each epoch end")
@@ -150,6 +153,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlflow-uri", default=LoggerConfig.mlflow_uri,
                    help="MLflow tracking URI or folder, for --logger mlflow")
     _runtime_args(p)
+    g = p.add_argument_group("torchrun (ignored in a plain process)")
+    launch = Launch()
+    g.add_argument("--dist-backend", default=launch.backend, choices=("auto", "gloo", "nccl"),
+                   help="auto: nccl on cuda, gloo on cpu")
+    g.add_argument("--dist-timeout", type=float, default=launch.timeout_s, metavar="SECONDS",
+                   help="a rank waiting this long on the others (dead or hung) stops with an error")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -233,8 +242,15 @@ def _lora_config(args):
 def cmd_train(args) -> None:
     names = tuple(n.strip() for v in args.logger or () for n in v.split(",") if n.strip())
     loggers = LoggerConfig(names, args.mlflow_uri)
-    if args.resume:
-        _print_summary(resume_run(args.resume, progress=not args.quiet, loggers=loggers))
+    launch = Launch(args.dist_backend, args.dist_timeout)
+    name = Path(args.model.removeprefix("hf:")).name or "model"
+    out = Path(args.out or f"runs/{name}-r{args.rank}-s{args.seed}")
+    command = "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
+    resume = args.resume or ("auto" if launched_by_torchrun() else None)
+    if resume == "auto":
+        resume = out if resume_or_start(out, command, args.overwrite) else None
+    if resume:
+        _print_summary(resume_run(resume, progress=not args.quiet, loggers=loggers, launch=launch))
         return
     spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args), head_bias=args.head_bias)
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -245,15 +261,15 @@ def cmd_train(args) -> None:
                       label_col=args.label_col, balance=not args.no_balance, encoding=args.encoding,
                       header=not args.no_header, split=args.split, val_split=args.val_split,
                       test_split=args.test_split)
-    name = Path(args.model.removeprefix("hf:")).name or "model"
-    out = Path(args.out or f"runs/{name}-r{args.rank}-s{args.seed}")
-    command = "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
     _print_summary(train_run(spec, dcfg, tcfg, out, device=args.device, precision=args.precision,
                              overwrite=args.overwrite, command=command, progress=not args.quiet,
-                             save_every=args.save_every, save_every_minutes=args.save_every_minutes, loggers=loggers))
+                             save_every=args.save_every, save_every_minutes=args.save_every_minutes, loggers=loggers,
+                             launch=launch))
 
 
 def _print_summary(result) -> None:
+    if not result.is_main:
+        return  # torchrun's other ranks print nothing but errors
     r, out = result.report, result.directory
     acc = ", ".join(f"{k} {100 * v['accuracy']:.2f} %" for k, v in r["metrics"].items())
     print(f"accuracy: {acc}")

@@ -13,13 +13,16 @@ from .predict import load_for_inference, predict_proba
 
 
 def evaluate_model(model, pad_id: int, data: dict[str, Encoded], labels: list[str], device, dtype,
-                   batch_size: int) -> tuple[dict, float]:
-    """Metrics per split with LoRA merged into the base (no adapter overhead); returns examples/s too."""
+                   batch_size: int, predict=predict_proba) -> tuple[dict, float]:
+    """Metrics per split with LoRA merged into the base (no adapter overhead); returns examples/s too.
+
+    ``predict``: :func:`predict_proba` or a function with its signature (a sharded one under torchrun).
+    """
     metrics, n, seconds = {}, 0, 0.0
     with merged(model):
         for split, enc in data.items():
             t0 = time.perf_counter()
-            probs = predict_proba(model, enc, pad_id, batch_size=batch_size, device=device, dtype=dtype)
+            probs = predict(model, enc, pad_id, batch_size=batch_size, device=device, dtype=dtype)
             seconds += time.perf_counter() - t0
             n += len(enc.ids)
             metrics[split] = classification_metrics(enc.labels, probs, labels)

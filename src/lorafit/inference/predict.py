@@ -15,13 +15,17 @@ from ..runtime import autocast, check_flags, setup
 
 @torch.inference_mode()
 def predict_logits(model, data: Encoded, pad_id: int, *, batch_size: int = 32, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Class logits (N, C) in fp32, in the input order; batches are sorted by length for speed."""
+                   dtype: torch.dtype | None = None, order: list[np.ndarray] | None = None) -> torch.Tensor:
+    """Class logits (N, C) in fp32, in the input order; batches are sorted by length for speed.
+
+    ``order``: only these batches of indices (one process's share); the other rows stay zero.
+    """
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = torch.zeros((len(data.ids), model.num_classes), dtype=torch.float32)
-    for batch in iterate(data, eval_order(lengths_of(data), batch_size), pad_id):
+    order = eval_order(lengths_of(data), batch_size) if order is None else order
+    for batch in iterate(data, order, pad_id):
         batch = batch.to(device)
         with autocast(device, dtype):
             logits = model(batch.input_ids, batch.attention_mask)  # (B, C)
@@ -31,10 +35,16 @@ def predict_logits(model, data: Encoded, pad_id: int, *, batch_size: int = 32, d
 
 
 def predict_proba(model, data: Encoded, pad_id: int, *, batch_size: int = 32, device: torch.device | None = None,
-                  dtype: torch.dtype | None = None) -> np.ndarray:
-    """Class probabilities (N, C) in the input order."""
-    logits = predict_logits(model, data, pad_id, batch_size=batch_size, device=device, dtype=dtype)
-    return torch.softmax(logits, dim=-1).numpy().astype(np.float64)
+                  dtype: torch.dtype | None = None, order: list[np.ndarray] | None = None) -> np.ndarray:
+    """Class probabilities (N, C) in the input order; with ``order``, rows outside it stay zero (summed over ranks)."""
+    logits = predict_logits(model, data, pad_id, batch_size=batch_size, device=device, dtype=dtype, order=order)
+    probs = torch.softmax(logits, dim=-1).numpy().astype(np.float64)
+    if order is not None:
+        mine = np.zeros(len(probs), dtype=bool)
+        for idx in order:
+            mine[idx] = True
+        probs[~mine] = 0.0
+    return probs
 
 
 def load_for_inference(run: str | Path, device: str, precision: str):

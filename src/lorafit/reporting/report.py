@@ -21,7 +21,7 @@ def library_versions() -> dict:
 
 def build_report(*, name: str, command: str, spec: dict, train: dict, data: dict, parameters: dict, metrics: dict,
                  history, device, dtype, eval_examples_per_s: float, wall_seconds: float,
-                 resumed: bool = False) -> dict:
+                 resumed: bool = False, distributed: dict | None = None) -> dict:
     """report.json's content: what was trained, on what, how well, how fast, and how to repeat it."""
     report = {
         "name": name,
@@ -46,6 +46,9 @@ def build_report(*, name: str, command: str, spec: dict, train: dict, data: dict
     }
     if resumed:
         report["resumed"] = True
+    if distributed:  # torchrun: world size, backend, batch per process
+        report["distributed"] = {**distributed, "global_batch": distributed["per_rank_batch"]
+                                 * distributed["world_size"] * train["grad_accum"]}
     return report
 
 
@@ -65,7 +68,8 @@ def _variant(lora: dict, train: dict) -> str:
 def render_markdown(r: dict) -> str:
     """report.md: the same facts as report.json, as tables a person reads."""
     return "\n".join([*_summary(r), *_parameters(r["parameters"]), *_accuracy(r["metrics"]),
-                      *_test_details(r["metrics"].get("test")), *_speed(r["speed"]), *_reproduce(r), ""])
+                      *_test_details(r["metrics"].get("test")), *_speed(r["speed"]), *_distributed(r.get("distributed")),
+                      *_reproduce(r), ""])
 
 
 def _summary(r: dict) -> list[str]:
@@ -125,6 +129,13 @@ def _speed(s: dict) -> list[str]:
         f"- wall time: {s['wall_seconds']:.1f} s; peak memory: {s['peak_rss_mb']:.0f} MB RSS"
         + (f", {s['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in s else ""),
     ]
+
+
+def _distributed(d: dict | None) -> list[str]:
+    if not d:
+        return []
+    return [f"- torchrun: {d['world_size']} processes ({d['backend']}), {d['per_rank_batch']} texts per process "
+            f"per batch, global batch {d['global_batch']}; memory is rank 0's"]
 
 
 def _reproduce(r: dict) -> list[str]:

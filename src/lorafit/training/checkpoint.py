@@ -33,6 +33,7 @@ class RunSettings:
     precision: str = "auto"  # in a checkpoint: what "auto" resolved to, so that a resume computes the same way
     command: str = ""
     skipped_empty: int = 0  # empty texts dropped from the data file
+    world_size: int = 1  # processes of the torchrun job (grad_accum is per process)
     save_every: int = 0  # optimiser steps between periodic checkpoints (0: off)
     save_every_minutes: float = 10.0  # minutes between periodic checkpoints (0: off)
 

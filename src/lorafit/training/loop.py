@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 from torch import nn
 
 from ..adapters.lora import lora_layers
-from ..data.batching import Batch, Encoded, iterate, lengths_of, train_order
+from ..data.batching import Batch, Encoded, collate, lengths_of, train_order
 from ..errors import LorafitError, UsageError
-from ..inference.predict import predict_proba
 from ..reporting.metrics import classification_metrics
 from ..runtime import autocast, return_freed_buffers_to_the_os
+from .distributed import LOCAL, Distributed, PeerLost, is_peer_failure, lost_message
 
 SCHEDULES = ("constant", "cosine")
 
@@ -193,9 +193,11 @@ class Trainer:
     def __init__(self, model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, labels: list[str],
                  device: torch.device, dtype: torch.dtype | None, state: TrainState | None,
                  on_best: Callable[[dict], None] | None, log: Callable[[dict], None] | None, progress: bool,
-                 stop_requested: Callable[[], bool] | None, on_step: Callable[["Trainer", bool], None] | None):
+                 stop_requested: Callable[[], bool] | None, on_step: Callable[["Trainer", bool], None] | None,
+                 dist: Distributed = LOCAL):
         self.model, self.train_data, self.val, self.cfg = model.to(device).train(), train, val, cfg
-        self.pad_id, self.labels, self.device, self.dtype = pad_id, labels, device, dtype
+        self.pad_id, self.labels, self.device, self.dtype, self.dist = pad_id, labels, device, dtype, dist
+        self.forward_module = dist.wrap(self.model, device)  # DDP under torchrun, else the model itself
         self.optimizer = make_optimizer(model, cfg, device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.state = state or TrainState()
@@ -207,12 +209,15 @@ class Trainer:
         self.weight = class_weight_tensor(train.labels, len(labels)).to(device) if cfg.class_weights == "auto" else None
         self.lengths = lengths_of(train)
         n_batches = -(-len(train.ids) // cfg.batch_size)
-        self.total_steps = cfg.epochs * -(-n_batches // cfg.grad_accum)
+        self.per_step = cfg.grad_accum * dist.world  # batches of one optimiser step, all ranks together
+        self.total_steps = cfg.epochs * -(-n_batches // self.per_step)
         self.on_best = on_best or (lambda record: None)
         self.log = log or (lambda record: None)
         self.progress = progress
-        self.stop_requested = stop_requested or (lambda: False)
+        stop = stop_requested or (lambda: False)
+        self.stop_requested = lambda: dist.any(stop())  # every rank stops at the same step
         self.on_step = on_step or (lambda trainer, epoch_end: None)
+        self.boundary_rng = rng_state(device)  # the RNG at the start of the optimiser step in progress
         self.base_seconds, self.start, self.aside_seconds = self.history.train_seconds, time.perf_counter(), 0.0
 
     def training_seconds(self) -> float:
@@ -221,8 +226,8 @@ class Trainer:
     def validate(self, part: Encoded) -> dict:
         """Metrics on (part of) the validation set, timed apart from training."""
         t0 = time.perf_counter()
-        probs = predict_proba(self.model, part, self.pad_id, batch_size=self.cfg.batch_size, device=self.device,
-                              dtype=self.dtype)
+        probs = self.dist.predict(self.model, part, self.pad_id, batch_size=self.cfg.batch_size, device=self.device,
+                                  dtype=self.dtype)
         metrics = classification_metrics(part.labels, probs, self.labels)
         self.aside_seconds += time.perf_counter() - t0
         return metrics
@@ -235,8 +240,14 @@ class Trainer:
                           rng_state(self.device))
 
     def run(self) -> History:
-        while self.state.epoch < self.cfg.epochs:
-            self.epoch(self.state.epoch)
+        try:
+            while self.state.epoch < self.cfg.epochs:
+                self.epoch(self.state.epoch)
+        except (PeerLost, RuntimeError) as e:
+            if not (isinstance(e, PeerLost) or is_peer_failure(e)):
+                raise
+            set_rng_state(self.boundary_rng, self.device)  # parameters are those of the last whole step
+            raise TrainingStopped(str(e) if isinstance(e, PeerLost) else lost_message(e), self.snapshot()) from e
         self.history.train_seconds = self.training_seconds()
         return self.history
 
@@ -244,19 +255,17 @@ class Trainer:
         cfg, state = self.cfg, self.state
         order = train_order(self.lengths, cfg.batch_size, np.random.default_rng([cfg.seed, epoch]), cfg.bucket)
         self.optimizer.zero_grad(set_to_none=True)
-        accum, boundary_rng = Accumulated(), rng_state(self.device)
-        with tqdm(iterate(self.train_data, order[state.batch:], self.pad_id), initial=state.batch, total=len(order),
-                  desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.progress, unit="batch") as bar:
-            for i, batch in enumerate(bar, start=state.batch):
-                self.forward_backward(batch, accum, boundary_rng, epoch)
-                if (i + 1) % cfg.grad_accum and i + 1 != len(order):
-                    continue
-                record = self.step(accum, epoch + (i + 1) / len(order), i + 1)
-                accum = Accumulated()
+        with tqdm(total=len(order), initial=state.batch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                  disable=not self.progress, unit="batch") as bar:
+            for start in range(state.batch, len(order), self.per_step):
+                end = min(start + self.per_step, len(order))
+                self.boundary_rng = rng_state(self.device)
+                self.dist.seed_step(cfg.seed, state.step)
+                record = self.step(self.accumulate(order[start:end], epoch), epoch + end / len(order), end)
+                bar.update(end - start)
                 bar.set_postfix(loss=f"{record['loss']:.4f}",
                                 ex_s=f"{self.history.train_examples / self.training_seconds():.1f}")
-                boundary_rng = rng_state(self.device)
-                if i + 1 < len(order):  # the last batch's boundary comes after end_epoch
+                if end < len(order):  # the last step's boundary comes after end_epoch
                     self.boundary(epoch_end=False)
         self.end_epoch(epoch)
         self.boundary(epoch_end=True)
@@ -271,17 +280,33 @@ class Trainer:
         self.on_step(self, epoch_end)
         self.aside_seconds += time.perf_counter() - t0
 
-    def forward_backward(self, batch: Batch, accum: "Accumulated", boundary_rng: torch.Tensor, epoch: int) -> None:
-        """One batch's loss and gradients, added to those of the optimiser step in progress."""
+    def accumulate(self, step_batches: list[np.ndarray], epoch: int) -> "Accumulated":
+        """This process's share of one optimiser step's batches; losses and counts summed over all ranks."""
+        accum, mine = Accumulated(), self.dist.my_batches(step_batches)
+        for k, index in enumerate(mine):
+            with self.dist.sync(last=k == len(mine) - 1):
+                self.forward_backward(collate(self.train_data, index, self.pad_id), accum)
+        if not mine:  # the epoch's last step has fewer batches than ranks: join the gradient sync with zero weight
+            self.forward_backward(collate(self.train_data, step_batches[0][:1], self.pad_id), Accumulated(), 0.0)
+        accum.loss, accum.n, accum.tokens = self.dist.sum([accum.loss, accum.n, accum.tokens])
+        if not math.isfinite(accum.loss):
+            set_rng_state(self.boundary_rng, self.device)
+            raise TrainingStopped(f"training diverged: loss is {accum.loss / max(accum.n, 1)} at step "
+                                  f"{self.state.step + 1} (epoch {epoch + 1}); lower --lr or use --precision fp32",
+                                  self.snapshot())
+        return accum
+
+    def forward_backward(self, batch: Batch, accum: "Accumulated", weight: float = 1.0) -> None:
+        """One batch's loss and gradients, added to those of the optimiser step in progress.
+
+        Each batch's mean loss counts 1/grad_accum (DDP then averages over the ranks), as in a one-process
+        run with grad_accum x world batches per step.
+        """
         batch = batch.to(self.device)
         with autocast(self.device, self.dtype):
-            logits = self.model(batch.input_ids, batch.attention_mask)  # (B, C)
+            logits = self.forward_module(batch.input_ids, batch.attention_mask)  # (B, C)
         loss = F.cross_entropy(logits.float(), batch.labels, weight=self.weight)
-        if not torch.isfinite(loss):
-            set_rng_state(boundary_rng, self.device)
-            raise TrainingStopped(f"training diverged: loss is {loss.item()} at step {self.state.step + 1} "
-                                  f"(epoch {epoch + 1}); lower --lr or use --precision fp32", self.snapshot())
-        (loss / self.cfg.grad_accum).backward()
+        (loss * (weight / self.cfg.grad_accum)).backward()
         accum.add(loss.item(), len(batch.index), batch.n_tokens)
 
     def step(self, accum: "Accumulated", epoch_position: float, batches_done: int) -> dict:
@@ -294,8 +319,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step, state.batch = state.step + 1, batches_done
-        history.train_examples += accum.n
-        history.train_tokens += accum.tokens
+        history.train_examples += int(accum.n)
+        history.train_tokens += int(accum.tokens)
         record = {"event": "train", "step": state.step, "epoch": epoch_position,
                   "examples_seen": history.train_examples, "loss": accum.loss / accum.n,
                   "lr": self.optimizer.param_groups[0]["lr"]}
@@ -347,7 +372,7 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
         on_best: Callable[[dict], None] | None = None, log: Callable[[dict], None] | None = None,
         progress: bool = True, state: TrainState | None = None,
         stop_requested: Callable[[], bool] | None = None,
-        on_step: Callable[[Trainer, bool], None] | None = None) -> History:
+        on_step: Callable[[Trainer, bool], None] | None = None, dist: Distributed = LOCAL) -> History:
     """Train the trainable parameters of ``model``.
 
     ``on_best`` is called whenever full validation accuracy improves (to save that adapter), ``log`` with
@@ -355,9 +380,10 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
     ``stop_requested()`` turns true, or the loss stops being finite, :class:`TrainingStopped` is raised
     carrying the state of the last completed optimiser step. ``on_step(trainer, epoch_end)`` is called at
     every point training can resume from (after each optimiser step, and after each epoch's end), where
-    ``trainer.snapshot()`` is exact: periodic checkpoints hook in there.
+    ``trainer.snapshot()`` is exact: periodic checkpoints hook in there. ``dist``: this process's place in a
+    torchrun job.
     """
     return_freed_buffers_to_the_os()
     return Trainer(model, train, val, cfg, pad_id=pad_id, labels=labels, device=device, dtype=dtype, state=state,
                    on_best=on_best, log=log, progress=progress, stop_requested=stop_requested,
-                   on_step=on_step).run()
+                   on_step=on_step, dist=dist).run()

@@ -32,6 +32,7 @@ from ..reporting.report import build_report, render_markdown
 from ..runtime import check_flags, setup
 from .checkpoint import (CHECKPOINT, Checkpoint, PeriodicCheckpoints, RunSettings, load_checkpoint, remove_checkpoint,
                          save_checkpoint)
+from .distributed import Distributed, Launch, regroup, restart_count, session
 from .loop import History, TrainConfig, TrainingStopped, fit
 
 METRICS = "metrics.jsonl"
@@ -43,6 +44,7 @@ class RunResult:
     directory: Path
     report: dict
     history: History | None = field(repr=False, default=None)
+    is_main: bool = True  # False on torchrun's other ranks, which write and print nothing
 
 
 def prepare_run_dir(out: Path, overwrite: bool) -> None:
@@ -65,34 +67,65 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
 def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, out: str | Path, *,
               device: str = "auto", precision: str = "auto", overwrite: bool = False, command: str = "",
               progress: bool = True, save_every: int = 0, save_every_minutes: float = 10.0,
-              loggers: LoggerConfig = LoggerConfig()) -> RunResult:
+              loggers: LoggerConfig = LoggerConfig(), launch: Launch = Launch()) -> RunResult:
     """Everything ``lorafit train`` does: split, build, train, keep the best adapter, report, plot.
 
     A checkpoint is written every ``save_every`` optimiser steps, every ``save_every_minutes`` and at each
     epoch end (0 turns either period off); SIGINT / SIGTERM (and a diverging loss) stop training at the
     next optimiser step and write one too. :func:`resume_run` continues from it to the same adapter.
     ``loggers`` names trackers (CSV, TensorBoard, MLflow) that receive every metrics record besides
-    metrics.jsonl.
+    metrics.jsonl. Under torchrun every process trains its share and rank 0 alone writes ``out``.
     """
     out = Path(out)
-    check_flags(device, precision)  # bad flags fail before any work
+    dev = check_flags(device, precision)  # bad flags fail before any work
     settings = RunSettings(device, precision, command, save_every=save_every, save_every_minutes=save_every_minutes)
-    splits = load_splits(**asdict(data_cfg), seed=train_cfg.seed)
-    prepare_run_dir(out, overwrite)
-    remove_checkpoint(out)
-    spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed))
-    splits.save(out)
-    settings = replace(settings, skipped_empty=splits.skipped_empty)
-    return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress, loggers)
+    with session(dev, launch, train_cfg.batch_size, "start a new run") as (dist, dev):
+        splits = dist.main_first(lambda: load_splits(**asdict(data_cfg), seed=train_cfg.seed))
+        if dist.is_main:
+            prepare_run_dir(out, overwrite)
+            remove_checkpoint(out)
+            splits.save(out)
+        spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed))
+        settings = replace(settings, skipped_empty=splits.skipped_empty, world_size=dist.world)
+        return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress, loggers, dist, dev)
 
 
-def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig = LoggerConfig()) -> RunResult:
-    """Continue an interrupted (or killed) run from its checkpoint, with its own split, settings and RNG state."""
+def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig = LoggerConfig(),
+               launch: Launch = Launch()) -> RunResult:
+    """Continue an interrupted (or killed) run from its checkpoint, with its own split, settings and RNG state.
+
+    Under torchrun every process reads ``out``. Another number of processes is fine when it divides
+    the run's optimiser step (its global batch, hence its math, stays the same); otherwise refused.
+    """
     out = Path(out)
     ckpt = load_checkpoint(out)
-    remove_temp_files(out)  # a kill during a write leaves its temporary file
     splits = Splits.load(out, ckpt.spec.labels)
-    return _train(out, ckpt.spec, ckpt.data, ckpt.train, splits, ckpt.settings, ckpt, progress, loggers)
+    dev = check_flags(ckpt.settings.device, ckpt.settings.precision)
+    with session(dev, launch, ckpt.train.batch_size, f"resume {out.resolve()}") as (dist, dev):
+        if dist.is_main:
+            remove_temp_files(out)  # a kill during a write leaves its temporary file
+        train_cfg = replace(ckpt.train, grad_accum=regroup(ckpt.train.grad_accum, ckpt.settings.world_size,
+                                                           dist.world, f"--resume {out}"))
+        settings = replace(ckpt.settings, world_size=dist.world)
+        return _train(out, ckpt.spec, ckpt.data, train_cfg, splits, settings, ckpt, progress, loggers, dist, dev)
+
+
+def resume_or_start(out: Path, command: str, overwrite: bool) -> bool:
+    """``--resume auto`` (the default under torchrun): continue ``out`` if it holds a checkpoint of this
+    same command, so that torchrun's restarts (``--max-restarts``) pick up where the job died.
+
+    ``--overwrite`` starts afresh on the first attempt, not on a restart; a checkpoint of another
+    command is refused unless ``--overwrite`` replaces it.
+    """
+    if not (out / CHECKPOINT).is_file():
+        return False
+    saved = load_checkpoint(out).settings.command
+    if saved == command:
+        return restart_count() > 0 or not overwrite
+    if not overwrite:
+        raise LorafitError(f"--out {out}: holds a checkpoint of another command ({saved}); continue that one "
+                           f"with --resume {out}, or pass --overwrite to replace it")
+    return False
 
 
 @contextlib.contextmanager
@@ -117,10 +150,13 @@ def stop_on_signals():
 
 
 def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, splits: Splits,
-           settings: RunSettings, resume: Checkpoint | None, progress: bool, loggers: LoggerConfig) -> RunResult:
+           settings: RunSettings, resume: Checkpoint | None, progress: bool, loggers: LoggerConfig,
+           dist: Distributed, dev: torch.device) -> RunResult:
     wall = time.perf_counter()
-    model, backbone, built = build_classifier(spec, seed=train_cfg.seed, initialise=resume is None)
-    dev, dtype = setup(settings.device, settings.precision, backbone.hidden_size)
+    model, backbone, built = dist.main_first(lambda: build_classifier(spec, seed=train_cfg.seed,
+                                                                      initialise=resume is None))
+    _, dtype = setup(settings.device, settings.precision, backbone.hidden_size)  # dev: this rank's device
+    dtype = dist.broadcast_object(dtype)  # --precision auto times the CPU: rank 0's choice for every rank
     # "auto" is a start-up timing: a resume must compute in the precision it chose, not time again
     settings = replace(settings, precision="fp32" if dtype is None else "bf16")
     if dtype is not None:
@@ -135,18 +171,20 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
     encoder, context = backbone.encoder, backbone.context_length
     enc = {name: encode_frame(encoder, context, getattr(splits, name), splits.labels, f"{name} split")
            for name in SPLIT_NAMES}
-    checkpoints = PeriodicCheckpoints(lambda state: save_checkpoint(out, model, spec, data_cfg, train_cfg, state,
-                                                                    settings),
-                                      settings.save_every, settings.save_every_minutes,
+    writer = dist.is_main  # rank 0 alone writes the run directory, shows progress and feeds the trackers
+    save = (lambda state: save_checkpoint(out, model, spec, data_cfg, train_cfg, state, settings)) if writer \
+        else (lambda state: None)
+    checkpoints = PeriodicCheckpoints(save, settings.save_every, settings.save_every_minutes,
                                       saved_step=resume.state.step if resume else None)
     try:
-        with open_loggers(loggers, out, _hparams(spec, train_cfg, dtype), resume=resume is not None) as track:
-            history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, (dev, dtype), resume,
-                           checkpoints, progress, track)
-        if history.best != history.epochs[-1]:
-            load_adapter_into(model, spec, out)  # evaluate the kept (best) adapter, not the last weights
-        metrics, eval_rate = evaluate_model(model, encoder.pad_id, enc, splits.labels, dev, dtype,
-                                            4 * train_cfg.batch_size)
+        with (open_loggers(loggers, out, _hparams(spec, train_cfg, dtype), resume=resume is not None) if writer
+              else contextlib.nullcontext(None)) as track:
+            history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, (dev, dtype, dist),
+                           resume, checkpoints, progress, track)
+        metrics, eval_rate = _evaluate_kept(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg,
+                                            (dev, dtype, dist), history)
+        if not writer:
+            return RunResult(out, {}, history, is_main=False)
         report = build_report(name=out.name, command=settings.command, spec=spec.to_dict(),
                               train=train_cfg.to_dict(),
                               data={**asdict(data_cfg), "labels": splits.labels,
@@ -155,7 +193,7 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
                                     "truncated_texts": {k: v.truncated for k, v in enc.items()}},
                               parameters=counts.to_dict(), metrics=metrics, history=history, device=dev, dtype=dtype,
                               eval_examples_per_s=eval_rate, wall_seconds=time.perf_counter() - wall,
-                              resumed=resume is not None)
+                              resumed=resume is not None, distributed=dist.describe())
         write_report(out, report, history)
     except WriteError as e:  # a full disk, a read-only folder: say what is still whole
         raise LorafitError(f"{e}; {what_survives(out, checkpoints.saved_step)}") from e
@@ -165,24 +203,37 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
 
 def _fit(out: Path, model, spec: ClassifierSpec, enc: dict, labels: list[str], pad_id: int, train_cfg: TrainConfig,
          runtime: tuple, resume: Checkpoint | None, checkpoints: PeriodicCheckpoints, progress: bool,
-         track: Callable[[dict], None]) -> History:
+         track: Callable[[dict], None] | None) -> History:
     """:func:`fit` with the run's files around it: best adapter, metrics.jsonl and the trackers, checkpoints
-    (one when stopped)."""
-    metrics_path = out / METRICS
-    if resume:  # the steps after the checkpoint are replayed: their lines go, so that none is logged twice
+    (one when stopped). ``runtime``: (device, dtype, dist); on torchrun's other ranks nothing is written."""
+    dev, dtype, dist = runtime
+    writer, metrics_path = dist.is_main, out / METRICS
+    if resume and writer:  # the steps after the checkpoint are replayed: their lines go, so none is logged twice
         write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in resume.state.history.records()))
-    with open(metrics_path, "ab", buffering=0) as metrics_file, stop_on_signals() as stop_requested:
+    with (open(metrics_path, "ab", buffering=0) if writer else contextlib.nullcontext()) as metrics_file, \
+            stop_on_signals() as stop_requested:
         try:
-            return fit(model, enc["train"], enc["val"], train_cfg, pad_id=pad_id,
-                       labels=labels, device=runtime[0], dtype=runtime[1],
-                       on_best=lambda rec: save_adapter(out, model, spec),
-                       log=lambda rec: (append_metrics(metrics_file, rec), track(rec)), progress=progress,
-                       state=resume.state if resume else None, stop_requested=stop_requested, on_step=checkpoints)
+            return fit(model, enc["train"], enc["val"], train_cfg, pad_id=pad_id, labels=labels, device=dev,
+                       dtype=dtype, on_best=(lambda rec: save_adapter(out, model, spec)) if writer else None,
+                       log=(lambda rec: (append_metrics(metrics_file, rec), track(rec))) if writer else None,
+                       progress=progress and writer, state=resume.state if resume else None,
+                       stop_requested=stop_requested, on_step=checkpoints, dist=dist)
         except TrainingStopped as e:
-            checkpoints.save(e.state)
+            checkpoints.save(e.state)  # does nothing on ranks other than 0
             how = (f"resume with: lorafit train --resume {out}" if e.exit_code == 130 else
                    f"last good state saved in {out / CHECKPOINT}; best adapter so far in {out / ADAPTER_WEIGHTS}")
             raise TrainingStopped(f"{e}; {how}", e.state, e.exit_code) from None
+
+
+def _evaluate_kept(out: Path, model, spec: ClassifierSpec, enc: dict, labels: list[str], pad_id: int,
+                   train_cfg: TrainConfig, runtime: tuple, history: History) -> tuple[dict, float]:
+    """Metrics of the kept (best) adapter, not the last weights: rank 0 reads it, every rank gets it."""
+    dev, dtype, dist = runtime
+    if history.best != history.epochs[-1]:
+        if dist.is_main:
+            load_adapter_into(model, spec, out)
+        dist.broadcast_tensors(adapter_state(model).values())
+    return evaluate_model(model, pad_id, enc, labels, dev, dtype, 4 * train_cfg.batch_size, predict=dist.predict)
 
 
 def _hparams(spec: ClassifierSpec, train_cfg: TrainConfig, dtype) -> dict:
