@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, hf_gpt2_config, write_bpe, write_sms_like
+from conftest import TINY, hf_gpt2_config, save_tiny, write_bpe, write_sms_like
 from lorafit.backbones.gpt2 import GPTConfig
 from lorafit.cli import main
 from lorafit.errors import LorafitError
@@ -158,8 +158,6 @@ def test_two_processes_equal_one_process_with_grad_accum_2_and_only_rank_0_write
 
 
 def test_tiny_llama_under_torchrun_equals_one_process(tmp_path, sms_file):
-    from test_hf import save_tiny
-
     model = f"hf:{save_tiny(tmp_path / 'llama', bert=False)}"
     args = ["train", "--model", model, "--data", sms_file, "--epochs", "2", "--batch-size", "6", "--lr", "3e-3",
             "--quiet", "--precision", "fp32", "--rank", "4"]
