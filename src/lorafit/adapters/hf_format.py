@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..backbones.hf import require_transformers
 from ..backbones.weights import lorafit_to_hf
 from ..errors import LorafitError
 from ..files import atomic_dir, write_text
@@ -22,15 +23,6 @@ from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_fo
                         padded, sample_texts)
 from .loading import load_classifier
 from .lora import unwrap_merged
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise LorafitError("--format hf needs transformers: pip install 'lorafit[hf]'") from e
-    transformers.logging.set_verbosity_error()
-    return transformers
 
 
 def _config(transformers, backbone, layout: Layout):
@@ -75,7 +67,7 @@ def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> f
     """Write ``run`` (a lorafit run, merged model or PEFT adapter) as a transformers model folder; it is
     loaded back by transformers and must give lorafit's probabilities within 1e-5 before it is moved into
     place. Returns the largest difference seen."""
-    transformers = _transformers()
+    transformers = require_transformers("--format hf")
     out = Path(out)
     model, backbone, spec = load_classifier(run)
     layout = layout_of(spec)

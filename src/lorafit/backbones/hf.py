@@ -21,11 +21,12 @@ ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "elec
                  "camembert", "mpnet", "modernbert"}
 
 
-def _transformers():
+def require_transformers(what: str = "--model hf:..."):
+    """The transformers module (an optional extra), quiet; ``what`` names the flag that needs it."""
     try:
         import transformers
     except ImportError as e:
-        raise LorafitError("--model hf:... needs transformers: pip install 'lorafit[hf]'") from e
+        raise LorafitError(f"{what} needs transformers: pip install 'lorafit[hf]'") from e
     transformers.logging.set_verbosity_error()
     return transformers
 
@@ -110,7 +111,7 @@ def native(model: nn.Module) -> nn.Module:
 
 
 def load_hf_backbone(spec: BackboneSpec) -> Backbone:
-    transformers = _transformers()
+    transformers = require_transformers()
     ident = spec.model.removeprefix("hf:")
     kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
     where = f"--model {spec.model}" + (f" --gguf-file {spec.gguf_file}" if spec.gguf_file else "")
@@ -128,7 +129,7 @@ def load_hf_backbone(spec: BackboneSpec) -> Backbone:
 
 def hf_skeleton(directory: Path) -> Backbone:
     """The architecture saved beside a merged classifier, with uninitialised weights to load into."""
-    transformers = _transformers()
+    transformers = require_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(directory)
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
