@@ -32,8 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
+        umask = _umask()
         yield Path(tmp)
         # mkstemp makes 0600, and so do writers that replace the file themselves (safetensors does):
         # the final file gets ordinary permissions
