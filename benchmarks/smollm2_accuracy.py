@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_speed import _pad, peak_rss_mb, run_worker  # noqa: E402
+from train_speed import _pad, peak_memory, run_worker  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VARIANTS = {  # name -> (LoRAConfig changes, TrainConfig changes) over rank 8, alpha 16
@@ -102,7 +102,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         result = {"lorafit": run_lorafit, "peft": run_peft}[args.worker](args)
-        result["peak_rss_mb"] = peak_rss_mb()
+        result.update(peak_memory("cpu"))
         print("RESULT " + json.dumps(result), flush=True)
         return
     rows = {}
