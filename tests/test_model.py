@@ -56,6 +56,10 @@ def test_hf_directory_logits_match_transformers(hf_gpt2_dir):
     loaded = load_gpt2(str(hf_gpt2_dir))
     assert loaded.directory == hf_gpt2_dir
     assert_same_logits_as_hf(loaded.model, GPT2LMHeadModel.from_pretrained(hf_gpt2_dir))
+    # weights are assigned, not copied: still every parameter owns its memory (the tied LM head and the
+    # q/k/v parts of c_attn included), so training one or saving them all (safetensors) is safe
+    params = list(loaded.model.parameters())
+    assert len({p.untyped_storage().data_ptr() for p in params}) == len(params)
 
 
 def test_untied_lm_head_and_prefixless_keys_are_accepted(tiny_cfg):

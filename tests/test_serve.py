@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -335,3 +336,34 @@ def test_a_merged_model_serves_the_same_probabilities(tmp_path, run_dir, referen
         for text, predictions in zip(TEXTS, r.json()):
             assert_matches(predictions, reference[text])
         assert c.get("/info").json()["labels"] == ["ham", "spam", "unsure"]
+
+
+def test_a_lone_request_skips_the_wait_and_crowded_ones_are_gathered():
+    """With a wait far longer than the test, a lone request still comes back (it runs at once); requests
+    that queue up while a batch runs are gathered into the next batch."""
+    from lorafit.serving.batcher import Batcher
+
+    release, sizes = threading.Event(), []
+
+    def run(ids):
+        sizes.append(len(ids))
+        release.wait(30)
+        return torch.zeros(len(ids), 2)
+
+    b = Batcher(run, max_batch_size=2, max_wait_ms=600_000, max_queued=8)
+    b.start()
+    try:
+        release.set()
+        assert b.submit([[1]]).result(timeout=30).shape == (1, 2)  # alone: not held for 10 minutes
+        release.clear()
+        first = b.submit([[1]])
+        while not sizes[1:]:  # until the worker is inside that batch
+            time.sleep(0.01)
+        later = [b.submit([[2]]), b.submit([[3]])]
+        release.set()
+        for f in [first, *later]:
+            f.result(timeout=30)
+        assert sizes == [1, 1, 2]
+    finally:
+        release.set()
+        b.stop(timeout=30)

@@ -117,3 +117,20 @@ def test_bf16_autocast_training_learns(tmp_path, hf_gpt2_dir, sms_file):
     assert report["speed"]["precision"] == "bf16 autocast"
     assert report["metrics"]["test"]["accuracy"] >= 0.9
     assert {str(t.dtype) for t in load_file(str(out / "adapter.safetensors")).values()} == {"torch.float32"}
+
+
+@pytest.mark.parametrize("preset", [None, "512"])
+def test_importing_lorafit_caps_onednn_kernel_caches_unless_the_user_set_them(preset):
+    """oneDNN's caches must be capped before its first bf16 kernel, so on import; a user's value wins."""
+    import os
+    import subprocess
+    import sys
+
+    from lorafit.runtime import ONEDNN_CACHE_CAPACITY
+
+    names = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env.update({k: preset for k in names} if preset else {})
+    code = "import os, lorafit; print(*(os.environ[k] for k in %r))" % (names,)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [preset or ONEDNN_CACHE_CAPACITY] * 2

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -123,6 +124,14 @@ def load_safetensors(path: str | os.PathLike) -> dict:
     """Load a safetensors file; a corrupt or truncated file becomes a one-line LorafitError."""
     with _reading_safetensors(path):
         return load_file(str(path))
+
+
+def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """A safetensors file's tensors one at a time, so a loader can convert and place each before the next
+    is read (peak memory: the model plus one tensor, not the model plus the whole file)."""
+    with _reading_safetensors(path), safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            yield key, f.get_tensor(key)
 
 
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import resource
 import sys
 import time
@@ -14,6 +15,15 @@ import torch
 from .errors import LorafitError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+
+# oneDNN, which runs bf16 matmuls on CPUs, keeps a built kernel with its scratch memory for every input shape
+# it meets, in two caches of 1,024 entries (oneDNN's own and PyTorch's ideep LRU). Length-bucketed batches make
+# nearly every batch a new shape, so the caches only grow: about 0.5 GB of peak RSS training GPT-2 small. A few
+# dozen entries hold a step's shapes and cost no speed (README, "bf16 on a bf16-fast CPU"). They are read when
+# the first kernel is built, hence here, on import; a user's own setting wins.
+ONEDNN_CACHE_CAPACITY = "32"
+for _name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_name, ONEDNN_CACHE_CAPACITY)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -65,18 +75,15 @@ def bf16_matmul_pays(width: int = 768) -> bool:
     if not cpu_has_native_bf16():
         return False
     x, w = torch.randn(256, width), torch.randn(4 * width, width)
-
-    def best_of(a, b) -> float:
-        for _ in range(2):
-            torch.nn.functional.linear(a, b)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(a, b)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    return best_of(x.bfloat16(), w.bfloat16()) < 0.8 * best_of(x, w)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    for i in range(14):  # interleaved, best of each: a burst of other load slows both, not one
+        a, b = (x, w) if i % 2 else (xb, wb)
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(a, b)
+        if i >= 4:  # the first calls create kernels
+            best[a.dtype] = min(best[a.dtype], time.perf_counter() - t0)
+    return best[torch.bfloat16] < 0.8 * best[torch.float32]
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from huggingface_hub.utils import logging as hub_logging
 
 from ..errors import LorafitError
-from ..files import load_safetensors, read_json
+from ..files import iter_safetensors, read_json
 from .gpt2 import PRESETS, GPTConfig, GPTModel
 
 HUB_REPOS = {
@@ -64,11 +65,18 @@ class LoadedModel:
     directory: Path | None  # None for random init
 
 
-def hf_to_lorafit(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    """Map a Hugging Face GPT-2 state dict onto lorafit's names; c_attn is split into q, k, v."""
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items() if not _IGNORED.search(k)}
+def hf_to_lorafit(sd: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                  n_layers: int) -> dict[str, torch.Tensor]:
+    """Map a Hugging Face GPT-2 state dict onto lorafit's names; c_attn is split into q, k, v.
+
+    ``sd`` may be a lazy stream of (key, tensor) pairs (:func:`iter_safetensors`): each tensor is converted
+    as it arrives, so the source's copy is freed before the next is read.
+    """
     out: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
+    for k, v in (sd.items() if isinstance(sd, Mapping) else sd):
+        k = k.removeprefix("transformer.")
+        if _IGNORED.search(k):
+            continue
         if k in _TOP_TABLE:
             out[_TOP_TABLE[k]] = v
             continue
@@ -81,13 +89,13 @@ def hf_to_lorafit(sd: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch
         prefix = f"trf_blocks.{i}."
         if rest in ("attn.c_attn.weight", "attn.c_attn.bias"):
             kind = rest.rsplit(".", 1)[1]
-            for name, part in zip(("W_query", "W_key", "W_value"), v.chunk(3, dim=0)):
-                out[f"{prefix}att.{name}.{kind}"] = part.contiguous()
+            for name, part in zip(("W_query", "W_key", "W_value"), v.chunk(3, dim=0)):  # each owns its memory
+                out[f"{prefix}att.{name}.{kind}"] = part.clone(memory_format=torch.contiguous_format)
         elif rest in _BLOCK_TABLE:
             out[prefix + _BLOCK_TABLE[rest]] = v.contiguous()
         else:
             raise LorafitError(f"unexpected key {k!r} in a GPT-2 checkpoint")
-    out.setdefault("out_head.weight", out.get("tok_emb.weight"))  # tied in HF files: untie by copying
+    out.setdefault("out_head.weight", out.get("tok_emb.weight"))  # tied in HF files (untied when loaded)
     return out
 
 
@@ -116,8 +124,10 @@ def lorafit_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state_into(model: GPTModel, sd: dict[str, torch.Tensor], source: str) -> GPTModel:
-    """Copy ``sd`` into ``model``, refusing missing keys, extra keys and shape mismatches by name."""
+def load_state_into(cfg: GPTConfig, sd: dict[str, torch.Tensor], source: str, lm_head: bool = True) -> GPTModel:
+    """A :class:`GPTModel` whose parameters are the tensors of ``sd`` (assigned, not copied: no second copy
+    of the weights is ever held), refusing missing keys, extra keys and shape mismatches by name."""
+    model = empty_model(cfg, lm_head)
     if model.out_head is None:
         sd = {k: v for k, v in sd.items() if not k.startswith("out_head.")}
     expected = model.state_dict()
@@ -130,16 +140,21 @@ def load_state_into(model: GPTModel, sd: dict[str, torch.Tensor], source: str) -
     for k, v in expected.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise LorafitError(f"{source}: {k} has shape {tuple(sd[k].shape)}, the config expects {tuple(v.shape)}")
-    with torch.no_grad():
-        for k, v in expected.items():
-            v.copy_(sd[k].to(v.dtype))
+    placed, seen = {}, set()
+    for k, v in expected.items():
+        t = sd[k].to(v.dtype)
+        if t.data_ptr() in seen:  # a tied LM head gets its own copy, as the book's model has
+            t = t.clone()
+        seen.add(t.data_ptr())
+        placed[k] = t
+    model.load_state_dict(placed, assign=True)
     return model
 
 
 def empty_model(cfg: GPTConfig, lm_head: bool = True) -> GPTModel:
+    """The architecture on the meta device: no memory until weights are assigned into it."""
     with torch.device("meta"):
-        model = GPTModel(cfg, lm_head)
-    return model.to_empty(device="cpu")
+        return GPTModel(cfg, lm_head)
 
 
 def config_from_hf(d: dict, source: str) -> GPTConfig:
@@ -159,12 +174,12 @@ def load_hf_directory(directory: Path, lm_head: bool = True) -> GPTModel:
     cfg_path = directory / "config.json"
     cfg = config_from_hf(read_json(cfg_path), str(cfg_path))
     if (directory / "model.safetensors").is_file():
-        sd = load_safetensors(directory / "model.safetensors")
+        sd = iter_safetensors(directory / "model.safetensors")
     elif (directory / "pytorch_model.bin").is_file():
         sd = _torch_load(directory / "pytorch_model.bin")
     else:
         raise LorafitError(f"{directory}: no model.safetensors (or pytorch_model.bin) beside config.json")
-    return load_state_into(empty_model(cfg, lm_head), hf_to_lorafit(sd, cfg.n_layers), str(directory))
+    return load_state_into(cfg, hf_to_lorafit(sd, cfg.n_layers), str(directory), lm_head)
 
 
 def load_openai_directory(directory: Path, lm_head: bool = True) -> GPTModel:
@@ -196,7 +211,7 @@ def load_openai_directory(directory: Path, lm_head: bool = True) -> GPTModel:
         if arr.ndim == 3:  # conv1d weights are [1, in, out]
             arr = arr[0]
         sd[key] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-    return load_state_into(empty_model(cfg, lm_head), hf_to_lorafit(sd, cfg.n_layers), str(directory))
+    return load_state_into(cfg, hf_to_lorafit(sd, cfg.n_layers), str(directory), lm_head)
 
 
 def _torch_load(path: Path) -> dict:
@@ -229,7 +244,7 @@ def load_book_state_dict(path: Path, n_heads: int | None = None, lm_head: bool =
     if "tok_emb.weight" not in sd or "pos_emb.weight" not in sd:
         raise LorafitError(f"{path}: not a GPTModel state dict (no tok_emb.weight / pos_emb.weight)")
     cfg = config_from_state_dict(sd, n_heads)
-    return load_state_into(empty_model(cfg, lm_head), sd, str(path))
+    return load_state_into(cfg, sd, str(path), lm_head)
 
 
 def hub_download(preset: str) -> Path:

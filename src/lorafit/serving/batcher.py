@@ -3,7 +3,9 @@
 The event loop only enqueues and awaits; the model runs on the worker, never in the loop. The worker
 takes the first waiting request, gathers more until ``max_batch_size`` texts are in hand or
 ``max_wait_ms`` has passed since it took the first, and runs them all in one call (which sorts by
-length and leaves padding out, as training does). Requests admitted but not yet answered are capped
+length and leaves padding out, as training does). It waits for companions only while requests are
+crowding in (some were queued when it came back from a batch, or the last batch held several): a lone
+request runs at once instead of paying the wait for nobody. Requests admitted but not yet answered are capped
 at ``max_queued``: the next one is refused at once (HTTP 429) instead of waiting without bound.
 """
 
@@ -89,10 +91,10 @@ class Batcher:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
-        """The first job and those that arrive within the wait, up to the batch size; and whether to stop."""
+    def _gather(self, first: _Job, wait: float) -> tuple[list[_Job], bool]:
+        """The first job and those queued or arriving within ``wait`` s, up to the batch size; and whether to stop."""
         jobs, n = [first], len(first.ids)
-        deadline = time.monotonic() + self.max_wait
+        deadline = time.monotonic() + wait
         while n < self.max_batch_size:
             try:
                 job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -105,12 +107,14 @@ class Batcher:
         return jobs, False
 
     def _work(self) -> None:
-        stop = False
+        stop, last = False, 0
         while not stop:
+            crowded = last > 1 or not self._queue.empty()
             first = self._queue.get()
             if first is None:
                 break
-            jobs, stop = self._gather(first)
+            jobs, stop = self._gather(first, self.max_wait if crowded else 0.0)
+            last = len(jobs)
             self._execute(jobs)
 
     def _execute(self, jobs: list[_Job]) -> None:
