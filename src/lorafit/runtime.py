@@ -21,7 +21,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 # nearly every batch a new shape, so the caches only grow: about 0.5 GB of peak RSS training GPT-2 small. A few
 # dozen entries hold a step's shapes and cost no speed (README, "bf16 on a bf16-fast CPU"). They are read when
 # the first kernel is built, hence here, on import; a user's own setting wins.
-ONEDNN_CACHE_CAPACITY = "64"
+ONEDNN_CACHE_CAPACITY = "32"
 for _name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     os.environ.setdefault(_name, ONEDNN_CACHE_CAPACITY)
 
