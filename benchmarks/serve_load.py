@@ -215,7 +215,7 @@ def report(results: list[dict], args) -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     print(f"CPU: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; {args.requests} requests per level\n")
-    print("| server | clients | requests | texts/s | p50 ms | p99 ms | errors | peak RSS MB | RSS at end MB |")
+    print("| server | clients | requests | texts/s | p50 ms | p99 ms | errors | peak RSS MiB | RSS at end MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         for row in r["rows"]:

@@ -274,7 +274,7 @@ def _print_summary(result) -> None:
     acc = ", ".join(f"{k} {100 * v['accuracy']:.2f} %" for k, v in r["metrics"].items())
     print(f"accuracy: {acc}")
     print(f"training: {r['speed']['train_seconds']:.1f} s, {r['speed']['train_examples_per_s']:.2f} examples/s; "
-          f"peak RSS {r['speed']['peak_rss_mb']:.0f} MB")
+          f"peak RSS {r['speed']['peak_rss_mb']:.0f} MiB")
     print(f"run written to {out}/ (report.md, adapter.safetensors, plots)")
 
 

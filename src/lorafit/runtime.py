@@ -159,7 +159,7 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def peak_memory_mb(device: torch.device) -> dict:
-    """Peak resident memory of this process (and of the GPU, when there is one), in MB."""
+    """Peak resident memory of this process (and of the GPU, when there is one), in MiB (the keys say mb)."""
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"peak_rss_mb": round(rss_kb / (1024 if sys.platform != "darwin" else 1024 * 1024), 1)}
     if device.type == "cuda":

@@ -27,8 +27,8 @@ class RunSummary:
         epochs = len(r["epochs"])
         pct = lambda split: f"{100 * metrics[split]['accuracy']:.2f} %" if split in metrics else "n/a"  # noqa: E731
         f1 = f"{metrics['test']['macro_f1']:.4f}" if "test" in metrics else "n/a"
-        memory = (f"{speed['peak_gpu_mb']:,.0f} MB GPU" if "peak_gpu_mb" in speed
-                  else f"{speed['peak_rss_mb']:,.0f} MB RSS")
+        memory = (f"{speed['peak_gpu_mb']:,.0f} MiB GPU" if "peak_gpu_mb" in speed
+                  else f"{speed['peak_rss_mb']:,.0f} MiB RSS")
         return (self.name, str(lora["rank"]), f"{lora['alpha']:g}", f"{r['train']['lr']:g}", str(epochs),
                 speed["precision"], pct("val"), pct("test"), f1, f"{speed['train_seconds'] / epochs:.1f}", memory)
 

@@ -126,8 +126,8 @@ def _speed(s: dict) -> list[str]:
         f"- training: {s['train_seconds']:.1f} s, {s['train_examples_per_s']:.2f} examples/s, "
         f"{s['train_tokens_per_s']:.0f} tokens/s ({s['device']}, {s['precision']})",
         f"- evaluation (merged weights): {s['eval_examples_per_s']:.2f} examples/s",
-        f"- wall time: {s['wall_seconds']:.1f} s; peak memory: {s['peak_rss_mb']:.0f} MB RSS"
-        + (f", {s['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in s else ""),
+        f"- wall time: {s['wall_seconds']:.1f} s; peak memory: {s['peak_rss_mb']:.0f} MiB RSS"
+        + (f", {s['peak_gpu_mb']:.0f} MiB GPU" if "peak_gpu_mb" in s else ""),
     ]
 
 
