@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, TrainConfig, build_classifier
 from lorafit.adapters.storage import adapter_state
 from lorafit.data.datasets import DataConfig
+from lorafit.runtime import cpu_name
 from lorafit.training.checkpoint import CHECKPOINT, RunSettings, load_checkpoint, save_checkpoint
 from lorafit.training.loop import History, TrainState, make_optimizer, rng_state
 
@@ -50,14 +50,6 @@ def trained_state(args):
     state = TrainState(epoch=2, batch=60, step=steps - 71, best_accuracy=0.9, history=history,
                        optimizer=opt.state_dict(), rng=rng_state(torch.device("cpu")))
     return model, spec, cfg, state
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def timed(fn, repeats: int) -> float:

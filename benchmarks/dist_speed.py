@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lorafit.runtime import cpu_name
 
 
 def free_port() -> int:
@@ -120,7 +121,7 @@ def main() -> None:
                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     allreduce = json.loads(ar.stdout.strip().splitlines()[-1])
 
-    print(f"\nCPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; device {args.device}")
+    print(f"\nCPU: {cpu_name()}, {os.cpu_count()} cores; device {args.device}")
     print(f"{'run':<48} {'precision':>14} {'s/epoch':>8} {'examples/s':>11} {'test acc':>9} {'val acc':>8}")
     for name, r in reports.items():
         print(f"{name:<48} {r['speed']['precision']:>14} {r['speed']['train_seconds']:>8.1f} "

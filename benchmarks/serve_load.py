@@ -17,7 +17,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from lorafit.runtime import cpu_name
 
 CLIENTS = (1, 8, 32)
 
@@ -212,9 +213,7 @@ def main() -> None:
 
 
 def report(results: list[dict], args) -> None:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; {args.requests} requests per level\n")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; {args.requests} requests per level\n")
     print("| server | clients | requests | texts/s | p50 ms | p99 ms | errors | peak RSS MiB | RSS at end MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:

@@ -13,7 +13,6 @@ rate they ran at against this CPU's 2048-cubed matmul.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import FLOPS_PER_TOKEN, load_data, matmul_peak  # noqa: E402
+from train_speed import FLOPS_PER_TOKEN, cpu_name, load_data, matmul_peak  # noqa: E402
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::linear")
 
@@ -63,7 +62,7 @@ def main() -> None:
     matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e6
     peak = matmul_peak(torch.bfloat16 if dtype else torch.float32)
     rate = FLOPS_PER_TOKEN * history.train_tokens / matmul / 1e9
-    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; precision {'bf16 autocast' if dtype else 'fp32'}; {args.batches} batches, "
           f"{history.train_tokens:,} real tokens, {history.train_seconds:.1f} s under the profiler")
     print(f"matrix products: {100 * matmul / total:.0f} % of the profiled CPU time, at {rate:.0f} GFLOP/s "

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from lorafit.runtime import peak_memory_mb
+from lorafit.runtime import cpu_name, peak_memory_mb
 
 SYSTEMS = ("lorafit", "lorafit-fp32", "lorafit-bf16", "peft", "peft-bf16", "book", "lorafit-dora", "lorafit-dora-fp32",
            "peft-dora")
@@ -219,7 +218,7 @@ def main() -> None:
     if unknown:
         p.error(f"--systems: unknown {', '.join(sorted(unknown))}")
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; 2048^3 matmul: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s", flush=True)
     results = {}
     for name in systems:

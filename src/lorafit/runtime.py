@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import platform
 import resource
 import sys
 import time
@@ -50,17 +51,27 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of /proc/cpuinfo (Linux), else None."""
     if not sys.platform.startswith("linux"):
-        return set()
+        return None
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    return set((_cpuinfo("flags") or "").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for naming the machine beside a measured number."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 @functools.lru_cache(maxsize=None)
