@@ -36,15 +36,9 @@ def predict_logits(model, data: Encoded, pad_id: int, *, batch_size: int = 32, d
 
 def predict_proba(model, data: Encoded, pad_id: int, *, batch_size: int = 32, device: torch.device | None = None,
                   dtype: torch.dtype | None = None, order: list[np.ndarray] | None = None) -> np.ndarray:
-    """Class probabilities (N, C) in the input order; with ``order``, rows outside it stay zero (summed over ranks)."""
+    """Class probabilities (N, C) in the input order; with ``order``, only those batches' rows are computed."""
     logits = predict_logits(model, data, pad_id, batch_size=batch_size, device=device, dtype=dtype, order=order)
-    probs = torch.softmax(logits, dim=-1).numpy().astype(np.float64)
-    if order is not None:
-        mine = np.zeros(len(probs), dtype=bool)
-        for idx in order:
-            mine[idx] = True
-        probs[~mine] = 0.0
-    return probs
+    return torch.softmax(logits, dim=-1).numpy().astype(np.float64)
 
 
 def load_for_inference(run: str | Path, device: str, precision: str):
