@@ -73,7 +73,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise LorafitError(f"--out {path}: already exists and is not empty; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())

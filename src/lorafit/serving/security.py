@@ -11,6 +11,7 @@ import hmac
 import json
 
 from .model import RequestError
+from .schema import error_body
 
 OPEN_PATHS = ("/health", "/")  # what a load balancer probes; the page (no data in it: it sends the key itself)
 OPEN_PREFIX = "/static/"  # the page's script and style sheet
@@ -47,8 +48,8 @@ class ApiKey:
         scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
             return await self.app(scope, receive, send)
-        body = json.dumps({"error": "missing or wrong API key: send the header Authorization: Bearer <key>",
-                           "error_type": "Unauthorized"}).encode()
+        body = json.dumps(error_body(RequestError(
+            401, "Unauthorized", "missing or wrong API key: send the header Authorization: Bearer <key>"))).encode()
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b"Bearer")]})
