@@ -68,7 +68,8 @@ def save_checkpoint(out: Path, model, spec: ClassifierSpec, data_cfg: DataConfig
     save_safetensors(out / CHECKPOINT, tensors, metadata={"format": FORMAT, "run": json.dumps(saved)})
 
 
-def load_checkpoint(out: Path) -> Checkpoint:
+def _saved_record(out: Path) -> tuple[Path, dict]:
+    """The checkpoint's path and the run record in its header (no tensor is read)."""
     path = out / CHECKPOINT
     if not path.is_file():
         done = " (it finished: see report.md)" if (out / "report.json").is_file() else ""
@@ -77,7 +78,23 @@ def load_checkpoint(out: Path) -> Checkpoint:
     try:
         if meta.get("format") != FORMAT:
             raise KeyError("format")
-        saved = json.loads(meta["run"])
+        return path, json.loads(meta["run"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise LorafitError(f"{path}: not a lorafit checkpoint ({e})") from e
+
+
+def saved_command(out: Path) -> str:
+    """The command that wrote the checkpoint in ``out``, read from its header alone."""
+    path, saved = _saved_record(out)
+    try:
+        return saved["run"]["command"]
+    except (KeyError, TypeError) as e:
+        raise LorafitError(f"{path}: not a lorafit checkpoint ({e})") from e
+
+
+def load_checkpoint(out: Path) -> Checkpoint:
+    path, saved = _saved_record(out)
+    try:
         spec = ClassifierSpec.from_dict(saved["spec"])
         data_cfg = DataConfig(**saved["data"])
         train_cfg = TrainConfig(**saved["train"])
@@ -85,7 +102,7 @@ def load_checkpoint(out: Path) -> Checkpoint:
         counters = saved["state"]
         history = History.from_dict(saved["history"])
         groups = saved["optimizer_param_groups"]
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError) as e:
         raise LorafitError(f"{path}: not a lorafit checkpoint ({e})") from e
     tensors = load_safetensors(path)
     optimizer = {"state": {}, "param_groups": groups}

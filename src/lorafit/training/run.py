@@ -31,7 +31,7 @@ from ..reporting.plots import plot_accuracy, plot_confusion, plot_loss
 from ..reporting.report import build_report, render_markdown
 from ..runtime import check_flags, setup
 from .checkpoint import (CHECKPOINT, Checkpoint, PeriodicCheckpoints, RunSettings, load_checkpoint, remove_checkpoint,
-                         save_checkpoint)
+                         save_checkpoint, saved_command)
 from .distributed import Distributed, Launch, regroup, restart_count, session
 from .loop import History, TrainConfig, TrainingStopped, fit
 
@@ -119,7 +119,7 @@ def resume_or_start(out: Path, command: str, overwrite: bool) -> bool:
     """
     if not (out / CHECKPOINT).is_file():
         return False
-    saved = load_checkpoint(out).settings.command
+    saved = saved_command(out)  # the header only: resume_run reads the tensors
     if saved == command:
         return restart_count() > 0 or not overwrite
     if not overwrite:
@@ -177,7 +177,8 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
     checkpoints = PeriodicCheckpoints(save, settings.save_every, settings.save_every_minutes,
                                       saved_step=resume.state.step if resume else None)
     try:
-        with (open_loggers(loggers, out, _hparams(spec, train_cfg, dtype), resume=resume is not None) if writer
+        hparams = _hparams(spec, train_cfg, settings.precision)
+        with (open_loggers(loggers, out, hparams, resume=resume is not None) if writer
               else contextlib.nullcontext(None)) as track:
             history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, (dev, dtype, dist),
                            resume, checkpoints, progress, track)
@@ -217,7 +218,7 @@ def _fit(out: Path, model, spec: ClassifierSpec, enc: dict, labels: list[str], p
                        dtype=dtype, on_best=(lambda rec: save_adapter(out, model, spec)) if writer else None,
                        log=(lambda rec: (append_metrics(metrics_file, rec), track(rec))) if writer else None,
                        progress=progress and writer, state=resume.state if resume else None,
-                       stop_requested=stop_requested, on_step=checkpoints, dist=dist)
+                       stop_requested=stop_requested, on_step=checkpoints if writer else None, dist=dist)
         except TrainingStopped as e:
             checkpoints.save(e.state)  # does nothing on ranks other than 0
             how = (f"resume with: lorafit train --resume {out}" if e.exit_code == 130 else
@@ -236,10 +237,10 @@ def _evaluate_kept(out: Path, model, spec: ClassifierSpec, enc: dict, labels: li
     return evaluate_model(model, pad_id, enc, labels, dev, dtype, 4 * train_cfg.batch_size, predict=dist.predict)
 
 
-def _hparams(spec: ClassifierSpec, train_cfg: TrainConfig, dtype) -> dict:
+def _hparams(spec: ClassifierSpec, train_cfg: TrainConfig, precision: str) -> dict:
     """The run's settings as the trackers record them (flat names)."""
     return flatten({"model": spec.backbone.model, "random_init": spec.backbone.random_init,
-                    "precision": "bf16" if dtype else "fp32", "lora": spec.lora.to_dict(), "train": train_cfg.to_dict()})
+                    "precision": precision, "lora": spec.lora.to_dict(), "train": train_cfg.to_dict()})
 
 
 def what_survives(out: Path, saved_step: int | None) -> str:
