@@ -14,8 +14,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ..data.batching import Encoded, collate
 from ..data.datasets import read_table
 from ..errors import LorafitError
 from .classifier import Classifier
@@ -138,12 +140,8 @@ def padded(encoder, texts: list[str], where: str) -> tuple[torch.Tensor, torch.T
         if row and row[-1] == pad:
             raise LorafitError(f"{where}: {text[:40]!r} ends with the pad token {pad}, which transformers' pooling "
                                "skips; lorafit pools it")
-    batch = torch.full((len(ids), max(len(r) for r in ids)), pad, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for i, row in enumerate(ids):
-        batch[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
-    return batch, mask
+    batch = collate(Encoded(ids, None, 0), np.arange(len(ids)), pad)
+    return batch.input_ids, batch.attention_mask
 
 
 def check_tokenizer(encoder, hf_tokenizer, texts: list[str], where: str) -> None:

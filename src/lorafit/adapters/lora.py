@@ -191,10 +191,11 @@ class LoRALinear(nn.Module):
         return (b @ a) * self.scaling  # (out, in)
 
     @torch.no_grad()
-    def weight_norm(self) -> torch.Tensor:
+    def weight_norm(self, factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Row norms of ``W + s B A`` in fp32, detached, without forming the (out, in) sum:
-        ``||W_i||^2 + 2 s <W_i, (B A)_i> + s^2 ||(B A)_i||^2`` needs only W A^T (out, r) and A A^T (r, r)."""
-        a, b = self.factors()
+        ``||W_i||^2 + 2 s <W_i, (B A)_i> + s^2 ||(B A)_i||^2`` needs only W A^T (out, r) and A A^T (r, r).
+        ``factors``: :meth:`factors` when the caller has them already."""
+        a, b = factors or self.factors()
         w = self.base.weight  # (out, in): fp32, or bf16 where bf16 training stores the frozen base so (no fp32 copy)
         dev = w.device.type
         in_autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
@@ -222,7 +223,7 @@ class LoRALinear(nn.Module):
         Without dropout (or in eval, where dropout is the identity) that is ``g (W x + s B A x) + b``:
         the LoRA node plus one scaling of its output."""
         w, bias = self.base.weight, self.base.bias
-        g = self.lora_magnitude / self.weight_norm()  # (out,)
+        g = self.lora_magnitude / self.weight_norm((a, b))  # (out,)
         if xd is None or not self.training:
             z = LoRAFunction.apply(x, None, w, None, a, b, self.scaling)  # (N, out): W x + s B A x
             g = g.to(z.dtype)

@@ -22,12 +22,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..backbones.base import BackboneSpec
+from ..backbones.hf import require_transformers
 from ..backbones.weights import HUB_REPOS
 from ..errors import LorafitError
-from ..files import atomic_dir, load_safetensors, read_json, save_safetensors, write_json, write_text
+from ..files import (atomic_dir, load_safetensors, read_json, safetensors_metadata, save_safetensors, write_json,
+                     write_text)
 from .classifier import Classifier
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps,
                         layout_of, padded, sample_texts)
@@ -181,9 +182,8 @@ def _importable(*names: str) -> bool:
 def _verify(folder: Path, model, backbone, spec, local: str, gguf: str | None, texts, where: str) -> float:
     """Load ``folder`` as the user would (transformers + PEFT) and compare with lorafit on ``texts``."""
     import peft
-    import transformers
 
-    transformers.logging.set_verbosity_error()
+    transformers = require_transformers("--format peft")
     id2label, label2id = label_maps(spec.labels)
     kwargs = {"gguf_file": gguf} if gguf else {}
     with warnings.catch_warnings():
@@ -256,8 +256,7 @@ def _read_weights(directory: Path) -> tuple[dict, dict, list[str] | None]:
     if not path.is_file():
         raise LorafitError(f"{path}: not found (lorafit reads PEFT adapters saved as safetensors)")
     tensors = load_safetensors(path)
-    with safe_open(str(path), "pt") as f:
-        id2label = (f.metadata() or {}).get("id2label")
+    id2label = safetensors_metadata(path).get("id2label")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     other: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
