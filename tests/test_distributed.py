@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, hf_gpt2_config, save_tiny, write_bpe, write_sms_like
 from lorafit.backbones.gpt2 import GPTConfig
+from lorafit import cli
 from lorafit.cli import main
 from lorafit.errors import LorafitError
 from lorafit.training.checkpoint import CHECKPOINT, load_checkpoint
@@ -249,3 +250,30 @@ def test_nccl_without_cuda_is_one_line(files, tmp_path, monkeypatch, capsys):
     code = main([str(a) for a in train_args(files, tmp_path / "r", "--dist-backend", "nccl", "--device", "cpu")])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "--dist-backend nccl needs CUDA" in err
+
+
+class Exited(Exception):
+    """What the patched ``os._exit`` raises, so the test sees the status instead of losing its process."""
+
+
+@pytest.mark.parametrize("argv, status", [(["predict", "--run", "missing", "hi"], 1),  # lorafit's one-line error
+                                          (["predict", "--no-such-flag"], 2)])  # argparse's usage error
+def test_a_torchrun_worker_ends_with_os_exit_and_keeps_its_status(argv, status, tmp_path, monkeypatch, capsys):
+    """DDP keeps gloo's worker threads past destroy_process_group, and one that frees its last collective during
+    interpreter shutdown aborts the process (SIGABRT after a complete run): a torchrun worker skips that shutdown."""
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(sys, "argv", ["lorafit", *argv])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    with pytest.raises(Exited) as worker:
+        cli.entry()
+    assert worker.value.args == (status,)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as plain:  # a plain process exits the normal way
+        cli.entry()
+    assert plain.value.code == status
+    assert capsys.readouterr().err.count("error:") == 2

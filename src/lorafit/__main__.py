@@ -1,7 +1,5 @@
 """``python -m lorafit``: the CLI (what ``torchrun -m lorafit`` starts in every process)."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

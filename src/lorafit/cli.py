@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 
@@ -428,3 +429,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
+
+
+def entry() -> NoReturn:
+    """The ``lorafit`` command and ``python -m lorafit``: :func:`main`'s code as the process's exit status.
+
+    A torchrun worker ends with ``os._exit`` once its output is flushed, skipping interpreter shutdown. DDP
+    keeps gloo's worker threads alive after ``destroy_process_group``; one that releases its last
+    collective while the interpreter shuts down cannot take the GIL and aborts the process ("terminate
+    called without an active exception", pytorch/pytorch#179291), and torchrun then reports a finished run
+    as failed. Every file lorafit writes is closed (and renamed into place) before this point.
+    """
+    try:
+        code = main()
+    except SystemExit as e:  # argparse's usage errors (already printed)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    if launched_by_torchrun():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
