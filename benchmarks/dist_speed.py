@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,11 +28,8 @@ from pathlib import Path
 
 from lorafit.runtime import cpu_name
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import free_port  # noqa: E402
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:

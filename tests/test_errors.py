@@ -3,6 +3,7 @@ and interrupt-and-resume equivalence."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -195,7 +196,8 @@ def _wait_for_lines(path: Path, n: int, proc, timeout: float = 120) -> None:
 def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, sms_file, hf_gpt2_dir, sig):
     from safetensors.torch import load_file
 
-    extra = ("--epochs", "10", "--lora-dropout", "0.1", "--grad-accum", "2")  # dropout: RNG state must resume too
+    # dropout: the RNG state must resume too; csv: a tracker holds each step once, as metrics.jsonl does
+    extra = ("--epochs", "10", "--lora-dropout", "0.1", "--grad-accum", "2", "--logger", "csv")
     reference = tmp_path / "reference"
     assert main(train_args(hf_gpt2_dir, sms_file, reference, *extra)) == 0
 
@@ -218,6 +220,9 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, capsys, sms
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(ln)["event"] == "train"]
     assert steps == list(range(1, len(steps) + 1))  # every step logged once, none twice
+    with open(out / "metrics.csv", newline="") as f:
+        rows = [(r["event"], int(r["step"])) for r in csv.DictReader(f)]
+    assert rows == [(r["event"], r["step"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     assert not (out / "checkpoint.safetensors").exists()
     code, err = run_cli(capsys, "train", "--resume", str(out))
     assert code == 1 and "it finished" in error_line(err)

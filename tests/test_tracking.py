@@ -4,6 +4,7 @@ reader, equals metrics.jsonl; lorafit compare tabulates and draws real runs."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 
@@ -143,13 +144,29 @@ def test_unknown_logger_is_a_usage_error(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_csv_logger_appends_on_resume_and_starts_afresh_otherwise(tmp_path):
+def test_trackers_after_a_resume_hold_the_checkpoints_records_then_the_replayed_ones(tmp_path):
+    """The steps after a checkpoint run again on resume: each tracker must show them once, with the new values."""
     from lorafit.reporting.loggers import LoggerConfig, open_loggers
 
-    cfg = LoggerConfig(("csv",))
-    rec = {"event": "train", "step": 1, "epoch": 0.5, "examples_seen": 8, "loss": 0.25, "lr": 1e-3}
-    for resume, rows in ((False, 1), (True, 2), (False, 1)):
-        with open_loggers(cfg, tmp_path, {}, resume=resume) as log:
-            log(rec)
-        lines = (tmp_path / "metrics.csv").read_text().splitlines()
-        assert lines[0].startswith("event,step,epoch") and lines[1:] == ["train,1,0.5,8,0.25,0.001,,,,"] * rows
+    def rec(step, loss):
+        return {"event": "train", "step": step, "epoch": step / 10, "examples_seen": 8 * step, "loss": loss, "lr": 1e-3}
+
+    first = [rec(s, 1.0 + s) for s in range(1, 6)]  # the interrupted run logged steps 1-5
+    kept, replayed = first[:3], [rec(4, 0.25), rec(5, 0.5)]  # its checkpoint was at step 3
+    names = ("csv", "tensorboard") if importlib.util.find_spec("tensorboard") else ("csv",)
+    for kept_records, records in ((None, first), (kept, replayed)):
+        with open_loggers(LoggerConfig(names), tmp_path, {}, kept=kept_records) as log:
+            for r in records:
+                log(r)
+    want = [(r["step"], r["loss"]) for r in kept + replayed]
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)] == want
+    if "tensorboard" in names:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tmp_path / "tensorboard"))
+        acc.Reload()
+        assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == pytest.approx(want)
+    with open_loggers(LoggerConfig(("csv",)), tmp_path, {}) as log:  # a new run (--overwrite) starts afresh
+        log(rec(1, 3.0))
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[1:] == ["train,1,0.1,8,3.0,0.001,,,,"]

@@ -33,7 +33,7 @@ from .classifier import Classifier
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps,
                         layout_of, padded, sample_texts)
 from .lora import LoRAConfig, lora_layers
-from .storage import ClassifierSpec, build_classifier, load_run
+from .storage import ADAPTER_CONFIG, MERGED_CONFIG, ClassifierSpec, build_classifier, load_run, read_spec
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -136,15 +136,8 @@ def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False, ve
     lorafit's probabilities within 1e-5 on sample texts before it is moved into place; returns the largest
     difference seen (None when not verified).
     """
+    _refuse(run)
     model, backbone, spec = load_run(run)
-    if not lora_layers(model):
-        raise LorafitError(f"--run {run}: a merged model has no adapter left to export; use --format hf")
-    if spec.lora.use_dora:
-        raise LorafitError(f"--run {run}: a DoRA adapter; export to PEFT covers plain LoRA only for now "
-                           "(--format hf writes the merged model)")
-    if spec.lora.init == "pissa":
-        raise LorafitError(f"--run {run}: a PiSSA adapter (its update is B A - B0 A0, not PEFT's form); "
-                           "--format hf writes the merged model")
     layout = layout_of(spec)
     base, gguf, local = _base(spec, backbone)
     tensors, fields = peft_tensors(model, spec, layout)
@@ -166,6 +159,21 @@ def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False, ve
         if verify and _importable("transformers", "peft"):
             diff = _verify(tmp, model, backbone, spec, local, gguf, sample_texts(run), str(out))
     return diff
+
+
+def _refuse(run: str | Path) -> None:
+    """What PEFT cannot hold, refused from the saved config alone, before the base model is loaded."""
+    folder = Path(run)
+    if (folder / MERGED_CONFIG).is_file() and not (folder / ADAPTER_CONFIG).is_file():
+        raise LorafitError(f"--run {run}: a merged model has no adapter left to export; use --format hf")
+    spec = read_spec(folder)
+    if spec.lora.use_dora:
+        raise LorafitError(f"--run {run}: a DoRA adapter; export to PEFT covers plain LoRA only for now "
+                           "(--format hf writes the merged model)")
+    if spec.lora.init == "pissa":
+        raise LorafitError(f"--run {run}: a PiSSA adapter (its update is B A - B0 A0, not PEFT's form); "
+                           "--format hf writes the merged model")
+    layout_of(spec)
 
 
 def _readme(spec: ClassifierSpec, layout: Layout, lines: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import LorafitError
 from ..files import read_json
 from .plots import plot_validation_curves
+from .report import percent
 
 HEADER = ("run", "rank", "alpha", "lr", "epochs", "precision", "val acc", "test acc", "test macro F1", "s / epoch",
           "peak memory")
@@ -25,12 +26,12 @@ class RunSummary:
         r = self.report
         lora, speed, metrics = r["model"]["lora"], r["speed"], r["metrics"]
         epochs = len(r["epochs"])
-        pct = lambda split: f"{100 * metrics[split]['accuracy']:.2f} %" if split in metrics else "n/a"  # noqa: E731
         f1 = f"{metrics['test']['macro_f1']:.4f}" if "test" in metrics else "n/a"
         memory = (f"{speed['peak_gpu_mb']:,.0f} MiB GPU" if "peak_gpu_mb" in speed
                   else f"{speed['peak_rss_mb']:,.0f} MiB RSS")
         return (self.name, str(lora["rank"]), f"{lora['alpha']:g}", f"{r['train']['lr']:g}", str(epochs),
-                speed["precision"], pct("val"), pct("test"), f1, f"{speed['train_seconds'] / epochs:.1f}", memory)
+                speed["precision"], percent(metrics.get("val", {}).get("accuracy")),
+                percent(metrics.get("test", {}).get("accuracy")), f1, f"{speed['train_seconds'] / epochs:.1f}", memory)
 
 
 def load_run(directory: str | Path) -> RunSummary:

@@ -36,6 +36,10 @@ class MetricsLogger(Protocol):
     def close(self, failed: bool = False) -> None: ...
 
 
+# Each tracker is built as Tracker(out, cfg, kept): ``kept`` is None for a new run; for a resumed one, the
+# records that the checkpoint keeps (the steps after it are replayed and logged again, so none is logged twice).
+
+
 @dataclass
 class LoggerConfig:
     """Which trackers a run feeds, and where MLflow writes."""
@@ -78,15 +82,15 @@ def flatten(settings: dict, prefix: str = "") -> dict:
 
 
 class CsvLogger:
-    """``metrics.csv``: one row per record, the columns of :data:`CSV_COLUMNS`, flushed as it goes."""
+    """``metrics.csv``: one row per record, the columns of :data:`CSV_COLUMNS`, flushed as it goes; after a
+    resume, the checkpoint's records and then the new ones (the same rows as ``metrics.jsonl``)."""
 
-    def __init__(self, out: Path, cfg: LoggerConfig, resume: bool):
-        path = out / "metrics.csv"
-        fresh = not resume or not path.exists()
-        self.file = open(path, "w" if fresh else "a", newline="", encoding="utf-8")
+    def __init__(self, out: Path, cfg: LoggerConfig, kept: list[dict] | None):
+        self.file = open(out / "metrics.csv", "w", newline="", encoding="utf-8")
         self.writer = csv.DictWriter(self.file, CSV_COLUMNS, extrasaction="ignore")
-        if fresh:
-            self.writer.writeheader()
+        self.writer.writeheader()
+        for record in kept or ():
+            self.log(record)
 
     def log(self, record: dict) -> None:
         self.writer.writerow({k: "" if v is None else v for k, v in record.items()})
@@ -102,13 +106,15 @@ class CsvLogger:
 class TensorBoardLogger:
     """Event files in ``<run>/tensorboard``: every scalar against the optimiser step, the settings as hparams."""
 
-    def __init__(self, out: Path, cfg: LoggerConfig, resume: bool):
+    def __init__(self, out: Path, cfg: LoggerConfig, kept: list[dict] | None):
         from torch.utils.tensorboard import SummaryWriter
 
         log_dir = out / "tensorboard"
-        if not resume:
+        if kept is None:
             shutil.rmtree(log_dir, ignore_errors=True)  # an --overwrite'n run starts a fresh timeline
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # on resume, TensorBoard hides the events after the checkpoint's last record: they are logged again
+        purge = max((r["step"] for r in kept), default=0) + 1 if kept is not None else None
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
 
     def log(self, record: dict) -> None:
         for name, value in scalars(record).items():
@@ -127,9 +133,10 @@ class TensorBoardLogger:
 
 
 class MlflowLogger:
-    """One MLflow run (experiment "lorafit", named after the run directory) through MlflowClient."""
+    """One MLflow run (experiment "lorafit", named after the run directory) through MlflowClient; a resumed
+    run is a new MLflow run that starts with the checkpoint's records."""
 
-    def __init__(self, out: Path, cfg: LoggerConfig, resume: bool):
+    def __init__(self, out: Path, cfg: LoggerConfig, kept: list[dict] | None):
         from mlflow.tracking import MlflowClient
 
         uri = cfg.mlflow_uri
@@ -143,6 +150,8 @@ class MlflowLogger:
             found = self.client.get_experiment_by_name("lorafit")
             experiment = found.experiment_id if found else self.client.create_experiment("lorafit")
             self.run_id = self.client.create_run(experiment, run_name=out.resolve().name).info.run_id
+            for record in kept or ():
+                self.log(record)
         except Exception as e:  # MLflow raises its own and the store's exceptions; all mean "cannot track"
             self.env.close()
             raise LorafitError(f"--mlflow-uri {cfg.mlflow_uri}: cannot start an MLflow run ({e})") from e
@@ -166,7 +175,7 @@ class MlflowLogger:
             self.env.close()
 
 
-LOGGERS: dict[str, Callable[[Path, LoggerConfig, bool], MetricsLogger]] = {
+LOGGERS: dict[str, Callable[[Path, LoggerConfig, list[dict] | None], MetricsLogger]] = {
     "csv": CsvLogger, "tensorboard": TensorBoardLogger, "mlflow": MlflowLogger}
 
 
@@ -182,15 +191,16 @@ def _env(name: str, value: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def open_loggers(cfg: LoggerConfig, out: Path, hparams: dict, *, resume: bool = False
+def open_loggers(cfg: LoggerConfig, out: Path, hparams: dict, *, kept: list[dict] | None = None
                  ) -> Iterator[Callable[[dict], None]]:
     """Start the trackers ``cfg`` names, send them ``hparams``, and yield the function that logs a record
-    to all of them; on leaving, close them (marked failed when the block raised)."""
+    to all of them; on leaving, close them (marked failed when the block raised). ``kept``: a resumed
+    run's records up to its checkpoint (None for a new run)."""
     loggers: list[MetricsLogger] = []
     failed = False
     try:
         for name in cfg.names:
-            loggers.append(LOGGERS[name](out, cfg, resume))
+            loggers.append(LOGGERS[name](out, cfg, kept))
             loggers[-1].log_hparams(hparams)
         yield lambda record: [lg.log(record) for lg in loggers]
     except BaseException:

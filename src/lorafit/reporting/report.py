@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import sys
 from importlib import metadata
@@ -9,7 +10,9 @@ from importlib import metadata
 from ..runtime import peak_memory_mb
 
 
+@functools.cache
 def library_versions() -> dict:
+    """Python, platform and package versions; read once a process (GET /info asks on every request)."""
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in ("lorafit", "torch", "tiktoken", "safetensors", "numpy", "pandas", "transformers"):
         try:
@@ -52,7 +55,8 @@ def build_report(*, name: str, command: str, spec: dict, train: dict, data: dict
     return report
 
 
-def _pct(x) -> str:
+def percent(x: float | None) -> str:
+    """0.9833 -> "98.33 %"; None (a split the run did not have) -> "n/a"."""
     return "n/a" if x is None else f"{100 * x:.2f} %"
 
 
@@ -102,7 +106,7 @@ def _accuracy(metrics: dict) -> list[str]:
              "|---|---:|---:|---:|---:|---:|"]
     for split, m in metrics.items():
         auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
-        lines.append(f"| {split} | {m['n']} | {_pct(m['accuracy'])} | {m['loss']:.4f} | {m['macro_f1']:.4f} | {auc} |")
+        lines.append(f"| {split} | {m['n']} | {percent(m['accuracy'])} | {m['loss']:.4f} | {m['macro_f1']:.4f} | {auc} |")
     return lines
 
 

@@ -165,12 +165,8 @@ class Distributed:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
     def _collective(self, op, *args, **kwargs):
-        try:
+        with peer_failures_as_lost():
             return op(*args, **kwargs)
-        except RuntimeError as e:
-            if is_peer_failure(e):
-                raise PeerLost(lost_message(e)) from e
-            raise
 
 
 LOCAL = Distributed()
@@ -186,9 +182,17 @@ def regroup(grad_accum: int, saved_world: int, world: int, where: str) -> int:
     return per_step // world
 
 
-def lost_message(e: BaseException) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return f"another process of this torchrun job stopped or stopped answering ({first[:200]})"
+@contextlib.contextmanager
+def peer_failures_as_lost() -> Iterator[None]:
+    """A RuntimeError that means another rank died or hung (from a collective, or DDP's backward) becomes
+    :class:`PeerLost`, with one line; any other error passes through as it is."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not is_peer_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PeerLost(f"another process of this torchrun job stopped or stopped answering ({first[:200]})") from e
 
 
 def is_peer_failure(e: BaseException) -> bool:
@@ -279,13 +283,10 @@ def session(device: torch.device, launch: Launch, per_rank_batch: int,
         if len(set(plans)) > 1:
             raise LorafitError(f"the processes disagree on what to do ({' / '.join(sorted(set(plans)))}): "
                                "--out must be on a file system that every machine of the job sees")
-        with warnings.catch_warnings():
+        # collectives outside the training loop (DDP's set-up, evaluation) fail the same way
+        with warnings.catch_warnings(), peer_failures_as_lost():
             if not d.is_main:
                 warnings.simplefilter("ignore")  # rank 0 says it once
             yield d, device
-    except RuntimeError as e:  # a collective outside the training loop (DDP's set-up, evaluation)
-        if is_peer_failure(e):
-            raise PeerLost(lost_message(e)) from e
-        raise
     finally:
         tdist.destroy_process_group()

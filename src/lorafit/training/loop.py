@@ -23,7 +23,7 @@ from ..data.batching import Batch, Encoded, collate, lengths_of, train_order
 from ..errors import LorafitError, UsageError
 from ..reporting.metrics import classification_metrics
 from ..runtime import autocast, return_freed_buffers_to_the_os
-from .distributed import LOCAL, Distributed, PeerLost, is_peer_failure, lost_message
+from .distributed import LOCAL, Distributed, PeerLost, peer_failures_as_lost
 
 SCHEDULES = ("constant", "cosine")
 
@@ -241,13 +241,12 @@ class Trainer:
 
     def run(self) -> History:
         try:
-            while self.state.epoch < self.cfg.epochs:
-                self.epoch(self.state.epoch)
-        except (PeerLost, RuntimeError) as e:
-            if not (isinstance(e, PeerLost) or is_peer_failure(e)):
-                raise
+            with peer_failures_as_lost():
+                while self.state.epoch < self.cfg.epochs:
+                    self.epoch(self.state.epoch)
+        except PeerLost as e:
             set_rng_state(self.boundary_rng, self.device)  # parameters are those of the last whole step
-            raise TrainingStopped(str(e) if isinstance(e, PeerLost) else lost_message(e), self.snapshot()) from e
+            raise TrainingStopped(str(e), self.snapshot()) from e
         self.history.train_seconds = self.training_seconds()
         return self.history
 

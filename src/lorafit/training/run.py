@@ -178,7 +178,7 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
                                       saved_step=resume.state.step if resume else None)
     try:
         hparams = _hparams(spec, train_cfg, settings.precision)
-        with (open_loggers(loggers, out, hparams, resume=resume is not None) if writer
+        with (open_loggers(loggers, out, hparams, kept=resume.state.history.records() if resume else None) if writer
               else contextlib.nullcontext(None)) as track:
             history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, (dev, dtype, dist),
                            resume, checkpoints, progress, track)
