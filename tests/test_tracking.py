@@ -166,7 +166,9 @@ def test_trackers_after_a_resume_hold_the_checkpoints_records_then_the_replayed_
 
         acc = EventAccumulator(str(tmp_path / "tensorboard"))
         acc.Reload()
-        assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == pytest.approx(want)
+        got = acc.Scalars("train/loss")
+        assert [e.step for e in got] == [s for s, _ in want]
+        assert [e.value for e in got] == pytest.approx([v for _, v in want])  # stored as float32
     with open_loggers(LoggerConfig(("csv",)), tmp_path, {}) as log:  # a new run (--overwrite) starts afresh
         log(rec(1, 3.0))
     assert (tmp_path / "metrics.csv").read_text().splitlines()[1:] == ["train,1,0.1,8,3.0,0.001,,,,"]

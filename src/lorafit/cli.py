@@ -150,7 +150,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("experiment tracking (metrics.jsonl is always written)")
     g.add_argument("--logger", action="append", metavar="NAME",
                    help=f"also log to {', '.join(LOGGERS)} (repeat, or a comma list): metrics.csv, "
-                        "<run>/tensorboard event files, an MLflow run")
+                        "<run>/tensorboard event files, an MLflow run; --resume keeps the run's own unless given")
     g.add_argument("--mlflow-uri", default=LoggerConfig.mlflow_uri,
                    help="MLflow tracking URI or folder, for --logger mlflow")
     _runtime_args(p)
@@ -251,7 +251,7 @@ def cmd_train(args) -> None:
     if resume == "auto":
         resume = out if resume_or_start(out, command, args.overwrite) else None
     if resume:
-        _print_summary(resume_run(resume, progress=not args.quiet, loggers=loggers, launch=launch))
+        _print_summary(resume_run(resume, progress=not args.quiet, loggers=loggers if names else None, launch=launch))
         return
     spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args), head_bias=args.head_bias)
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,

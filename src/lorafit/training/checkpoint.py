@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ from ..adapters.storage import ClassifierSpec, adapter_state
 from ..data.datasets import DataConfig
 from ..errors import LorafitError, UsageError
 from ..files import load_safetensors, safetensors_metadata, save_safetensors
+from ..reporting.loggers import LoggerConfig
 from .loop import History, TrainConfig, Trainer, TrainState
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -36,6 +37,7 @@ class RunSettings:
     world_size: int = 1  # processes of the torchrun job (grad_accum is per process)
     save_every: int = 0  # optimiser steps between periodic checkpoints (0: off)
     save_every_minutes: float = 10.0  # minutes between periodic checkpoints (0: off)
+    loggers: LoggerConfig = field(default_factory=LoggerConfig)  # the trackers; a resume feeds them too
 
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.save_every_minutes < 0:
@@ -98,7 +100,7 @@ def load_checkpoint(out: Path) -> Checkpoint:
         spec = ClassifierSpec.from_dict(saved["spec"])
         data_cfg = DataConfig(**saved["data"])
         train_cfg = TrainConfig(**saved["train"])
-        settings = RunSettings(**saved["run"])
+        settings = RunSettings(**{**saved["run"], "loggers": LoggerConfig(**saved["run"].get("loggers", {}))})
         counters = saved["state"]
         history = History.from_dict(saved["history"])
         groups = saved["optimizer_param_groups"]

@@ -78,7 +78,8 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
     """
     out = Path(out)
     dev = check_flags(device, precision)  # bad flags fail before any work
-    settings = RunSettings(device, precision, command, save_every=save_every, save_every_minutes=save_every_minutes)
+    settings = RunSettings(device, precision, command, save_every=save_every, save_every_minutes=save_every_minutes,
+                           loggers=loggers)
     with session(dev, launch, train_cfg.batch_size, "start a new run") as (dist, dev):
         splits = dist.main_first(lambda: load_splits(**asdict(data_cfg), seed=train_cfg.seed))
         if dist.is_main:
@@ -87,12 +88,14 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
             splits.save(out)
         spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed))
         settings = replace(settings, skipped_empty=splits.skipped_empty, world_size=dist.world)
-        return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress, loggers, dist, dev)
+        return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress, dist, dev)
 
 
-def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig = LoggerConfig(),
+def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig | None = None,
                launch: Launch = Launch()) -> RunResult:
     """Continue an interrupted (or killed) run from its checkpoint, with its own split, settings and RNG state.
+
+    The trackers are the run's own unless ``loggers`` names others.
 
     Under torchrun every process reads ``out``. Another number of processes is fine when it divides
     the run's optimiser step (its global batch, hence its math, stays the same); otherwise refused.
@@ -106,8 +109,9 @@ def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig 
             remove_temp_files(out)  # a kill during a write leaves its temporary file
         train_cfg = replace(ckpt.train, grad_accum=regroup(ckpt.train.grad_accum, ckpt.settings.world_size,
                                                            dist.world, f"--resume {out}"))
-        settings = replace(ckpt.settings, world_size=dist.world)
-        return _train(out, ckpt.spec, ckpt.data, train_cfg, splits, settings, ckpt, progress, loggers, dist, dev)
+        settings = replace(ckpt.settings, world_size=dist.world,
+                           loggers=ckpt.settings.loggers if loggers is None else loggers)
+        return _train(out, ckpt.spec, ckpt.data, train_cfg, splits, settings, ckpt, progress, dist, dev)
 
 
 def resume_or_start(out: Path, command: str, overwrite: bool) -> bool:
@@ -150,8 +154,8 @@ def stop_on_signals():
 
 
 def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, splits: Splits,
-           settings: RunSettings, resume: Checkpoint | None, progress: bool, loggers: LoggerConfig,
-           dist: Distributed, dev: torch.device) -> RunResult:
+           settings: RunSettings, resume: Checkpoint | None, progress: bool, dist: Distributed,
+           dev: torch.device) -> RunResult:
     wall = time.perf_counter()
     model, backbone, built = dist.main_first(lambda: build_classifier(spec, seed=train_cfg.seed,
                                                                       initialise=resume is None))
@@ -178,7 +182,7 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
                                       saved_step=resume.state.step if resume else None)
     try:
         hparams = _hparams(spec, train_cfg, settings.precision)
-        with (open_loggers(loggers, out, hparams, kept=resume.state.history.records() if resume else None) if writer
+        with (open_loggers(settings.loggers, out, hparams, kept=resume.state.history.records() if resume else None) if writer
               else contextlib.nullcontext(None)) as track:
             history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, (dev, dtype, dist),
                            resume, checkpoints, progress, track)
