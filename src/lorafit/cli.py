@@ -430,7 +430,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-
 def entry() -> NoReturn:
     """The ``lorafit`` command and ``python -m lorafit``: :func:`main`'s code as the process's exit status.
 

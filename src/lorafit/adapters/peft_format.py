@@ -33,7 +33,7 @@ from .classifier import Classifier
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps,
                         layout_of, padded, sample_texts)
 from .lora import LoRAConfig, lora_layers
-from .storage import ADAPTER_CONFIG, MERGED_CONFIG, ClassifierSpec, build_classifier, load_run, read_spec
+from .storage import ClassifierSpec, build_classifier, is_merged, load_run, read_spec
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -136,9 +136,8 @@ def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False, ve
     lorafit's probabilities within 1e-5 on sample texts before it is moved into place; returns the largest
     difference seen (None when not verified).
     """
-    _refuse(run)
+    layout = _exportable_layout(run)
     model, backbone, spec = load_run(run)
-    layout = layout_of(spec)
     base, gguf, local = _base(spec, backbone)
     tensors, fields = peft_tensors(model, spec, layout)
     config = {
@@ -161,10 +160,11 @@ def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False, ve
     return diff
 
 
-def _refuse(run: str | Path) -> None:
-    """What PEFT cannot hold, refused from the saved config alone, before the base model is loaded."""
+def _exportable_layout(run: str | Path) -> Layout:
+    """The run's transformers layout; what PEFT cannot hold is refused from the saved config alone, before
+    the base model is loaded."""
     folder = Path(run)
-    if (folder / MERGED_CONFIG).is_file() and not (folder / ADAPTER_CONFIG).is_file():
+    if is_merged(folder):
         raise LorafitError(f"--run {run}: a merged model has no adapter left to export; use --format hf")
     spec = read_spec(folder)
     if spec.lora.use_dora:
@@ -173,7 +173,7 @@ def _refuse(run: str | Path) -> None:
     if spec.lora.init == "pissa":
         raise LorafitError(f"--run {run}: a PiSSA adapter (its update is B A - B0 A0, not PEFT's form); "
                            "--format hf writes the merged model")
-    layout_of(spec)
+    return layout_of(spec)
 
 
 def _readme(spec: ClassifierSpec, layout: Layout, lines: str) -> str:

@@ -158,10 +158,15 @@ def load_adapter_into(model: Classifier, spec: ClassifierSpec, directory: str | 
             t.copy_(tensors[k])
 
 
+def is_merged(directory: Path) -> bool:
+    """A folder written by :func:`save_merged` (plain weights, no adapter left)."""
+    return (directory / MERGED_CONFIG).is_file() and not (directory / ADAPTER_CONFIG).is_file()
+
+
 def load_run(directory: str | Path, backbone_spec: BackboneSpec | None = None) -> tuple[Classifier, Backbone, ClassifierSpec]:
     """A saved lorafit run, adapter or merged folder -> the classifier, rebuilt on its base (or on ``backbone_spec``)."""
     directory = Path(directory)
-    if (directory / MERGED_CONFIG).is_file() and not (directory / ADAPTER_CONFIG).is_file():
+    if is_merged(directory):
         return load_merged(directory)
     saved = read_spec(directory)
     model, backbone, spec = build_classifier(
