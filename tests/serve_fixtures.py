@@ -17,27 +17,36 @@ TEXTS = ["WIN cash prize now!!! call 09061701461", "see you at lunch later", "ok
          "are we still on for dinner tonight, or on friday?", "hello hello"]
 
 
-def write_tiny_run(root: Path) -> Path:
+def write_tiny_base(root: Path, seed: int = 1) -> Path:
     from transformers import GPT2LMHeadModel
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     base = root / "base"
     GPT2LMHeadModel(hf_gpt2_config(GPTConfig(**TINY))).eval().save_pretrained(base)
     write_bpe(base, names=("vocab.json", "merges.txt"))
-    model, _, spec = build_classifier(ClassifierSpec(BackboneSpec(model=str(base)), LoRAConfig(rank=4),
-                                                     labels=["ham", "spam", "unsure"]))
-    g = torch.Generator().manual_seed(3)
+    return base
+
+
+def write_adapter(base: Path, run: Path, labels: list[str], lora: LoRAConfig, seed: int = 3) -> Path:
+    """A run on ``base`` whose LoRA B matrices (DoRA magnitudes) and head are random: every prediction moves."""
+    model, _, spec = build_classifier(ClassifierSpec(BackboneSpec(model=str(base)), lora, labels=labels))
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.copy_(0.1 * torch.randn(layer.lora_B.shape, generator=g))
+            if layer.use_dora:
+                layer.lora_magnitude.mul_(1 + 0.2 * torch.rand(layer.lora_magnitude.shape, generator=g))
         model.head.weight.copy_(0.5 * torch.randn(model.head.weight.shape, generator=g))
-    run = root / "run"
     save_adapter(run, model, spec)
     return run
 
 
-def start_server(run: Path, *flags: str, timeout: float = 60.0):
-    """`python -m lorafit serve` on a free loopback port: (process, base URL) once it prints its URL."""
+def write_tiny_run(root: Path) -> Path:
+    return write_adapter(write_tiny_base(root), root / "run", ["ham", "spam", "unsure"], LoRAConfig(rank=4))
+
+
+def start_server(run: Path | str, *flags: str, timeout: float = 60.0):
+    """`python -m lorafit serve --run RUN FLAGS` on a free loopback port: (process, base URL) once it prints its URL."""
     import queue
     import re
     import subprocess

@@ -38,7 +38,7 @@ def reference(run_dir):
 
 
 def make_client(run_dir, **settings) -> TestClient:
-    config = ServeConfig(run=str(run_dir), device="cpu", precision="fp32", **settings)
+    config = ServeConfig(runs=(str(run_dir),), device="cpu", precision="fp32", **settings)
     return TestClient(create_app(ServedModel.load(config), config))
 
 
@@ -138,7 +138,7 @@ def test_bad_requests_get_one_line_and_the_server_answers_the_next(client, refer
 
 def test_truncate_keeps_the_first_or_the_last_tokens(client, run_dir):
     long = "hello " * 30
-    ids = ServedModel.load(ServeConfig(run=str(run_dir), device="cpu", precision="fp32")).encoder.encode([long])[0]
+    ids = ServedModel.load(ServeConfig(runs=(str(run_dir),), device="cpu", precision="fp32")).encoder.encode([long])[0]
     assert len(ids) > 60
     for direction, kept in (("right", ids[:60]), ("left", ids[-60:])):
         r = client.post("/predict", json={"inputs": long, "truncate": True, "truncation_direction": direction})
@@ -148,7 +148,7 @@ def test_truncate_keeps_the_first_or_the_last_tokens(client, run_dir):
 
 
 def client_decode(run_dir, ids: list[int]) -> str:
-    served = ServedModel.load(ServeConfig(run=str(run_dir), device="cpu", precision="fp32"))
+    served = ServedModel.load(ServeConfig(runs=(str(run_dir),), device="cpu", precision="fp32"))
     text = served.encoder.decode(ids)
     assert served.encoder.encode([text])[0] == ids
     return text
@@ -160,10 +160,10 @@ def test_a_full_queue_gets_429_and_the_next_request_is_answered(run_dir, referen
         batcher = c.app.state.batcher
         run = batcher._run
 
-        def slow(ids):
+        def slow(ids, adapters):
             entered.set()
             gate.wait(10)
-            return run(ids)
+            return run(ids, adapters)
 
         batcher._run = slow
         with ThreadPoolExecutor(1) as pool:
@@ -188,7 +188,7 @@ def test_an_internal_failure_is_500_without_traceback_logged_on_the_server(run_d
     with make_client(run_dir) as c:
         served_forward = c.app.state.batcher._run
 
-        def broken(ids):
+        def broken(ids, adapters):
             raise RuntimeError("secret internal detail")
 
         c.app.state.batcher._run = broken
@@ -345,7 +345,7 @@ def test_a_lone_request_skips_the_wait_and_crowded_ones_are_gathered():
 
     release, sizes = threading.Event(), []
 
-    def run(ids):
+    def run(ids, adapters):
         sizes.append(len(ids))
         release.wait(30)
         return torch.zeros(len(ids), 2)

@@ -90,8 +90,11 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, metavar="DIR", help="a training run or a `lorafit merge` output")
-    d = ServeConfig(run="")
+    p.add_argument("--run", action="append", default=[], metavar="[NAME=]DIR",
+                   help="a training run or a `lorafit merge` output; repeat to serve several adapters on one base "
+                        "(requests pick one by name, default: the first; NAME: the folder's name when not given)")
+    p.add_argument("--runs-dir", metavar="DIR", help="serve every run in this folder (each under its folder's name)")
+    d = ServeConfig(runs=("x",))
     p.add_argument("--host", default=d.host, help="address to listen on (anything but loopback: set --api-key)")
     p.add_argument("--port", type=int, default=d.port, help="TCP port (0: any free port)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="texts run together by the worker")
@@ -309,7 +312,8 @@ def cmd_predict(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    serve(ServeConfig(run=args.run, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+    serve(ServeConfig(runs=tuple(args.run), runs_dir=args.runs_dir, host=args.host, port=args.port,
+                      max_batch_size=args.max_batch_size,
                       max_wait_ms=args.max_wait_ms, max_client_batch=args.max_client_batch,
                       max_input_tokens=args.max_input_tokens, max_concurrent=args.max_concurrent,
                       device=args.device, precision=args.precision,
@@ -384,7 +388,8 @@ COMMANDS = {
     "train": Command("fine-tune a classifier and write a run directory", _train_args, cmd_train),
     "eval": Command("re-evaluate a saved run (its own splits, or --data)", _eval_args, cmd_eval),
     "predict": Command("label texts with a saved run", _predict_args, cmd_predict),
-    "serve": Command("serve a run over HTTP: text-embeddings-inference's /predict, metrics, a web page", _serve_args,
+    "serve": Command("serve runs over HTTP, many adapters on one base: text-embeddings-inference's /predict, "
+                     "vLLM's /classify, metrics, a web page", _serve_args,
                      cmd_serve),
     "inspect": Command("print the model with LoRA injected and the parameter accounting", _inspect_args, cmd_inspect),
     "compare": Command("compare runs: a table of settings and results, their validation curves in one PNG",

@@ -13,16 +13,19 @@ import time
 from functools import partial
 from importlib.resources import files
 
+from ..errors import LorafitError
 from .batcher import Batcher, Overloaded, Stopped
 from .config import ServeConfig
 from .metrics import Metrics
 from .model import RequestError, ServedModel
-from .schema import PredictRequest, error_body, predictions
+from .schema import ClassifyRequest, PredictRequest, classification, error_body, invalid, json_object, model_card, predictions
 from .security import ApiKey, read_body
 
 log = logging.getLogger("lorafit.serve")
 PAGE_DIR = files("lorafit.serving") / "page"
-ROUTES = ("/", "/health", "/info", "/metrics", "/predict")
+ROUTES = ("/", "/health", "/info", "/metrics", "/predict", "/invocations", "/classify", "/v1/classify", "/v1/models",
+          "/models/{name}", "/admin/models", "/admin/models/{name}")
+TEI_PATHS = ("/predict", "/", "/invocations")  # text-embeddings-inference's predict route and its aliases
 
 
 def create_app(served: ServedModel, config: ServeConfig):
@@ -31,6 +34,7 @@ def create_app(served: ServedModel, config: ServeConfig):
     from fastapi.staticfiles import StaticFiles
 
     metrics = Metrics(lambda: batcher.pending)
+    metrics.served(list(served.adapters))
     batcher = Batcher(partial(served.logits, batch_size=config.max_batch_size), max_batch_size=config.max_batch_size,
                       max_wait_ms=config.max_wait_ms, max_queued=config.max_concurrent,
                       on_batch=metrics.batch_size.observe)
@@ -42,10 +46,12 @@ def create_app(served: ServedModel, config: ServeConfig):
         await asyncio.to_thread(batcher.stop)  # requests in flight are answered by now; the queue drains
 
     app = FastAPI(title="lorafit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher, app.state.metrics = batcher, metrics
+    app.state.batcher, app.state.metrics, app.state.served = batcher, metrics, served
     app.mount("/static", StaticFiles(directory=str(PAGE_DIR)), name="static")
     _add_status_routes(app, served, config, batcher, metrics)
-    _add_predict_route(app, served, config, batcher, metrics)
+    _add_predict_routes(app, served, config, batcher, metrics)
+    _add_classify_route(app, served, config, batcher, metrics)
+    _add_admin_routes(app, served, config, metrics)
 
     @app.exception_handler(Exception)
     async def internal(_request, exc):  # logged here, never sent: the client gets one line
@@ -72,8 +78,15 @@ def _add_status_routes(app, served: ServedModel, config: ServeConfig, batcher: B
         return {"status": "ok"}
 
     @app.get("/info")
-    async def info():
-        return served.info(config)
+    async def info(model: str | None = None):
+        try:
+            return served.info(config, served.resolve(model))
+        except RequestError as e:
+            return _error(e)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_card(served, a) for a in served.adapters.values()]}
 
     @app.get("/metrics")
     async def prometheus():
@@ -81,29 +94,114 @@ def _add_status_routes(app, served: ServedModel, config: ServeConfig, batcher: B
         return Response(body, media_type=content_type)
 
 
-def _add_predict_route(app, served: ServedModel, config: ServeConfig, batcher: Batcher, metrics: Metrics) -> None:
+def _card(served: ServedModel, adapter) -> dict:
+    return model_card(adapter.name, adapter.created, served.max_input_tokens, served.describe(adapter))
+
+
+def _add_predict_routes(app, served: ServedModel, config: ServeConfig, batcher: Batcher, metrics: Metrics) -> None:
     from fastapi import Request
     from fastapi.responses import JSONResponse
 
-    @app.post("/predict")
-    async def predict(request: Request):
+    async def answer(request, name: str | None):
         t0 = time.perf_counter()
         try:
             req = PredictRequest.parse(await read_body(request, config.max_request_bytes), config.max_client_batch)
+            adapter = served.resolve(name or req.model)
             ids = served.encode(req.texts, req.truncate, req.truncation_direction)
-            logits = await _infer(batcher, ids)
-            metrics.texts.inc(len(ids))
-            result = predictions(logits, served.labels, req.raw_scores)
+            logits = await _infer(batcher, ids, adapter)
+            _count(metrics, adapter, len(ids), t0)
+            result = predictions(logits, adapter.labels, req.raw_scores)
             return JSONResponse(result[0] if req.single else result)
         except RequestError as e:
             return _error(e)
         finally:
             metrics.latency.observe(time.perf_counter() - t0)
 
+    async def predict(request: Request):
+        return await answer(request, None)
 
-async def _infer(batcher: Batcher, ids: list[list[int]]):
+    for path in TEI_PATHS:
+        app.post(path)(predict)
+
+    @app.post("/models/{name}")  # one adapter at a URL of its own: InferenceClient(base_url=".../models/NAME")
+    async def predict_with(name: str, request: Request):
+        return await answer(request, name)
+
+
+def _add_classify_route(app, served: ServedModel, config: ServeConfig, batcher: Batcher, metrics: Metrics) -> None:
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    async def classify(request: Request):
+        t0 = time.perf_counter()
+        try:
+            req = ClassifyRequest.parse(await read_body(request, config.max_request_bytes), config.max_client_batch)
+            adapter = served.resolve(req.model)
+            ids = served.encode(req.texts, req.keep_last is not None, "left")  # vLLM keeps the last tokens
+            if req.keep_last and req.keep_last > 0:
+                ids = [x[-req.keep_last:] for x in ids]
+            logits = await _infer(batcher, ids, adapter)
+            _count(metrics, adapter, len(ids), t0)
+            return JSONResponse(classification(logits, adapter.labels, adapter.name, sum(map(len, ids))))
+        except RequestError as e:
+            return _error(e)
+        finally:
+            metrics.latency.observe(time.perf_counter() - t0)
+
+    for path in ("/classify", "/v1/classify"):  # vLLM's route, and the /v1 one SGLang uses
+        app.post(path)(classify)
+
+
+def _add_admin_routes(app, served: ServedModel, config: ServeConfig, metrics: Metrics) -> None:
+    """Adapters added and removed while the server runs; only with --api-key (they read this machine's files)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
+    def allowed() -> None:
+        if not config.api_key:
+            raise RequestError(403, "Forbidden", "adding or removing adapters needs a server started with --api-key")
+
+    @app.post("/admin/models")
+    async def add(request: Request):
+        try:
+            allowed()
+            data = json_object(await read_body(request, config.max_request_bytes), "name")
+            name, path = data.get("name"), data.get("path")
+            if not isinstance(name, str) or not isinstance(path, str) or not path.strip():
+                raise invalid('send {"name": "NAME", "path": "RUN FOLDER on the server"}, both strings')
+            if name in served.adapters:
+                raise RequestError(409, "Validation", f"an adapter named {name!r} is already served; DELETE it first")
+            try:
+                adapter = await asyncio.to_thread(served.add, name, path)
+            except LorafitError as e:
+                raise invalid(str(e)) from e
+            metrics.served([adapter.name])
+            log.info("added adapter %s from %s", adapter.name, adapter.source)
+            return JSONResponse(_card(served, adapter), status_code=201)
+        except RequestError as e:
+            return _error(e)
+
+    @app.delete("/admin/models/{name}")
+    async def remove(name: str):
+        try:
+            allowed()
+            adapter = served.remove(name)
+            metrics.served([], removed=[adapter.name])
+            log.info("removed adapter %s", adapter.name)
+            return {"id": adapter.name, "object": "model", "deleted": True}
+        except RequestError as e:
+            return _error(e)
+
+
+def _count(metrics: Metrics, adapter, texts: int, t0: float) -> None:
+    metrics.texts.inc(texts)
+    metrics.model_texts.labels(adapter.name).inc(texts)
+    metrics.model_latency.labels(adapter.name).observe(time.perf_counter() - t0)
+
+
+async def _infer(batcher: Batcher, ids: list[list[int]], adapter):
     try:
-        future = batcher.submit(ids)
+        future = batcher.submit(ids, adapter)
     except Overloaded as e:
         raise RequestError(429, "Overloaded", f"server busy: {e}; retry later") from e
     except Stopped as e:
@@ -130,7 +228,7 @@ class _Counted:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        route = _route_of(scope["path"])
 
         async def counting_send(event):
             if event["type"] == "http.response.start":
@@ -138,3 +236,11 @@ class _Counted:
             await send(event)
 
         await self.app(scope, receive, counting_send)
+
+
+def _route_of(path: str) -> str:
+    """The route a path is counted under (names inside paths folded into ``{name}``)."""
+    for prefix in ("/models/", "/admin/models/"):
+        if path.startswith(prefix) and "/" not in path[len(prefix):]:
+            return prefix + "{name}"
+    return path if path in ROUTES else "other"

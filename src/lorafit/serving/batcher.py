@@ -3,7 +3,8 @@
 The event loop only enqueues and awaits; the model runs on the worker, never in the loop. The worker
 takes the first waiting request, gathers more until ``max_batch_size`` texts are in hand or
 ``max_wait_ms`` has passed since it took the first, and runs them all in one call (which sorts by
-length and leaves padding out, as training does). It waits for companions only while requests are
+length and leaves padding out, as training does). Requests for different adapters share a batch: each
+job carries its adapter, and ``run`` gets one per text. It waits for companions only while requests are
 crowding in (some were queued when it came back from a batch, or the last batch held several): a lone
 request runs at once instead of paying the wait for nobody. Requests admitted but not yet answered are capped
 at ``max_queued``: the next one is refused at once (HTTP 429) instead of waiting without bound.
@@ -17,9 +18,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
+from typing import Callable, Sequence
 
 log = logging.getLogger("lorafit.serve")
 
@@ -35,13 +34,16 @@ class Stopped(Exception):
 @dataclass
 class _Job:
     ids: list[list[int]]  # token ids of each text of one request
-    future: Future  # set to the (n, C) logits of those texts
+    adapter: object  # what the request's texts are classified with
+    future: Future  # set to the logits of those texts
 
 
 class Batcher:
-    """One inference worker behind a bounded queue; ``run`` maps token ids (N texts) to logits (N, C)."""
+    """One inference worker behind a bounded queue; ``run`` maps token ids and adapters (one of each per
+    text) to one logits row per text."""
 
-    def __init__(self, run: Callable[[list[list[int]]], torch.Tensor], *, max_batch_size: int, max_wait_ms: float,
+    def __init__(self, run: Callable[[list[list[int]], list[object]], Sequence], *, max_batch_size: int,
+                 max_wait_ms: float,
                  max_queued: int, on_batch: Callable[[int], None] | None = None):
         self._run = run
         self.max_batch_size = max_batch_size
@@ -65,9 +67,9 @@ class Batcher:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, ids: list[list[int]]) -> Future:
+    def submit(self, ids: list[list[int]], adapter: object = None) -> Future:
         """Queue one request's texts; the future gets their logits (in order) or the worker's exception."""
-        job = _Job(ids, Future())
+        job = _Job(ids, adapter, Future())
         with self._lock:  # admitted and queued at once: stop() cannot slip its end mark in between
             if self._stopping:
                 raise Stopped("the server is shutting down")
@@ -123,7 +125,7 @@ class Batcher:
             return
         ids = [x for job in jobs for x in job.ids]
         try:
-            logits = self._run(ids)  # (N, C)
+            logits = self._run(ids, [job.adapter for job in jobs for _ in job.ids])  # a row per text
         except Exception as e:  # every waiting request learns of it; the worker lives on
             log.exception("inference failed on a batch of %d texts", len(ids))
             for job in jobs:

@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import UsageError
 
 TRUNCATION_DIRECTIONS = ("right", "left")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # an adapter's name: what requests send as "model"
+RUN_FILES = ("adapter.json", "classifier.json")  # what makes a folder a run (adapter or merged model)
+
+
+def check_name(name: str, where: str) -> str:
+    if not NAME.fullmatch(name):
+        raise UsageError(f"{where}: adapter name {name!r} must be letters, digits, '.', '_' or '-' "
+                         f"(at most 64, not starting with a symbol)")
+    return name
+
+
+def named_run(item: str) -> tuple[str, Path]:
+    """``NAME=DIR`` or ``DIR`` (named after its folder) -> (name, folder)."""
+    name, sep, path = item.partition("=")
+    if not sep or "/" in name or not name:
+        name, path = Path(item.rstrip("/")).name or item, item
+    return check_name(name, f"--run {item}"), Path(path)
 
 
 @dataclass
 class ServeConfig:
-    run: str  # a training run or a `lorafit merge` output
+    runs: tuple[str, ...] = ()  # NAME=DIR or DIR: training runs (adapters) or `lorafit merge` outputs
+    runs_dir: str | None = None  # a folder whose subfolders are runs, each served under its folder's name
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the URL printed names it)
     max_batch_size: int = 32  # texts the worker runs together
@@ -26,6 +46,9 @@ class ServeConfig:
     max_request_bytes: int = 1 << 20  # larger bodies get 413 before they are read
 
     def __post_init__(self) -> None:
+        self.runs = (self.runs,) if isinstance(self.runs, (str, Path)) else tuple(map(str, self.runs))
+        if not self.runs and not self.runs_dir:
+            raise UsageError("nothing to serve: give --run DIR (or NAME=DIR, repeated) or --runs-dir DIR")
         for flag in ("max_batch_size", "max_client_batch", "max_concurrent", "max_request_bytes"):
             if getattr(self, flag) < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(self, flag)}")
@@ -37,6 +60,24 @@ class ServeConfig:
             raise UsageError(f"--port must be between 0 and 65535, got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise UsageError("--api-key is empty")
+
+    def named_runs(self) -> dict[str, Path]:
+        """Every run to serve by name, in order (--run first, then --runs-dir's subfolders sorted): the first is the default."""
+        out: dict[str, Path] = {}
+        pairs = [named_run(r) for r in self.runs]
+        if self.runs_dir:
+            folder = Path(self.runs_dir)
+            if not folder.is_dir():
+                raise UsageError(f"--runs-dir {folder}: not a folder")
+            found = sorted(d for d in folder.iterdir() if any((d / f).is_file() for f in RUN_FILES))
+            if not found:
+                raise UsageError(f"--runs-dir {folder}: no run in it (subfolders with {' or '.join(RUN_FILES)})")
+            pairs += [(check_name(d.name, f"--runs-dir {folder}"), d) for d in found]
+        for name, path in pairs:
+            if name in out:
+                raise UsageError(f"two runs are named {name!r} ({out[name]} and {path}): name them, --run NAME=DIR")
+            out[name] = path
+        return out
 
     @property
     def loopback(self) -> bool:

@@ -1,18 +1,24 @@
-"""The served classifier: a run loaded once (LoRA merged), texts checked against the server's limits."""
+"""What the server serves: one base, loaded once, and the adapters on it by name (the first is the default).
+
+Adapters come and go while the server runs (:meth:`ServedModel.add`, :meth:`ServedModel.remove`): the
+name table is replaced whole, never edited in place, and a request holds the adapter it resolved, so a
+request admitted before a removal is still answered by the adapter it asked for.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..adapters.classifier import Classifier
-from ..adapters.storage import ClassifierSpec
-from ..data.batching import Encoded
-from ..inference.predict import load_for_inference, predict_logits
+from ..adapters.multi import Adapter, SharedBase, open_base
+from ..errors import LorafitError
 from ..reporting.report import library_versions
-from .config import ServeConfig
+from ..runtime import autocast, check_flags
+from .config import ServeConfig, check_name
 
 
 class RequestError(Exception):
@@ -25,24 +31,71 @@ class RequestError(Exception):
 
 @dataclass
 class ServedModel:
-    model: Classifier
+    base: SharedBase
     encoder: object  # lorafit.backbones.base.Encoder
-    spec: ClassifierSpec
-    device: torch.device
-    dtype: torch.dtype | None
     max_input_tokens: int
-    run: str
+    adapters: dict[str, Adapter]  # by name, in order; replaced whole on every change
+    _changing: threading.Lock = field(default_factory=threading.Lock)  # one add/remove at a time
 
     @classmethod
     def load(cls, config: ServeConfig) -> "ServedModel":
-        """Load the run named by ``config``; any problem is a LorafitError before a port is bound."""
-        model, backbone, spec, dev, dtype = load_for_inference(config.run, config.device, config.precision)
+        """Load every run named by ``config`` on one base; any problem is a LorafitError before a port is bound."""
+        check_flags(config.device, config.precision)
+        runs = config.named_runs()
+        (first, directory), *rest = runs.items()
+        base, adapter = open_base(first, directory, config.device, config.precision)
+        backbone = base.backbone
         limit = min(config.max_input_tokens or backbone.context_length, backbone.context_length)
-        return cls(model, backbone.encoder, spec, dev, dtype, limit, str(config.run))
+        served = cls(base, backbone.encoder, limit, {})
+        served._register(adapter)
+        for name, directory in rest:
+            served._register(base.load_adapter(name, directory))
+        return served
 
     @property
-    def labels(self) -> list[str]:
-        return self.spec.labels
+    def default(self) -> Adapter:
+        return next(iter(self.adapters.values()))
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.base.dtype
+
+    def resolve(self, name: str | None) -> Adapter:
+        """The adapter a request names (``None``: the default), or 404 naming the ones there are."""
+        adapters = self.adapters
+        if name is None:
+            return next(iter(adapters.values()))
+        if name not in adapters:
+            raise RequestError(404, "Validation", f"model {name!r} is not served here; served: {', '.join(adapters)}")
+        return adapters[name]
+
+    def add(self, name: str, directory: str | Path) -> Adapter:
+        """Load an adapter of this base and serve it under ``name``; LorafitError in one line if it cannot be."""
+        check_name(name, "name")
+        with self._changing:
+            if name in self.adapters:
+                raise LorafitError(f"an adapter named {name!r} is already served; remove it first")
+            adapter = self.base.load_adapter(name, directory)
+            self._register(adapter)
+        return adapter
+
+    def remove(self, name: str) -> Adapter:
+        """Stop serving ``name``; requests already admitted for it are still answered."""
+        with self._changing:
+            adapter = self.resolve(name)
+            if len(self.adapters) == 1:
+                raise RequestError(409, "Validation", f"{name!r} is the only adapter served; add another first")
+            self.adapters = {k: a for k, a in self.adapters.items() if k != name}
+        return adapter
+
+    def _register(self, adapter: Adapter) -> None:
+        with self.base.lock:  # layers are wrapped between batches, never under one
+            self.base.wrap(list(adapter.layers))
+        self.adapters = {**self.adapters, adapter.name: adapter}
 
     def encode(self, texts: list[str], truncate: bool, direction: str = "right") -> list[list[int]]:
         """Token ids of each text; a text over the limit is cut (``truncate``) or refused with 413."""
@@ -55,18 +108,52 @@ class ServedModel:
                 ids[i] = x[:self.max_input_tokens] if direction == "right" else x[-self.max_input_tokens:]
         return ids  # never empty: the schema refuses empty and blank texts
 
-    def logits(self, ids: list[list[int]], batch_size: int) -> torch.Tensor:
-        """(N, C) fp32 logits; what the worker thread runs."""
-        return predict_logits(self.model, Encoded(ids, None, 0), self.encoder.pad_id, batch_size=batch_size,
-                              device=self.device, dtype=self.dtype)
+    @torch.inference_mode()
+    def logits(self, ids: list[list[int]], adapters: list[Adapter], batch_size: int) -> list[torch.Tensor]:
+        """fp32 logits of each text (its adapter's classes), in input order; what the worker thread runs.
 
-    def info(self, config: ServeConfig) -> dict:
-        """GET /info: text-embeddings-inference's fields where they apply, then lorafit's own."""
+        Texts are sorted by length into batches of ``batch_size``, as evaluation does, and inside a batch
+        grouped by adapter, so the base runs once a batch whatever adapters it mixes."""
+        out: list[torch.Tensor | None] = [None] * len(ids)
+        lengths = np.array([len(x) for x in ids])
+        rank = {a: k for k, a in enumerate(dict.fromkeys(adapters))}
+        by_length = np.argsort(lengths, kind="stable")
+        for start in range(0, len(ids), batch_size):
+            chunk = by_length[start:start + batch_size]
+            chunk = chunk[np.argsort([rank[adapters[i]] for i in chunk], kind="stable")]
+            for i, row in zip(chunk, self._run(ids, adapters, chunk, lengths)):
+                out[i] = row
+        return out
+
+    def _run(self, ids, adapters, chunk: np.ndarray, lengths: np.ndarray) -> list[torch.Tensor]:
+        """One batch, rows already grouped by adapter."""
+        t = int(lengths[chunk].max())
+        input_ids = torch.full((len(chunk), t), self.encoder.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), t), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            input_ids[row, :lengths[i]] = torch.tensor(ids[i], dtype=torch.long)
+            mask[row, :lengths[i]] = 1
+        groups = list(dict.fromkeys(adapters[i] for i in chunk))
+        counts = [sum(adapters[i] is a for i in chunk) for a in groups]
+        with self.base.lock, autocast(self.device, self.dtype):
+            return [r.cpu() for r in self.base.forward(input_ids.to(self.device), mask.to(self.device), groups, counts)]
+
+    def describe(self, adapter: Adapter) -> dict:
+        """One adapter as /info and /v1/models describe it."""
+        spec = adapter.spec
+        return {"name": adapter.name, "run": adapter.source, "labels": adapter.labels,
+                "num_classes": len(adapter.labels), "lora": spec.lora.to_dict() if adapter.layers else None,
+                "adapted_layers": len(adapter.layers), "size_bytes": adapter.size_bytes}
+
+    def info(self, config: ServeConfig, adapter: Adapter | None = None) -> dict:
+        """GET /info: text-embeddings-inference's fields for one adapter (the default), then lorafit's own."""
+        adapter = adapter or self.default
+        labels = adapter.labels
         return {
-            "model_id": str(Path(self.run).resolve().name),
+            "model_id": adapter.name,
             "model_dtype": "bfloat16" if self.dtype == torch.bfloat16 else "float32",
-            "model_type": {"classifier": {"id2label": dict(enumerate(self.labels)),
-                                          "label2id": {k: i for i, k in enumerate(self.labels)}}},
+            "model_type": {"classifier": {"id2label": dict(enumerate(labels)),
+                                          "label2id": {k: i for i, k in enumerate(labels)}}},
             "max_concurrent_requests": config.max_concurrent,
             "max_input_length": self.max_input_tokens,
             "max_batch_requests": config.max_batch_size,
@@ -75,9 +162,10 @@ class ServedModel:
             "max_request_bytes": config.max_request_bytes,
             "auto_truncate": False,
             "version": library_versions().get("lorafit", "0+unknown"),
-            "base_model": self.spec.backbone.to_dict(),
-            "architecture": self.spec.architecture,
-            "labels": self.labels,
-            "lora": self.spec.lora.to_dict(),
+            "base_model": adapter.spec.backbone.to_dict(),
+            "architecture": adapter.spec.architecture,
+            "labels": labels,
+            "lora": adapter.spec.lora.to_dict(),
             "device": str(self.device),
+            "adapters": [self.describe(a) for a in self.adapters.values()],
         }

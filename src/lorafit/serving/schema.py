@@ -1,14 +1,20 @@
-"""POST /predict's JSON, as Hugging Face text-embeddings-inference defines it, checked field by field.
+"""The requests' JSON, checked field by field, and the responses, in the schemas clients already speak.
 
-Request: ``{"inputs": "text" | ["t1", ...], "truncate": false, "raw_scores": false,
-"truncation_direction": "right"}``; other fields are ignored, as text-embeddings-inference does. Response: for one string, every class as ``{"label", "score"}``
-highest first; for a list, one such list per input, in input order. Errors:
+POST /predict (and POST /, as Hugging Face text-embeddings-inference): ``{"inputs": "text" | ["t1", ...],
+"truncate": false, "raw_scores": false, "truncation_direction": "right", "model": "name"}``; ``model`` (lorafit's
+addition) picks the adapter, other fields are ignored, as text-embeddings-inference does. Response: for one
+string, every class as ``{"label", "score"}`` highest first; for a list, one such list per input, in input
+order. POST /classify is vLLM's: ``{"model", "input": "text" | [...], "truncate_prompt_tokens"}`` ->
+``{"id", "object": "list", "created", "model", "data": [{"index", "label", "probs", "num_classes"}], "usage"}``.
+GET /v1/models is OpenAI's model list. Errors, on every route:
 ``{"error": "one line", "error_type": "Validation" | "Overloaded" | "Backend" | "Unhealthy" | ...}``.
 """
 
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +26,48 @@ def invalid(message: str) -> RequestError:
     return RequestError(422, "Validation", message)
 
 
+def json_object(body: bytes, field: str) -> dict:
+    """The body as a JSON object, or 422 saying what it is instead."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise invalid(f"body is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise invalid(f"body must be a JSON object with an \"{field}\" field, got {type(data).__name__}")
+    return data
+
+
+def texts_of(data: dict, field: str, max_client_batch: int) -> tuple[list[str], bool]:
+    """``data[field]``, a string or a list of non-blank strings, as a list; and whether it was one string."""
+    if field not in data:
+        raise invalid(f"missing field \"{field}\" (a string or a list of strings)")
+    inputs = data[field]
+    single = isinstance(inputs, str)
+    texts = [inputs] if single else inputs
+    if not isinstance(texts, list):
+        raise invalid(f"{field} must be a string or a list of strings, got {type(inputs).__name__}")
+    if not texts:
+        raise invalid(f"{field} is an empty list")
+    if len(texts) > max_client_batch:
+        raise RequestError(413, "Validation", f"{len(texts)} inputs in one request, more than the limit of "
+                           f"{max_client_batch} (--max-client-batch)")
+    for i, t in enumerate(texts):
+        where = field if single else f"{field}[{i}]"
+        if not isinstance(t, str):
+            raise invalid(f"{where} must be a string, got {type(t).__name__}")
+        if not t.strip():
+            raise invalid(f"{where} is an empty string")
+    return texts, single
+
+
+def model_of(data: dict) -> str | None:
+    """The adapter a request names (``model``), None for the default."""
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise invalid(f"model must be a string (an adapter's name, see GET /v1/models), got {json.dumps(model)}")
+    return model or None
+
+
 @dataclass
 class PredictRequest:
     texts: list[str]
@@ -27,34 +75,13 @@ class PredictRequest:
     truncate: bool = False
     raw_scores: bool = False
     truncation_direction: str = "right"
+    model: str | None = None  # the adapter; None: the default
 
     @classmethod
     def parse(cls, body: bytes, max_client_batch: int) -> "PredictRequest":
         """The request, or a RequestError naming the first thing wrong with it."""
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise invalid(f"body is not valid JSON ({e})") from e
-        if not isinstance(data, dict):
-            raise invalid(f"body must be a JSON object with an \"inputs\" field, got {type(data).__name__}")
-        if "inputs" not in data:
-            raise invalid("missing field \"inputs\" (a string or a list of strings)")
-        inputs = data["inputs"]
-        single = isinstance(inputs, str)
-        texts = [inputs] if single else inputs
-        if not isinstance(texts, list):
-            raise invalid(f"inputs must be a string or a list of strings, got {type(inputs).__name__}")
-        if not texts:
-            raise invalid("inputs is an empty list")
-        if len(texts) > max_client_batch:
-            raise RequestError(413, "Validation", f"{len(texts)} inputs in one request, more than the limit of "
-                               f"{max_client_batch} (--max-client-batch)")
-        for i, t in enumerate(texts):
-            where = "inputs" if single else f"inputs[{i}]"
-            if not isinstance(t, str):
-                raise invalid(f"{where} must be a string, got {type(t).__name__}")
-            if not t.strip():
-                raise invalid(f"{where} is an empty string")
+        data = json_object(body, "inputs")
+        texts, single = texts_of(data, "inputs", max_client_batch)
         flags = {}
         for name in ("truncate", "raw_scores"):
             flags[name] = data.get(name, False)
@@ -63,11 +90,48 @@ class PredictRequest:
         direction = data.get("truncation_direction", "right")
         if not isinstance(direction, str) or direction.lower() not in TRUNCATION_DIRECTIONS:
             raise invalid(f"truncation_direction must be \"right\" or \"left\", got {json.dumps(direction)}")
-        return cls(texts, single, flags["truncate"], flags["raw_scores"], direction.lower())
+        return cls(texts, single, flags["truncate"], flags["raw_scores"], direction.lower(), model_of(data))
 
 
-def predictions(logits: torch.Tensor, labels: list[str], raw_scores: bool) -> list[list[dict]]:
+@dataclass
+class ClassifyRequest:
+    """vLLM's POST /classify request (text inputs)."""
+
+    texts: list[str]
+    model: str | None
+    keep_last: int | None  # truncate_prompt_tokens: keep this many tokens, the last ones (-1: the limit)
+
+    @classmethod
+    def parse(cls, body: bytes, max_client_batch: int) -> "ClassifyRequest":
+        data = json_object(body, "input")
+        texts, _ = texts_of(data, "input", max_client_batch)
+        keep = data.get("truncate_prompt_tokens")
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep == 0 or keep < -1):
+            raise invalid(f"truncate_prompt_tokens must be a positive integer or -1, got {json.dumps(keep)}")
+        return cls(texts, model_of(data), keep)
+
+
+def classification(logits: list[torch.Tensor], labels: list[str], model: str, tokens: int) -> dict:
+    """vLLM's ClassificationResponse for one request's logits."""
+    data = []
+    for i, row in enumerate(logits):
+        probs = torch.softmax(row, dim=-1)
+        data.append({"index": i, "label": labels[int(probs.argmax())], "probs": probs.tolist(),
+                     "num_classes": len(labels)})
+    return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": model,
+            "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                                    "prompt_tokens_details": None}}
+
+
+def model_card(name: str, created: int, max_len: int, description: dict) -> dict:
+    """One entry of GET /v1/models (OpenAI's fields, vLLM's max_model_len, then lorafit's)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "lorafit", "root": description["run"],
+            "parent": None, "max_model_len": max_len, **{k: v for k, v in description.items() if k != "name"}}
+
+
+def predictions(logits: torch.Tensor | list[torch.Tensor], labels: list[str], raw_scores: bool) -> list[list[dict]]:
     """(N, C) logits -> per text, every class with its probability (or logit), highest first."""
+    logits = torch.stack(list(logits)) if isinstance(logits, (list, tuple)) else logits
     scores = logits if raw_scores else torch.softmax(logits, dim=-1)
     out = []
     for row in scores.tolist():

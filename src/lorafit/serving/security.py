@@ -13,7 +13,8 @@ import json
 from .model import RequestError
 from .schema import error_body
 
-OPEN_PATHS = ("/health", "/")  # what a load balancer probes; the page (no data in it: it sends the key itself)
+OPEN_PATHS = ("/health",)  # what a load balancer probes
+PAGE = "/"  # GET only (POST / classifies, as text-embeddings-inference's): the page holds no data, it sends the key
 OPEN_PREFIX = "/static/"  # the page's script and style sheet
 
 
@@ -39,11 +40,11 @@ class ApiKey:
         self.app, self.key = app, key.encode()
 
     @staticmethod
-    def is_open(path: str) -> bool:
-        return path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
+    def is_open(method: str, path: str) -> bool:
+        return path in OPEN_PATHS or path.startswith(OPEN_PREFIX) or (path == PAGE and method in ("GET", "HEAD"))
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self.is_open(scope["path"]):
+        if scope["type"] != "http" or self.is_open(scope["method"], scope["path"]):
             return await self.app(scope, receive, send)
         scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):

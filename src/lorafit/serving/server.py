@@ -1,4 +1,4 @@
-"""``lorafit serve``: load the run, bind the port, serve until SIGINT/SIGTERM, exit 0.
+"""``lorafit serve``: load the runs (one base, its adapters), bind the port, serve until SIGINT/SIGTERM, exit 0.
 
 Everything that can fail on the user's input fails before the port is bound, as one line: the run
 directory (missing, corrupt, for another base), the flags, a port already in use. On a signal,
@@ -70,7 +70,8 @@ def serve(config: ServeConfig, announce=print) -> None:
         log.propagate = False
     server = uvicorn.Server(uvicorn.Config(create_app(served, config), log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=60, lifespan="on"))
-    announce(f"serving {config.run} ({', '.join(served.labels)}) at {url_of(sock)}  (Ctrl-C to stop)")
+    names = ", ".join(f"{a.name} ({', '.join(a.labels)})" for a in served.adapters.values())
+    announce(f"serving {names} at {url_of(sock)}  (Ctrl-C to stop)")
     sys.stdout.flush()
     with _signals_end_cleanly():
         server.run(sockets=[sock])

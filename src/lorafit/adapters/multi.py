@@ -1,0 +1,266 @@
+"""Many classifiers on one base: each adapter's LoRA, head and labels over a single shared copy of the base.
+
+A batch may mix texts of several adapters. Its rows are put in adapter order, so each adapter's rows
+(and, after packing, its tokens) are one contiguous segment. Every adapted linear then runs the base
+matmul once for the whole batch and adds each segment's own update in place:
+``y[s:e] += scale_k * (x[s:e] A_k^T) B_k^T`` (DoRA's magnitude scales that segment's rows after). The
+heads run the same way on the pooled rows. The base never runs twice, and a row computes exactly what
+its own classifier would alone (up to the rounding of an unmerged update, ~1e-7 in fp32).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones.base import Backbone
+from ..backbones.loader import load_backbone
+from ..errors import LorafitError
+from ..files import load_safetensors
+from ..runtime import setup
+from .classifier import pool
+from .loading import load_classifier
+from .lora import LoRAConfig, store_frozen_linears, unwrap_merged
+from .storage import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, read_spec, weight_fingerprint
+
+LORA_KEYS = ("lora_A", "lora_B", "lora_magnitude", "pissa_A0", "pissa_B0")
+
+
+@dataclass
+class LayerUpdate:
+    """One adapter's update to one linear: ``scale * B A``, then DoRA's per-row factor (None without DoRA)."""
+
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    scaling: float
+    row_scale: torch.Tensor | None = None  # (out,) DoRA: m / ||W + s B A||, a constant at inference
+
+
+@dataclass(eq=False)
+class Adapter:
+    """One served classifier: its name, where it came from, its updates by layer name, its head."""
+
+    name: str
+    source: str  # the run folder
+    spec: ClassifierSpec
+    layers: dict[str, LayerUpdate]
+    head_weight: torch.Tensor  # (C, D)
+    head_bias: torch.Tensor | None  # (C,)
+    size_bytes: int = 0  # what the adapter's own tensors take in memory
+    created: int = field(default_factory=lambda: int(time.time()))  # when it was loaded (Unix time)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.spec.labels
+
+
+@dataclass
+class _Segments:
+    """How many sequences (and tokens) of each adapter the running batch holds, in row order."""
+
+    adapters: list[Adapter]
+    seqs: list[int]
+    tokens: list[int]
+    padded_length: int
+
+    def rows(self, n: int) -> list[int]:
+        """Rows per adapter for an (n, in) input: the packed tokens, one row per sequence, or the padded grid.
+        (Where two of these counts coincide, so do the splits.)"""
+        if n == sum(self.tokens):
+            return self.tokens
+        if n == len(self.seqs) or n == sum(self.seqs):
+            return self.seqs
+        if n == sum(self.seqs) * self.padded_length:
+            return [k * self.padded_length for k in self.seqs]
+        raise LorafitError(f"internal: {n} rows do not split into the batch's adapter segments")
+
+
+class GroupedLoRALinear(nn.Module):
+    """A shared frozen ``nn.Linear`` plus, per segment of rows, the update of that segment's adapter."""
+
+    def __init__(self, base: nn.Linear, name: str, owner: "SharedBase"):
+        super().__init__()
+        self.base, self.name = base, name
+        self._owner = [owner]  # in a list: not registered as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        segments = self._owner[0].segments
+        updates = [a.layers.get(self.name) for a in segments.adapters]
+        dora = any(u is not None and u.row_scale is not None for u in updates)
+        bias = self.base.bias
+        y = F.linear(x2, self.base.weight, None if dora else bias)  # (N, out): the base, once for every row
+        start = 0
+        for u, n in zip(updates, segments.rows(x2.shape[0])):
+            if u is not None and n:
+                xs, ys = x2[start:start + n], y[start:start + n]
+                ys.addmm_(xs.to(u.a.dtype) @ u.a.t(), u.b.t(), alpha=u.scaling)  # (n, out) += s (x A^T) B^T
+                if u.row_scale is not None:
+                    ys.mul_(u.row_scale)
+            start += n
+        if dora and bias is not None:
+            y += bias.to(y.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+@dataclass
+class SharedBase:
+    """A backbone whose linears can carry any number of adapters, and the adapters' heads.
+
+    ``forward`` takes rows already in adapter order; :meth:`logits` does the ordering for any texts.
+    ``lock`` is held while a batch runs and while layers are wrapped for a new adapter.
+    """
+
+    backbone: Backbone
+    pooling: str
+    fingerprint: str
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype | None = None  # the compute dtype weights are stored in (None: fp32)
+    alone: str | None = None  # a merged model's folder: its base has the update folded in, nothing can join
+    segments: _Segments | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def prepare(self) -> None:
+        """Frozen, in eval mode, linears stored in the compute dtype (cast once, not per batch), on the device."""
+        module = self.backbone.module
+        module.requires_grad_(False).eval()
+        if self.dtype is not None:
+            store_frozen_linears(module, self.dtype)
+        module.to(self.device)
+
+    def linear_names(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.backbone.module.named_modules() if isinstance(m, (nn.Linear, GroupedLoRALinear))}
+
+    def wrap(self, names: list[str]) -> None:
+        """Give these linears a per-segment update path (the first adapter that targets them does it)."""
+        for name in names:
+            m = self.backbone.module.get_submodule(name)
+            if isinstance(m, GroupedLoRALinear):
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = self.backbone.module.get_submodule(parent_name) if parent_name else self.backbone.module
+            setattr(parent, child, GroupedLoRALinear(m, name, self))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapters: list[Adapter],
+                counts: list[int]) -> list[torch.Tensor]:
+        """Rows grouped by adapter (``counts[k]`` rows of ``adapters[k]``, in that order) -> fp32 logits per row."""
+        lengths = attention_mask.sum(dim=1)  # (B,)
+        ends = np.cumsum([0, *counts])
+        tokens = [int(lengths[s:e].sum()) for s, e in zip(ends[:-1], ends[1:])]
+        self.segments = _Segments(adapters, counts, tokens, input_ids.shape[1])
+        module = self.backbone.module
+        try:
+            if self.pooling == "last" and getattr(module, "can_pool_last_block", False):
+                pooled = module.hidden_states(input_ids, attention_mask, at=lengths - 1)  # (B, D)
+            else:
+                pooled = pool(module.hidden_states(input_ids, attention_mask), attention_mask, self.pooling)
+        finally:
+            self.segments = None
+        out = []
+        for a, s, e in zip(adapters, ends[:-1], ends[1:]):
+            w = a.head_weight
+            out.extend(F.linear(pooled[s:e].to(w.dtype), w, a.head_bias).float())  # (C_k,) each
+        return out
+
+    def load_adapter(self, name: str, directory: str | Path) -> Adapter:
+        """A lorafit adapter folder as an :class:`Adapter` of this base, or a one-line error naming what differs."""
+        directory = Path(directory)
+        if not (directory / ADAPTER_CONFIG).is_file():
+            raise LorafitError(f"{directory}: not a lorafit adapter folder (no {ADAPTER_CONFIG}); several "
+                               f"classifiers share a base only as adapters (a merged or PEFT folder is served alone)")
+        spec = read_spec(directory)
+        self.check(spec, str(directory))
+        tensors = load_safetensors(directory / ADAPTER_WEIGHTS)
+        layers = self._layer_updates(tensors, spec.lora, directory / ADAPTER_WEIGHTS)
+        head_w, head_b = tensors.get("head.weight"), tensors.get("head.bias")
+        hidden = self.backbone.hidden_size
+        if head_w is None or tuple(head_w.shape) != (spec.num_classes, hidden):
+            raise LorafitError(f"{directory / ADAPTER_WEIGHTS}: head.weight should be ({spec.num_classes}, {hidden}) "
+                               f"for {spec.num_classes} labels, got {None if head_w is None else tuple(head_w.shape)}")
+        head_w, head_b = (None if t is None else self._stored(t) for t in (head_w, head_b))
+        own = [head_w, head_b, *(t for u in layers.values() for t in (u.a, u.b, u.row_scale))]
+        size = sum(t.numel() * t.element_size() for t in own if t is not None)
+        return Adapter(name, str(directory), spec, layers, head_w, head_b, size)
+
+    def check(self, spec: ClassifierSpec, where: str) -> None:
+        """Refuse an adapter trained on another base (architecture or weights) or pooling differently."""
+        if self.alone:
+            raise LorafitError(f"{where}: cannot share a base with {self.alone}: a merged model (its update folded "
+                               f"into the base) is served alone; serve the adapter run it came from instead")
+        ours = self.backbone.architecture
+        if spec.architecture != ours:
+            diff = [f"{k} {spec.architecture.get(k)} vs {ours.get(k)}" for k in dict.fromkeys([*spec.architecture, *ours])
+                    if spec.architecture.get(k) != ours.get(k)]
+            raise LorafitError(f"{where}: adapter was trained on another base model ({', '.join(diff)}); "
+                               f"adapters of different bases need separate servers")
+        if spec.fingerprint and spec.fingerprint != self.fingerprint:
+            raise LorafitError(f"{where}: adapter was trained on other base weights (fingerprint {spec.fingerprint} "
+                               f"vs {self.fingerprint} of the served base); adapters of different bases need separate servers")
+        if (spec.pooling or self.pooling) != self.pooling:
+            raise LorafitError(f"{where}: pools the {spec.pooling} token, the served adapters the {self.pooling}")
+
+    def _layer_updates(self, tensors: dict[str, torch.Tensor], lora: LoRAConfig, path: Path) -> dict[str, LayerUpdate]:
+        by_layer: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            layer, _, kind = key.rpartition(".")
+            if kind in LORA_KEYS:
+                by_layer.setdefault(layer.removeprefix("backbone."), {})[kind] = t
+        linears = self.linear_names()
+        updates = {}
+        for name, parts in by_layer.items():
+            m = linears.get(name)
+            if m is None:
+                raise LorafitError(f"{path}: LoRA layer {name} is not a linear of the served base")
+            updates[name] = self._update(m.base if isinstance(m, GroupedLoRALinear) else m, parts, lora, f"{path}: {name}")
+        return updates
+
+    def _update(self, linear: nn.Linear, parts: dict[str, torch.Tensor], lora: LoRAConfig, where: str) -> LayerUpdate:
+        a, b = parts.get("lora_A"), parts.get("lora_B")
+        if a is None or b is None or a.shape[1] != linear.in_features or b.shape[0] != linear.out_features \
+                or a.shape[0] != b.shape[1]:
+            raise LorafitError(f"{where}: LoRA A/B missing or not shaped for a {linear.in_features} -> "
+                               f"{linear.out_features} linear")
+        if "pissa_A0" in parts:  # the update is s (B A - B0 A0): one factor pair of twice the rank
+            a, b = torch.cat([a, parts["pissa_A0"]]), torch.cat([b, -parts["pissa_B0"]], dim=1)
+        row_scale = None
+        if "lora_magnitude" in parts:
+            w = linear.weight.detach().float()
+            norm = torch.linalg.vector_norm(w + lora.scaling * (b.float() @ a.float()), dim=1)
+            row_scale = (parts["lora_magnitude"].float() / norm)
+        return LayerUpdate(self._stored(a), self._stored(b), lora.scaling,
+                           None if row_scale is None else self._stored(row_scale))
+
+    def _stored(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, self.dtype or torch.float32).contiguous()
+
+
+def open_base(name: str, directory: str | Path, device: str, precision: str) -> tuple[SharedBase, Adapter]:
+    """The base a run was trained on, ready to share (frozen, on ``--device`` in ``--precision``), and that run on it.
+
+    A lorafit adapter folder loads its base once, plain; other adapters then join it. A merged or PEFT
+    folder becomes its own base (the update folded in) and serves alone: no adapter matches its weights.
+    """
+    directory = Path(directory)
+    if (directory / ADAPTER_CONFIG).is_file():
+        spec = read_spec(directory)
+        backbone = load_backbone(spec.backbone, lm_head=False)
+        base = SharedBase(backbone, spec.pooling or backbone.default_pooling, weight_fingerprint(backbone.module),
+                          *setup(device, precision, backbone.hidden_size))
+        base.prepare()
+        return base, base.load_adapter(name, directory)
+    model, backbone, spec = load_classifier(directory)
+    unwrap_merged(model)
+    base = SharedBase(backbone, model.pooling, spec.fingerprint, *setup(device, precision, backbone.hidden_size),
+                      alone=str(directory))
+    base.prepare()
+    head = model.head
+    return base, Adapter(name, str(directory), spec, {}, base._stored(head.weight.detach()),
+                         None if head.bias is None else base._stored(head.bias.detach()),
+                         sum(p.numel() * p.element_size() for p in head.parameters()))
