@@ -10,6 +10,8 @@ import huggingface_hub.constants as hub_constants
 import pytest
 import torch
 
+from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, save_adapter
+from lorafit.adapters.lora import lora_layers
 from lorafit.backbones.gpt2 import GPTConfig
 from lorafit.backbones.tokenizer import byte_alphabet
 
@@ -146,3 +148,32 @@ def tiny_llama(tmp_path):
 @pytest.fixture
 def tiny_bert(tmp_path):
     return save_tiny(tmp_path / "tiny-bert", bert=True)
+
+
+LABELS = ["ham", "spam"]
+
+
+def trained_run(directory: Path, base: str, lora, head_bias: bool) -> Path:
+    """A lorafit adapter with random (non-zero) LoRA B and head bias: what training would leave behind."""
+    spec = ClassifierSpec(BackboneSpec(base), lora, LABELS, head_bias=head_bias)
+    model, _, spec = build_classifier(spec, seed=3)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.normal_(0, 0.3)
+        model.head.weight.normal_(0, 1.0)
+        if model.head.bias is not None:
+            model.head.bias.copy_(torch.tensor([0.7, -0.4]))
+    save_adapter(directory, model, spec)
+    return directory
+
+
+@pytest.fixture
+def gpt2_run(tmp_path, hf_gpt2_dir):
+    """A tiny GPT-2 run with a head bias (LoRA B and head random, as after training)."""
+    return trained_run(tmp_path / "run", str(hf_gpt2_dir), LoRAConfig(rank=4, alpha=8), head_bias=True)
+
+
+@pytest.fixture
+def llama_run(tmp_path, tiny_llama):
+    """A tiny Llama run without a head bias (the only kind transformers' Llama classifier holds)."""
+    return trained_run(tmp_path / "run", f"hf:{tiny_llama}", LoRAConfig(rank=4, alpha=8), head_bias=False)

@@ -15,9 +15,9 @@ import torch
 pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, load_classifier, save_adapter  # noqa: E402
+from conftest import LABELS, trained_run  # noqa: E402
+from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, load_classifier  # noqa: E402
 from lorafit.adapters.hf_format import export_hf  # noqa: E402
-from lorafit.adapters.lora import lora_layers  # noqa: E402
 from lorafit.adapters.peft_format import export_peft  # noqa: E402
 from lorafit.cli import main  # noqa: E402
 from lorafit.errors import LorafitError  # noqa: E402
@@ -25,31 +25,6 @@ from lorafit.inference.predict import predict_texts  # noqa: E402
 
 TEXTS = ["win cash prize now call 7", "see you at lunch later ok", "are we still on for dinner tonight thanks 42",
          "free entry"]
-LABELS = ["ham", "spam"]
-
-
-def trained_run(directory: Path, base: str, lora: LoRAConfig, head_bias: bool) -> Path:
-    """A lorafit adapter with random (non-zero) LoRA B and head bias: what training would leave behind."""
-    spec = ClassifierSpec(BackboneSpec(base), lora, LABELS, head_bias=head_bias)
-    model, _, spec = build_classifier(spec, seed=3)
-    with torch.no_grad():
-        for m in lora_layers(model).values():
-            m.lora_B.normal_(0, 0.3)
-        model.head.weight.normal_(0, 1.0)
-        if model.head.bias is not None:
-            model.head.bias.copy_(torch.tensor([0.7, -0.4]))
-    save_adapter(directory, model, spec)
-    return directory
-
-
-@pytest.fixture
-def gpt2_run(tmp_path, hf_gpt2_dir):
-    return trained_run(tmp_path / "run", str(hf_gpt2_dir), LoRAConfig(rank=4, alpha=8), head_bias=True)
-
-
-@pytest.fixture
-def llama_run(tmp_path, tiny_llama):
-    return trained_run(tmp_path / "run", f"hf:{tiny_llama}", LoRAConfig(rank=4, alpha=8), head_bias=False)
 
 
 def lorafit_probs(run) -> torch.Tensor:

@@ -11,6 +11,7 @@ Needs the optional extra ``lorafit[hf]`` (transformers).
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from ..backbones.hf import require_transformers
 from ..backbones.weights import lorafit_to_hf
 from ..errors import LorafitError
-from ..files import atomic_dir, write_text
+from ..files import atomic_dir, read_json, write_json, write_text
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps, layout_of,
                         padded, sample_texts)
 from .loading import load_classifier
@@ -63,18 +64,39 @@ def _tokenizer(transformers, backbone, layout: Layout):
                                       eos_token=pad, pad_token=pad)
 
 
-def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> float:
-    """Write ``run`` (a lorafit run, merged model or PEFT adapter) as a transformers model folder; it is
-    loaded back by transformers and must give lorafit's probabilities within 1e-5 before it is moved into
-    place. Returns the largest difference seen."""
-    transformers = require_transformers("--format hf")
-    out = Path(out)
+@dataclass
+class TransformersClassifier:
+    """A run rebuilt as a transformers classifier (LoRA merged, fp32, eval), with lorafit's own logits on
+    ``texts`` (computed before merging) to check any export of it against."""
+
+    model: object  # GPT2ForSequenceClassification or LlamaForSequenceClassification
+    tokenizer: object  # transformers' tokenizer that splits as lorafit's does
+    encoder: object  # lorafit's
+    layout: Layout
+    labels: list[str]
+    texts: list[str]
+    reference: torch.Tensor  # (len(texts), C) lorafit's logits
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """``tokenizer.save_pretrained``, readable by transformers 4 as well as 5: 5 names a plain fast tokenizer
+    ``TokenizersBackend``, a class 4 lacks (optimum-onnx, which serves ONNX exports, still needs 4)."""
+    tokenizer.save_pretrained(directory)
+    path = directory / "tokenizer_config.json"
+    config = read_json(path)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        write_json(path, {**config, "tokenizer_class": "PreTrainedTokenizerFast"})
+
+
+def to_transformers(run: str | Path, texts: list[str], where: str, transformers=None) -> TransformersClassifier:
+    """``run`` (a lorafit run, merged model or PEFT adapter) as a transformers classifier; a base or head
+    transformers cannot hold exactly is refused in one line."""
+    transformers = transformers or require_transformers(where)
     model, backbone, spec = load_classifier(run)
     layout = layout_of(spec)
-    texts = sample_texts(run)
-    batch, mask = padded(backbone.encoder, texts, str(out))
-    with torch.no_grad():
-        reference = model(batch, mask)  # (B, C), before merging
+    with torch.no_grad():  # batches of 32: memory stays small however many texts there are
+        reference = torch.cat([model(*padded(backbone.encoder, texts[i:i + 32], where)).float()
+                               for i in range(0, len(texts), 32)])
     config = _config(transformers, backbone, layout)
     id2label, label2id = label_maps(spec.labels)
     config.update({"architectures": [layout.architecture], "id2label": id2label, "label2id": label2id,
@@ -84,17 +106,29 @@ def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> f
     hf = getattr(transformers, layout.architecture)(config)
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise LorafitError(f"--format hf: the weights do not fit {layout.architecture} ({(missing or unexpected)[0]})")
+        raise LorafitError(f"{where}: the weights do not fit {layout.architecture} ({(missing or unexpected)[0]})")
+    return TransformersClassifier(hf.eval(), tokenizer, backbone.encoder, layout, spec.labels, texts, reference)
+
+
+def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> float:
+    """Write ``run`` (a lorafit run, merged model or PEFT adapter) as a transformers model folder; it is
+    loaded back by transformers and must give lorafit's probabilities within 1e-5 before it is moved into
+    place. Returns the largest difference seen."""
+    transformers = require_transformers("--format hf")
+    out = Path(out)
+    texts = sample_texts(run)
+    clf = to_transformers(run, texts, str(out), transformers)
+    batch, mask = padded(clf.encoder, texts, str(out))
     with atomic_dir(out, overwrite) as tmp:
-        hf.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_text(tmp / "README.md", _readme(layout, spec.labels, str(out)))
+        clf.model.save_pretrained(tmp)
+        save_tokenizer(clf.tokenizer, tmp)
+        write_text(tmp / "README.md", _readme(clf.layout, clf.labels, str(out)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp, dtype=torch.float32).eval()
             loaded_tok = transformers.AutoTokenizer.from_pretrained(tmp)
-        check_tokenizer(backbone.encoder, loaded_tok, texts, str(out))
-        diff = check_same_predictions(reference, loaded, batch, mask, str(out))
+        check_tokenizer(clf.encoder, loaded_tok, texts, str(out))
+        diff = check_same_predictions(clf.reference, loaded, batch, mask, str(out))
     return diff
 
 

@@ -123,12 +123,13 @@ def label_maps(labels: list[str]) -> tuple[dict[int, str], dict[str, int]]:
     return dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
 
 
-def sample_texts(directory) -> list[str]:
-    """Texts to compare predictions on: the run's own test split where it has one, plus a few fixed ones."""
+def sample_texts(directory, n: int = 13) -> list[str]:
+    """Texts to compare predictions on: a few fixed ones, plus the first ``n`` of the run's own test split
+    where it has one."""
     texts = ["Hello", "WINNER!! Claim your prize now", "see you at lunch later? ok thanks"]
     test = Path(directory) / "test.csv"
     if test.is_file():
-        texts += read_table(test)["text"].head(13).tolist()
+        texts += read_table(test)["text"].head(n).tolist()
     return texts
 
 
