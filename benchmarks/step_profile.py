@@ -29,21 +29,21 @@ def profile(args) -> tuple[object, object, torch.dtype | None]:
     from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, TrainConfig, build_classifier, fit
     from lorafit.adapters.lora import store_frozen_linears
     from lorafit.data.batching import Encoded
-    from lorafit.runtime import resolve_precision
+    from lorafit.runtime import resolve_compute
 
     train, ytrain, _, _, pad = load_data(args)
     spec = ClassifierSpec(backbone=BackboneSpec("gpt2-small", random_init=True, tokenizer=args.tokenizer),
                           lora=LoRAConfig(rank=8, alpha=16))
     model, _, spec = build_classifier(spec)
-    dtype = resolve_precision(args.precision, torch.device("cpu"))
-    if dtype is not None:
-        store_frozen_linears(model, dtype)
+    compute = resolve_compute("cpu", args.precision)
+    if compute.autocast_dtype is not None:
+        store_frozen_linears(model, compute.autocast_dtype)
     empty = Encoded([], np.zeros(0, dtype=np.int64), 0)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         history = fit(model, Encoded(train, ytrain, 0), empty, TrainConfig(epochs=1, batch_size=args.batch_size,
-                      eval_every=0), pad_id=pad, labels=["ham", "spam"], device=torch.device("cpu"), dtype=dtype,
+                      eval_every=0), pad_id=pad, labels=["ham", "spam"], compute=compute,
                       progress=False)
-    return prof, history, dtype
+    return prof, history, compute.autocast_dtype
 
 
 def main() -> None:

@@ -55,25 +55,24 @@ def run_lorafit(args, precision: str, dora: bool = False) -> dict:
     from lorafit.adapters.lora import store_frozen_linears
     from lorafit.data.batching import Encoded
     from lorafit.inference.evaluate import evaluate_model
-    from lorafit.runtime import resolve_precision
+    from lorafit.runtime import resolve_compute
 
     train, ytrain, test, ytest, pad = load_data(args)
     spec = ClassifierSpec(backbone=BackboneSpec("gpt2-small", random_init=True, tokenizer=args.tokenizer),
                           lora=LoRAConfig(rank=8, alpha=16, use_dora=dora))
     model, backbone, spec = build_classifier(spec)
-    device = torch.device(args.device)
-    dtype = resolve_precision(precision, device)
-    if dtype is not None:
-        store_frozen_linears(model, dtype)  # as lorafit train does
+    compute = resolve_compute(args.device, precision, backbone.hidden_size)
+    if compute.autocast_dtype is not None:
+        store_frozen_linears(model, compute.autocast_dtype)  # as lorafit train does
     tr = Encoded(train, ytrain, 0)
     empty = Encoded([], np.zeros(0, dtype=np.int64), 0)
     history = fit(model, tr, empty, TrainConfig(epochs=1, batch_size=args.batch_size, eval_every=0),
-                  pad_id=pad, labels=["ham", "spam"], device=device, dtype=dtype, progress=False)
-    metrics, eval_rate = evaluate_model(model, pad, {"test": Encoded(test, ytest, 0)}, ["ham", "spam"], device,
-                                        dtype, batch_size=32)
+                  pad_id=pad, labels=["ham", "spam"], compute=compute, progress=False)
+    metrics, eval_rate = evaluate_model(model, pad, {"test": Encoded(test, ytest, 0)}, ["ham", "spam"], compute,
+                                        batch_size=32)
     return {"seconds": history.train_seconds, "examples": history.train_examples, "tokens": history.train_tokens,
             "linear_rows": history.train_tokens,  # the blocks skip padding outside attention (lorafit.packing)
-            "eval_examples_per_s": eval_rate, "precision": "bf16 autocast" if dtype else "fp32"}
+            "eval_examples_per_s": eval_rate, "precision": "bf16 autocast" if compute.autocast_dtype else "fp32"}
 
 
 def _pad(seqs, pad, length=None):

@@ -28,8 +28,9 @@ from .data.batching import encode_frame, encode_texts
 from .data.datasets import DataConfig, Splits, load_splits, prepare_splits, read_table
 from .errors import LorafitError
 from .inference.evaluate import evaluate_run
-from .inference.predict import predict_proba, predict_texts
+from .inference.predict import InferenceModel, load_for_inference, predict_proba, predict_texts
 from .reporting.metrics import classification_metrics
+from .runtime import Compute, resolve_compute
 from .training.loop import TrainConfig, fit
 from .training.run import train_run
 

@@ -10,6 +10,8 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -98,15 +100,15 @@ def bf16_matmul_pays(width: int = 768) -> bool:
 
 
 def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse a precision the device cannot run, before any work (``auto`` is decided by :func:`setup`)."""
+    """Refuse a precision the device cannot run, before any work (``auto`` is decided by :func:`resolve_compute`)."""
     if precision not in PRECISIONS:
         raise LorafitError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "bf16" and device.type not in ("cuda", "cpu"):
         raise LorafitError(f"--precision bf16 is supported on cpu and cuda, not {device.type}")
 
 
-def resolve_precision(precision: str, device: torch.device, width: int = 768) -> torch.dtype | None:
-    """The autocast dtype to use, or None for plain fp32.
+def choose_autocast_dtype(precision: str, device: torch.device, width: int = 768) -> torch.dtype | None:
+    """The autocast dtype ``precision`` means on ``device``, or None for plain fp32.
 
     ``auto``: bf16 on CPUs where bf16 matmuls of the model's ``width`` measure faster than fp32; fp32
     on GPUs (launch-bound at these batch sizes; ``--precision bf16`` still forces it). ``bf16`` forces
@@ -144,29 +146,46 @@ def return_freed_buffers_to_the_os() -> bool:
         return False
 
 
-def check_flags(device: str, precision: str) -> torch.device:
-    """``--device`` and ``--precision`` checked before any work; the device they name."""
+def check_compute(device: str, precision: str) -> torch.device:
+    """``device`` and ``precision`` checked before any work; the device they name."""
     dev = resolve_device(device)
     check_precision(precision, dev)
     return dev
 
 
-def setup(device: str = "auto", precision: str = "auto", width: int = 768) -> tuple[torch.device, torch.dtype | None]:
-    """Resolve ``--device`` and ``--precision`` for a model of hidden size ``width``, and tune the backend
-    for variable-length batches. Called once per run, when the model is built."""
-    dev = resolve_device(device)
-    dtype = resolve_precision(precision, dev, width)
+@dataclass(frozen=True)
+class Compute:
+    """Where a model computes and in which precision, decided once: the device and the autocast dtype."""
+
+    device: torch.device = torch.device("cpu")
+    autocast_dtype: torch.dtype | None = None  # None: plain fp32, no autocast
+
+    @property
+    def precision(self) -> str:
+        """What the choice is called in settings and reports: ``bf16`` or ``fp32``."""
+        return "fp32" if self.autocast_dtype is None else "bf16"
+
+    def autocast(self):
+        """The context a forward pass runs in."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_compute(device: str | torch.device = "auto", precision: str = "auto", width: int = 768, *,
+                    agree: Callable[[torch.dtype | None], torch.dtype | None] | None = None) -> Compute:
+    """Resolve ``device`` and ``precision`` for a model of hidden size ``width``, and tune the backend
+    for variable-length batches. Called once per run, when the model is built. ``agree``: makes every
+    process of a torchrun job use the same choice (``auto`` times the CPU: rank 0's result for all)."""
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = choose_autocast_dtype(precision, dev, width)
+    if agree is not None:
+        dtype = agree(dtype)
     if dev.type == "cuda":
         # cuDNN's attention builds a new graph for every sequence length, and length-bucketed batches
         # change length almost every step: the flash and memory-efficient kernels need no such warm-up.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    return dev, dtype
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return Compute(dev, dtype)
 
 
 def peak_memory_mb(device: torch.device) -> dict:

@@ -24,7 +24,7 @@ from ..backbones.base import Backbone
 from ..backbones.loader import load_backbone
 from ..errors import LorafitError
 from ..files import load_safetensors
-from ..runtime import setup
+from ..runtime import Compute, resolve_compute
 from .classifier import pool
 from .loading import load_classifier
 from .lora import LoRAConfig, store_frozen_linears, unwrap_merged
@@ -121,8 +121,7 @@ class SharedBase:
     backbone: Backbone
     pooling: str
     fingerprint: str
-    device: torch.device = torch.device("cpu")
-    dtype: torch.dtype | None = None  # the compute dtype weights are stored in (None: fp32)
+    compute: Compute = Compute()  # the device, and the autocast dtype weights are stored in (None: fp32)
     alone: str | None = None  # a merged model's folder: its base has the update folded in, nothing can join
     segments: _Segments | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -131,9 +130,9 @@ class SharedBase:
         """Frozen, in eval mode, linears stored in the compute dtype (cast once, not per batch), on the device."""
         module = self.backbone.module
         module.requires_grad_(False).eval()
-        if self.dtype is not None:
-            store_frozen_linears(module, self.dtype)
-        module.to(self.device)
+        if self.compute.autocast_dtype is not None:
+            store_frozen_linears(module, self.compute.autocast_dtype)
+        module.to(self.compute.device)
 
     def linear_names(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.backbone.module.named_modules() if isinstance(m, (nn.Linear, GroupedLoRALinear))}
@@ -238,7 +237,7 @@ class SharedBase:
                            None if row_scale is None else self._stored(row_scale))
 
     def _stored(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device, self.dtype or torch.float32).contiguous()
+        return t.to(self.compute.device, self.compute.autocast_dtype or torch.float32).contiguous()
 
 
 def open_base(name: str, directory: str | Path, device: str, precision: str) -> tuple[SharedBase, Adapter]:
@@ -252,12 +251,12 @@ def open_base(name: str, directory: str | Path, device: str, precision: str) -> 
         spec = read_spec(directory)
         backbone = load_backbone(spec.backbone, lm_head=False)
         base = SharedBase(backbone, spec.pooling or backbone.default_pooling, weight_fingerprint(backbone.module),
-                          *setup(device, precision, backbone.hidden_size))
+                          resolve_compute(device, precision, backbone.hidden_size))
         base.prepare()
         return base, base.load_adapter(name, directory)
     model, backbone, spec = load_classifier(directory)
     unwrap_merged(model)
-    base = SharedBase(backbone, model.pooling, spec.fingerprint, *setup(device, precision, backbone.hidden_size),
+    base = SharedBase(backbone, model.pooling, spec.fingerprint, resolve_compute(device, precision, backbone.hidden_size),
                       alone=str(directory))
     base.prepare()
     head = model.head

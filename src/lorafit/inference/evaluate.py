@@ -9,10 +9,11 @@ from ..adapters.lora import merged
 from ..data.batching import Encoded, encode_frame
 from ..data.datasets import SPLIT_NAMES, Splits, read_table
 from ..reporting.metrics import classification_metrics
+from ..runtime import Compute
 from .predict import load_for_inference, predict_proba
 
 
-def evaluate_model(model, pad_id: int, data: dict[str, Encoded], labels: list[str], device, dtype,
+def evaluate_model(model, pad_id: int, data: dict[str, Encoded], labels: list[str], compute: Compute | None,
                    batch_size: int, predict=predict_proba) -> tuple[dict, float]:
     """Metrics per split with LoRA merged into the base (no adapter overhead); returns examples/s too.
 
@@ -22,7 +23,7 @@ def evaluate_model(model, pad_id: int, data: dict[str, Encoded], labels: list[st
     with merged(model):
         for split, enc in data.items():
             t0 = time.perf_counter()
-            probs = predict(model, enc, pad_id, batch_size=batch_size, device=device, dtype=dtype)
+            probs = predict(model, enc, pad_id, batch_size=batch_size, compute=compute)
             seconds += time.perf_counter() - t0
             n += len(enc.ids)
             metrics[split] = classification_metrics(enc.labels, probs, labels)
@@ -35,13 +36,13 @@ def evaluate_run(run: str | Path, data: str | None = None, *, text_col: str | No
     """Re-evaluate a saved adapter: on the run's own saved splits, or on a labelled file of the user's
     (``read_options`` as :func:`~lorafit.data.datasets.read_table` takes them)."""
     run = Path(run)
-    model, backbone, spec, dev, dtype = load_for_inference(run, device, precision)
-    encoder, context = backbone.encoder, backbone.context_length
+    loaded = load_for_inference(run, device, precision)
+    spec, encoder, context = loaded.spec, loaded.backbone.encoder, loaded.backbone.context_length
     if data:
         frames = {"data": (read_table(data, text_col, label_col, **read_options), str(data))}
     else:
         splits = Splits.load(run, spec.labels, hint="; pass --data FILE to evaluate on other data")
         frames = {name: (getattr(splits, name), f"{name} split") for name in SPLIT_NAMES}
     enc = {name: encode_frame(encoder, context, df, spec.labels, where) for name, (df, where) in frames.items()}
-    metrics, rate = evaluate_model(model, encoder.pad_id, enc, spec.labels, dev, dtype, batch_size)
+    metrics, rate = evaluate_model(loaded.model, encoder.pad_id, enc, spec.labels, loaded.compute, batch_size)
     return {"metrics": metrics, "examples_per_s": rate}

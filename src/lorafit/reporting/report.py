@@ -7,7 +7,7 @@ import platform
 import sys
 from importlib import metadata
 
-from ..runtime import peak_memory_mb
+from ..runtime import Compute, peak_memory_mb
 
 
 @functools.cache
@@ -23,7 +23,7 @@ def library_versions() -> dict:
 
 
 def build_report(*, name: str, command: str, spec: dict, train: dict, data: dict, parameters: dict, metrics: dict,
-                 history, device, dtype, eval_examples_per_s: float, wall_seconds: float,
+                 history, compute: Compute, eval_examples_per_s: float, wall_seconds: float,
                  resumed: bool = False, distributed: dict | None = None) -> dict:
     """report.json's content: what was trained, on what, how well, how fast, and how to repeat it."""
     report = {
@@ -37,13 +37,13 @@ def build_report(*, name: str, command: str, spec: dict, train: dict, data: dict
         "best_epoch": history.best["epoch"],
         "epochs": history.epochs,
         "speed": {
-            "device": str(device), "precision": "bf16 autocast" if dtype else "fp32",
+            "device": str(compute.device), "precision": "bf16 autocast" if compute.autocast_dtype else "fp32",
             "train_seconds": history.train_seconds,
             "train_examples_per_s": history.train_examples / history.train_seconds,
             "train_tokens_per_s": history.train_tokens / history.train_seconds,
             "eval_examples_per_s": eval_examples_per_s,
             "wall_seconds": wall_seconds,
-            **peak_memory_mb(device),
+            **peak_memory_mb(compute.device),
         },
         "versions": library_versions(),
     }

@@ -17,7 +17,7 @@ import torch
 from ..adapters.multi import Adapter, SharedBase, open_base
 from ..errors import LorafitError
 from ..reporting.report import library_versions
-from ..runtime import autocast, check_flags
+from ..runtime import Compute, check_compute
 from .config import ServeConfig, check_name
 
 
@@ -40,7 +40,7 @@ class ServedModel:
     @classmethod
     def load(cls, config: ServeConfig) -> "ServedModel":
         """Load every run named by ``config`` on one base; any problem is a LorafitError before a port is bound."""
-        check_flags(config.device, config.precision)
+        check_compute(config.device, config.precision)
         runs = config.named_runs()
         (first, directory), *rest = runs.items()
         base, adapter = open_base(first, directory, config.device, config.precision)
@@ -57,12 +57,8 @@ class ServedModel:
         return next(iter(self.adapters.values()))
 
     @property
-    def device(self) -> torch.device:
-        return self.base.device
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return self.base.dtype
+    def compute(self) -> Compute:
+        return self.base.compute
 
     def resolve(self, name: str | None) -> Adapter:
         """The adapter a request names (``None``: the default), or 404 naming the ones there are."""
@@ -135,8 +131,9 @@ class ServedModel:
             mask[row, :lengths[i]] = 1
         groups = list(dict.fromkeys(adapters[i] for i in chunk))
         counts = [sum(adapters[i] is a for i in chunk) for a in groups]
-        with self.base.lock, autocast(self.device, self.dtype):
-            return [r.cpu() for r in self.base.forward(input_ids.to(self.device), mask.to(self.device), groups, counts)]
+        device = self.compute.device
+        with self.base.lock, self.compute.autocast():
+            return [r.cpu() for r in self.base.forward(input_ids.to(device), mask.to(device), groups, counts)]
 
     def describe(self, adapter: Adapter) -> dict:
         """One adapter as /info and /v1/models describe it."""
@@ -151,7 +148,7 @@ class ServedModel:
         labels = adapter.labels
         return {
             "model_id": adapter.name,
-            "model_dtype": "bfloat16" if self.dtype == torch.bfloat16 else "float32",
+            "model_dtype": "bfloat16" if self.compute.autocast_dtype == torch.bfloat16 else "float32",
             "model_type": {"classifier": {"id2label": dict(enumerate(labels)),
                                           "label2id": {k: i for i, k in enumerate(labels)}}},
             "max_concurrent_requests": config.max_concurrent,
@@ -166,6 +163,6 @@ class ServedModel:
             "architecture": adapter.spec.architecture,
             "labels": labels,
             "lora": adapter.spec.lora.to_dict(),
-            "device": str(self.device),
+            "device": str(self.compute.device),
             "adapters": [self.describe(a) for a in self.adapters.values()],
         }

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ..data.batching import Encoded, eval_order, lengths_of
 from ..errors import LorafitError, UsageError
 from ..inference.predict import predict_proba
+from ..runtime import Compute
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -143,16 +144,16 @@ class Distributed:
             self.sum([0.0])  # an all-reduce, so that the collective timeout applies (gloo's barrier has its own)
 
     # -- evaluation ------------------------------------------------------------------------------------
-    def predict(self, model, data: Encoded, pad_id: int, *, batch_size: int, device, dtype) -> np.ndarray:
+    def predict(self, model, data: Encoded, pad_id: int, *, batch_size: int, compute: Compute) -> np.ndarray:
         """:func:`predict_proba` over this rank's share of the evaluation batches, gathered on every rank.
 
         The batches are the ones a single process forms, so every example is computed in the same
         company (the same padding) as in a one-process run, and none is counted twice.
         """
         if not self.active:
-            return predict_proba(model, data, pad_id, batch_size=batch_size, device=device, dtype=dtype)
+            return predict_proba(model, data, pad_id, batch_size=batch_size, compute=compute)
         mine = eval_order(lengths_of(data), batch_size)[self.rank::self.world]
-        probs = predict_proba(model, data, pad_id, batch_size=batch_size, device=device, dtype=dtype, order=mine)
+        probs = predict_proba(model, data, pad_id, batch_size=batch_size, compute=compute, order=mine)
         index = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
         parts = [None] * self.world
         self._collective(tdist.all_gather_object, parts, (index, probs[index]))

@@ -22,7 +22,7 @@ from ..adapters.lora import lora_layers
 from ..data.batching import Batch, Encoded, collate, lengths_of, train_order
 from ..errors import LorafitError, UsageError
 from ..reporting.metrics import classification_metrics
-from ..runtime import autocast, return_freed_buffers_to_the_os
+from ..runtime import Compute, return_freed_buffers_to_the_os
 from .distributed import LOCAL, Distributed, PeerLost, peer_failures_as_lost
 
 SCHEDULES = ("constant", "cosine")
@@ -191,12 +191,13 @@ class Trainer:
     """
 
     def __init__(self, model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, labels: list[str],
-                 device: torch.device, dtype: torch.dtype | None, state: TrainState | None,
+                 compute: Compute, state: TrainState | None,
                  on_best: Callable[[dict], None] | None, log: Callable[[dict], None] | None, progress: bool,
                  stop_requested: Callable[[], bool] | None, on_step: Callable[["Trainer", bool], None] | None,
                  dist: Distributed = LOCAL):
+        device = compute.device
         self.model, self.train_data, self.val, self.cfg = model.to(device).train(), train, val, cfg
-        self.pad_id, self.labels, self.device, self.dtype, self.dist = pad_id, labels, device, dtype, dist
+        self.pad_id, self.labels, self.compute, self.device, self.dist = pad_id, labels, compute, device, dist
         self.forward_module = dist.wrap(self.model, device)  # DDP under torchrun, else the model itself
         self.optimizer = make_optimizer(model, cfg, device)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -226,8 +227,7 @@ class Trainer:
     def validate(self, part: Encoded) -> dict:
         """Metrics on (part of) the validation set, timed apart from training."""
         t0 = time.perf_counter()
-        probs = self.dist.predict(self.model, part, self.pad_id, batch_size=self.cfg.batch_size, device=self.device,
-                                  dtype=self.dtype)
+        probs = self.dist.predict(self.model, part, self.pad_id, batch_size=self.cfg.batch_size, compute=self.compute)
         metrics = classification_metrics(part.labels, probs, self.labels)
         self.aside_seconds += time.perf_counter() - t0
         return metrics
@@ -302,7 +302,7 @@ class Trainer:
         run with grad_accum x world batches per step.
         """
         batch = batch.to(self.device)
-        with autocast(self.device, self.dtype):
+        with self.compute.autocast():
             logits = self.forward_module(batch.input_ids, batch.attention_mask)  # (B, C)
         loss = F.cross_entropy(logits.float(), batch.labels, weight=self.weight)
         (loss * (weight / self.cfg.grad_accum)).backward()
@@ -367,7 +367,7 @@ class Accumulated:
 
 
 def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, labels: list[str],
-        device: torch.device, dtype: torch.dtype | None = None,
+        compute: Compute = Compute(),
         on_best: Callable[[dict], None] | None = None, log: Callable[[dict], None] | None = None,
         progress: bool = True, state: TrainState | None = None,
         stop_requested: Callable[[], bool] | None = None,
@@ -383,6 +383,6 @@ def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, l
     torchrun job.
     """
     return_freed_buffers_to_the_os()
-    return Trainer(model, train, val, cfg, pad_id=pad_id, labels=labels, device=device, dtype=dtype, state=state,
+    return Trainer(model, train, val, cfg, pad_id=pad_id, labels=labels, compute=compute, state=state,
                    on_best=on_best, log=log, progress=progress, stop_requested=stop_requested,
                    on_step=on_step, dist=dist).run()

@@ -29,7 +29,7 @@ from ..inference.evaluate import evaluate_model
 from ..reporting.loggers import LoggerConfig, flatten, open_loggers
 from ..reporting.plots import plot_accuracy, plot_confusion, plot_loss
 from ..reporting.report import build_report, render_markdown
-from ..runtime import check_flags, setup
+from ..runtime import Compute, check_compute, resolve_compute
 from .checkpoint import (CHECKPOINT, Checkpoint, PeriodicCheckpoints, RunSettings, load_checkpoint, remove_checkpoint,
                          save_checkpoint, saved_command)
 from .distributed import Distributed, Launch, regroup, restart_count, session
@@ -77,7 +77,7 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
     metrics.jsonl. Under torchrun every process trains its share and rank 0 alone writes ``out``.
     """
     out = Path(out)
-    dev = check_flags(device, precision)  # bad flags fail before any work
+    dev = check_compute(device, precision)  # bad settings fail before any work
     settings = RunSettings(device, precision, command, save_every=save_every, save_every_minutes=save_every_minutes,
                            loggers=loggers)
     with session(dev, launch, train_cfg.batch_size, "start a new run") as (dist, dev):
@@ -103,7 +103,7 @@ def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig 
     out = Path(out)
     ckpt = load_checkpoint(out)
     splits = Splits.load(out, ckpt.spec.labels)
-    dev = check_flags(ckpt.settings.device, ckpt.settings.precision)
+    dev = check_compute(ckpt.settings.device, ckpt.settings.precision)
     with session(dev, launch, ckpt.train.batch_size, f"resume {out.resolve()}") as (dist, dev):
         if dist.is_main:
             remove_temp_files(out)  # a kill during a write leaves its temporary file
@@ -159,12 +159,12 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
     wall = time.perf_counter()
     model, backbone, built = dist.main_first(lambda: build_classifier(spec, seed=train_cfg.seed,
                                                                       initialise=resume is None))
-    _, dtype = setup(settings.device, settings.precision, backbone.hidden_size)  # dev: this rank's device
-    dtype = dist.broadcast_object(dtype)  # --precision auto times the CPU: rank 0's choice for every rank
+    # dev: this rank's device; precision "auto" times the CPU: rank 0's choice holds for every rank
+    compute = resolve_compute(dev, settings.precision, backbone.hidden_size, agree=dist.broadcast_object)
     # "auto" is a start-up timing: a resume must compute in the precision it chose, not time again
-    settings = replace(settings, precision="fp32" if dtype is None else "bf16")
-    if dtype is not None:
-        store_frozen_linears(model, dtype)  # cast once here, not at every step
+    settings = replace(settings, precision=compute.precision)
+    if compute.autocast_dtype is not None:
+        store_frozen_linears(model, compute.autocast_dtype)  # cast once here, not at every step
     if resume:
         check_compatible(spec, built, str(out))  # the base must not have changed since the checkpoint
         with torch.no_grad():
@@ -184,10 +184,10 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
         hparams = _hparams(spec, train_cfg, settings.precision)
         with (open_loggers(settings.loggers, out, hparams, kept=resume.state.history.records() if resume else None) if writer
               else contextlib.nullcontext(None)) as track:
-            history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, (dev, dtype, dist),
+            history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, compute, dist,
                            resume, checkpoints, progress, track)
         metrics, eval_rate = _evaluate_kept(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg,
-                                            (dev, dtype, dist), history)
+                                            compute, dist, history)
         if not writer:
             return RunResult(out, {}, history, is_main=False)
         report = build_report(name=out.name, command=settings.command, spec=spec.to_dict(),
@@ -196,7 +196,7 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
                                     "skipped_empty_texts": settings.skipped_empty,
                                     "sizes": {k: len(v.ids) for k, v in enc.items()},
                                     "truncated_texts": {k: v.truncated for k, v in enc.items()}},
-                              parameters=counts.to_dict(), metrics=metrics, history=history, device=dev, dtype=dtype,
+                              parameters=counts.to_dict(), metrics=metrics, history=history, compute=compute,
                               eval_examples_per_s=eval_rate, wall_seconds=time.perf_counter() - wall,
                               resumed=resume is not None, distributed=dist.describe())
         write_report(out, report, history)
@@ -207,19 +207,18 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
 
 
 def _fit(out: Path, model, spec: ClassifierSpec, enc: dict, labels: list[str], pad_id: int, train_cfg: TrainConfig,
-         runtime: tuple, resume: Checkpoint | None, checkpoints: PeriodicCheckpoints, progress: bool,
-         track: Callable[[dict], None] | None) -> History:
+         compute: Compute, dist: Distributed, resume: Checkpoint | None, checkpoints: PeriodicCheckpoints,
+         progress: bool, track: Callable[[dict], None] | None) -> History:
     """:func:`fit` with the run's files around it: best adapter, metrics.jsonl and the trackers, checkpoints
-    (one when stopped). ``runtime``: (device, dtype, dist); on torchrun's other ranks nothing is written."""
-    dev, dtype, dist = runtime
+    (one when stopped); on torchrun's other ranks nothing is written."""
     writer, metrics_path = dist.is_main, out / METRICS
     if resume and writer:  # the steps after the checkpoint are replayed: their lines go, so none is logged twice
         write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in resume.state.history.records()))
     with (open(metrics_path, "ab", buffering=0) if writer else contextlib.nullcontext()) as metrics_file, \
             stop_on_signals() as stop_requested:
         try:
-            return fit(model, enc["train"], enc["val"], train_cfg, pad_id=pad_id, labels=labels, device=dev,
-                       dtype=dtype, on_best=(lambda rec: save_adapter(out, model, spec)) if writer else None,
+            return fit(model, enc["train"], enc["val"], train_cfg, pad_id=pad_id, labels=labels, compute=compute,
+                       on_best=(lambda rec: save_adapter(out, model, spec)) if writer else None,
                        log=(lambda rec: (append_metrics(metrics_file, rec), track(rec))) if writer else None,
                        progress=progress and writer, state=resume.state if resume else None,
                        stop_requested=stop_requested, on_step=checkpoints if writer else None, dist=dist)
@@ -231,14 +230,13 @@ def _fit(out: Path, model, spec: ClassifierSpec, enc: dict, labels: list[str], p
 
 
 def _evaluate_kept(out: Path, model, spec: ClassifierSpec, enc: dict, labels: list[str], pad_id: int,
-                   train_cfg: TrainConfig, runtime: tuple, history: History) -> tuple[dict, float]:
+                   train_cfg: TrainConfig, compute: Compute, dist: Distributed, history: History) -> tuple[dict, float]:
     """Metrics of the kept (best) adapter, not the last weights: rank 0 reads it, every rank gets it."""
-    dev, dtype, dist = runtime
     if history.best != history.epochs[-1]:
         if dist.is_main:
             load_adapter_into(model, spec, out)
         dist.broadcast_tensors(adapter_state(model).values())
-    return evaluate_model(model, pad_id, enc, labels, dev, dtype, 4 * train_cfg.batch_size, predict=dist.predict)
+    return evaluate_model(model, pad_id, enc, labels, compute, 4 * train_cfg.batch_size, predict=dist.predict)
 
 
 def _hparams(spec: ClassifierSpec, train_cfg: TrainConfig, precision: str) -> dict:
