@@ -1,5 +1,6 @@
 """The web page in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium): one message
-with its label and bars, a file of many with its table and CSV link, and an API error shown in words."""
+with its label and bars, a file of many with its table and CSV link, an API error shown in words, and another
+classifier of the server picked from the list."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+from lorafit.adapters.lora import LoRAConfig  # noqa: E402
 from lorafit.inference.predict import predict_texts  # noqa: E402
-from serve_fixtures import TEXTS, start_server, write_tiny_run  # noqa: E402
+from serve_fixtures import TEXTS, start_server, write_adapter, write_tiny_run  # noqa: E402
 
 
 @pytest.fixture
@@ -39,8 +41,10 @@ def browser(tmp_path):
 
 def test_the_page_classifies_one_message_and_a_file(tmp_path, browser):
     run = write_tiny_run(tmp_path)
+    topic = write_adapter(tmp_path / "base", tmp_path / "topic", ["sport", "news", "tech", "food"], LoRAConfig(rank=2),
+                          seed=5)
     reference = {r["text"]: r for r in predict_texts(run, TEXTS, device="cpu", precision="fp32")}
-    proc, url = start_server(run)
+    proc, url = start_server(run, "--run", f"topic={topic}")
     try:
         wait = WebDriverWait(browser, 30)
         browser.get(url)
@@ -76,6 +80,19 @@ def test_the_page_classifies_one_message_and_a_file(tmp_path, browser):
         browser.find_element(By.ID, "classify").click()
         wait.until(ec.visibility_of_element_located((By.ID, "error")))
         assert browser.find_element(By.ID, "error").text == "The request was refused: inputs is an empty string"
+
+        Select(browser.find_element(By.ID, "model")).select_by_visible_text("topic")
+        wait.until(lambda d: "Classifier topic" in d.find_element(By.ID, "model-info").text)
+        assert "classes sport, news, tech, food" in browser.find_element(By.ID, "model-info").text
+        browser.find_element(By.ID, "text").clear()
+        browser.find_element(By.ID, "text").send_keys(TEXTS[4])
+        browser.find_element(By.ID, "classify").click()
+        wait.until(ec.visibility_of_element_located((By.ID, "result")))
+        expected = predict_texts(topic, [TEXTS[4]], device="cpu", precision="fp32")[0]
+        assert browser.find_element(By.ID, "label").text == expected["label"]
+        bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar-row")
+        shown = {b.get_attribute("data-label"): b.find_element(By.CLASS_NAME, "bar-value").text for b in bars}
+        assert shown == {k: f"{100 * p:.1f} %" for k, p in expected["probabilities"].items()}
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0

@@ -38,9 +38,13 @@ class LayerUpdate:
     """One adapter's update to one linear: ``scale * B A``, then DoRA's per-row factor (None without DoRA)."""
 
     a: torch.Tensor  # (r, in)
-    b: torch.Tensor  # (out, r)
+    bt: torch.Tensor  # (r, out): B transposed, as the product reads it
     scaling: float
     row_scale: torch.Tensor | None = None  # (out,) DoRA: m / ||W + s B A||, a constant at inference
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
 
 
 @dataclass(eq=False)
@@ -70,6 +74,14 @@ class _Segments:
     tokens: list[int]
     padded_length: int
 
+    def split(self, layer: str, n: int) -> list[tuple[LayerUpdate | None, int, int]]:
+        """For an (n, in) input of ``layer``: each adapter's update to it (None: not adapted), first row, row count."""
+        out, start = [], 0
+        for a, rows in zip(self.adapters, self.rows(n)):
+            out.append((a.layers.get(layer), start, rows))
+            start += rows
+        return out
+
     def rows(self, n: int) -> list[int]:
         """Rows per adapter for an (n, in) input: the packed tokens, one row per sequence, or the padded grid.
         (Where two of these counts coincide, so do the splits.)"""
@@ -83,7 +95,13 @@ class _Segments:
 
 
 class GroupedLoRALinear(nn.Module):
-    """A shared frozen ``nn.Linear`` plus, per segment of rows, the update of that segment's adapter."""
+    """A shared frozen ``nn.Linear`` plus, per segment of rows, the update of that segment's adapter.
+
+    The updates of all the batch's adapters run as two matmuls, not two per adapter: ``h = x [A_1; ...; A_K]^T``
+    (N, sum of ranks), each row's columns of other adapters zeroed (and its own scaled) by a mask, then
+    ``y += h [B_1, ..., B_K]^T``. Per-adapter products would be smaller, but each new row count is a new
+    oneDNN kernel in bf16, and with several adapters a batch asks for more kernels than the cache keeps.
+    """
 
     def __init__(self, base: nn.Linear, name: str, owner: "SharedBase"):
         super().__init__()
@@ -91,20 +109,25 @@ class GroupedLoRALinear(nn.Module):
         self._owner = [owner]  # in a list: not registered as a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        w, bias = self.base.weight, self.base.bias
+        x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (N, in), cast once for the base and the updates
         segments = self._owner[0].segments
-        updates = [a.layers.get(self.name) for a in segments.adapters]
-        dora = any(u is not None and u.row_scale is not None for u in updates)
-        bias = self.base.bias
-        y = F.linear(x2, self.base.weight, None if dora else bias)  # (N, out): the base, once for every row
-        start = 0
-        for u, n in zip(updates, segments.rows(x2.shape[0])):
-            if u is not None and n:
-                xs, ys = x2[start:start + n], y[start:start + n]
-                ys.addmm_(xs.to(u.a.dtype) @ u.a.t(), u.b.t(), alpha=u.scaling)  # (n, out) += s (x A^T) B^T
+        spans = [(u, start, n) for u, start, n in segments.split(self.name, x2.shape[0]) if u is not None and n]
+        dora = any(u.row_scale is not None for u, _, _ in spans)
+        y = F.linear(x2, w, None if dora else bias)  # (N, out): the base, once for every row
+        if spans:
+            a = torch.cat([u.a for u, _, _ in spans]) if len(spans) > 1 else spans[0][0].a  # (R, in)
+            bt = torch.cat([u.bt for u, _, _ in spans]) if len(spans) > 1 else spans[0][0].bt  # (R, out)
+            h = F.linear(x2, a)  # (N, R)
+            mask = h.new_zeros(h.shape)
+            col = 0
+            for u, start, n in spans:
+                mask[start:start + n, col:col + u.rank] = u.scaling
+                col += u.rank
+            y.addmm_(h.mul_(mask), bt)  # y += s (x A^T) B^T, each row with its own adapter's factors
+            for u, start, n in spans:
                 if u.row_scale is not None:
-                    ys.mul_(u.row_scale)
-            start += n
+                    y[start:start + n].mul_(u.row_scale)
         if dora and bias is not None:
             y += bias.to(y.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -184,7 +207,7 @@ class SharedBase:
             raise LorafitError(f"{directory / ADAPTER_WEIGHTS}: head.weight should be ({spec.num_classes}, {hidden}) "
                                f"for {spec.num_classes} labels, got {None if head_w is None else tuple(head_w.shape)}")
         head_w, head_b = (None if t is None else self._stored(t) for t in (head_w, head_b))
-        own = [head_w, head_b, *(t for u in layers.values() for t in (u.a, u.b, u.row_scale))]
+        own = [head_w, head_b, *(t for u in layers.values() for t in (u.a, u.bt, u.row_scale))]
         size = sum(t.numel() * t.element_size() for t in own if t is not None)
         return Adapter(name, str(directory), spec, layers, head_w, head_b, size)
 
@@ -233,7 +256,7 @@ class SharedBase:
             w = linear.weight.detach().float()
             norm = torch.linalg.vector_norm(w + lora.scaling * (b.float() @ a.float()), dim=1)
             row_scale = (parts["lora_magnitude"].float() / norm)
-        return LayerUpdate(self._stored(a), self._stored(b), lora.scaling,
+        return LayerUpdate(self._stored(a), self._stored(b.t()), lora.scaling,
                            None if row_scale is None else self._stored(row_scale))
 
     def _stored(self, t: torch.Tensor) -> torch.Tensor:

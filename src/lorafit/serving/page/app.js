@@ -1,4 +1,5 @@
-// The page's logic: calls POST /predict (text-embeddings-inference's schema) and shows what comes back.
+// The page's logic: calls POST /predict (text-embeddings-inference's schema) with the classifier picked
+// (its "model" field; GET /v1/models lists them) and shows what comes back.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -11,6 +12,7 @@ function explain(status, body) {
   const said = body && body.error ? body.error : "";
   switch (status) {
     case 401: $("key-row").hidden = false; return "This server needs an API key: enter it above and try again.";
+    case 404: return "Not served here (was it removed?): " + said;
     case 413: return "Too large: " + said;
     case 422: return "The request was refused: " + said;
     case 429: return "The server is busy (its queue is full): try again in a moment.";
@@ -37,13 +39,23 @@ async function call(path, payload) {
 
 function showError(id, message) { $(id).textContent = message; $(id).hidden = !message; }
 
+function model() { return $("model").value; }
+
+async function loadModels() {
+  const models = (await call("/v1/models")).data.map((m) => m.id);
+  const picked = models.includes(model()) ? model() : models[0];
+  $("model").replaceChildren(...models.map((id) => new Option(id, id, false, id === picked)));
+  $("model-row").hidden = models.length < 2;
+}
+
 async function loadInfo() {
   try {
-    const info = await call("/info");
+    await loadModels();
+    const info = await call("/info?model=" + encodeURIComponent(model()));
     labels = info.labels;
     maxClientBatch = info.max_client_batch_size;
     const base = info.base_model.model + (info.base_model.random_init ? " (random weights)" : "");
-    $("model-info").textContent = `Run ${info.model_id} on ${base}: classes ${labels.join(", ")}; ` +
+    $("model-info").textContent = `Classifier ${info.model_id} on ${base}: classes ${labels.join(", ")}; ` +
       `up to ${info.max_input_length} tokens a message; lorafit ${info.version}.`;
     $("key-row").hidden = !apiKey();
   } catch (e) {
@@ -82,7 +94,7 @@ async function classifyOne() {
   $("classify").disabled = true;
   const t0 = performance.now();
   try {
-    const predictions = await call("/predict", { inputs: text });
+    const predictions = await call("/predict", { inputs: text, model: model() });
     $("latency").textContent = `answered in ${(performance.now() - t0).toFixed(0)} ms`;
     $("label").textContent = predictions[0].label;
     renderBars(predictions);
@@ -168,7 +180,7 @@ async function classifyMany(fromFile) {
   try {
     for (let i = 0; i < texts.length; i += maxClientBatch) {
       $("batch-status").textContent = `${i} of ${texts.length}…`;
-      results.push(...await call("/predict", { inputs: texts.slice(i, i + maxClientBatch) }));
+      results.push(...await call("/predict", { inputs: texts.slice(i, i + maxClientBatch), model: model() }));
     }
     $("batch-status").textContent = `${texts.length} messages in ${(performance.now() - t0).toFixed(0)} ms`;
     renderTable(texts, results);
@@ -193,6 +205,12 @@ function readFile() {
   reader.readAsText(file);
 }
 
+$("model").addEventListener("change", () => {
+  $("result").hidden = true;
+  $("batch-table").hidden = true;
+  $("download").hidden = true;
+  loadInfo();
+});
 $("classify").addEventListener("click", classifyOne);
 $("text").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) classifyOne(); });
 $("classify-batch").addEventListener("click", () => classifyMany());
