@@ -19,6 +19,7 @@ from conftest import LABELS, trained_run  # noqa: E402
 from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, load_classifier  # noqa: E402
 from lorafit.adapters.hf_format import export_hf  # noqa: E402
 from lorafit.adapters.peft_format import export_peft  # noqa: E402
+from lorafit.backbones.hf import float32  # noqa: E402
 from lorafit.cli import main  # noqa: E402
 from lorafit.errors import LorafitError  # noqa: E402
 from lorafit.inference.predict import predict_texts  # noqa: E402
@@ -34,11 +35,11 @@ def lorafit_probs(run) -> torch.Tensor:
 
 def peft_model(base: Path, adapter: Path, pad_id: int):
     """What the exported README tells a user to run."""
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=2, id2label=dict(enumerate(LABELS)), label2id={k: i for i, k in enumerate(LABELS)},
-        pad_token_id=pad_id, dtype=torch.float32)
+        pad_token_id=pad_id, **float32(transformers))
     return peft.PeftModel.from_pretrained(model, adapter).eval()
 
 
@@ -120,12 +121,13 @@ def test_hf_export_loads_in_a_pipeline_without_lorafit(fixture, request, tmp_pat
 
 def test_peft_trained_adapters_read_into_lorafit(tmp_path, hf_gpt2_dir, tiny_llama):
     """Adapters as PEFT itself writes them (random B, rank and alpha patterns, rsLoRA) give PEFT's probabilities."""
+    import transformers
     from transformers import AutoModelForSequenceClassification
 
     for base, targets, rslora in [(hf_gpt2_dir, ["attn.c_attn", "mlp.c_fc"], False),
                                   (tiny_llama, ["q_proj", "v_proj", "down_proj"], True)]:
         torch.manual_seed(5)
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, **float32(transformers))
         tok = tokenizer_for(base)
         model.config.pad_token_id = tok.pad_token_id
         cfg = peft.LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=targets, use_rslora=rslora,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbones.hf import require_transformers
+from ..backbones.hf import float32, require_transformers
 from ..backbones.weights import lorafit_to_hf
 from ..errors import LorafitError
 from ..files import atomic_dir, read_json, write_json, write_text
@@ -52,7 +52,10 @@ def _state(model, layout: Layout) -> dict[str, torch.Tensor]:
 def _tokenizer(transformers, backbone, layout: Layout):
     """The base's tokenizer as transformers' (GPT-2: from the same BPE files lorafit's tiktoken reads)."""
     if layout.kind == "llama":
-        return backbone.module.tokenizer
+        tokenizer = backbone.module.tokenizer  # loaded for this export only
+        # a generic tokenizer also returns token_type_ids, which Llama's forward refuses (transformers < 4.5x)
+        tokenizer.model_input_names = tokenizer.init_kwargs["model_input_names"] = ["input_ids", "attention_mask"]
+        return tokenizer
     files = getattr(backbone.encoder, "files", None)
     if not files and backbone.directory is not None and (Path(backbone.directory) / "vocab.json").is_file():
         files = (Path(backbone.directory) / "vocab.json", Path(backbone.directory) / "merges.txt")
@@ -60,8 +63,9 @@ def _tokenizer(transformers, backbone, layout: Layout):
         raise LorafitError("--format hf: the GPT-2 tokenizer's files (vocab.json + merges.txt or encoder.json + "
                            "vocab.bpe) are not known for this run; train with --tokenizer DIR")
     pad = backbone.encoder.decode([backbone.encoder.pad_id])
-    return transformers.GPT2Tokenizer(vocab=str(files[0]), merges=str(files[1]), unk_token=pad, bos_token=pad,
-                                      eos_token=pad, pad_token=pad)
+    # the two files positionally: transformers 4.x names them vocab_file / merges_file, 5.x vocab / merges
+    return transformers.GPT2Tokenizer(str(files[0]), str(files[1]), unk_token=pad, bos_token=pad, eos_token=pad,
+                                      pad_token=pad)
 
 
 @dataclass
@@ -125,7 +129,7 @@ def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> f
         write_text(tmp / "README.md", _readme(clf.layout, clf.labels, str(out)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp, dtype=torch.float32).eval()
+            loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp, **float32(transformers)).eval()
             loaded_tok = transformers.AutoTokenizer.from_pretrained(tmp)
         check_tokenizer(clf.encoder, loaded_tok, texts, str(out))
         diff = check_same_predictions(clf.reference, loaded, batch, mask, str(out))

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..backbones.base import BackboneSpec
-from ..backbones.hf import require_transformers
+from ..backbones.hf import float32, require_transformers
 from ..backbones.weights import HUB_REPOS
 from ..errors import LorafitError
 from ..files import (atomic_dir, load_safetensors, read_json, safetensors_metadata, save_safetensors, write_json,
@@ -198,7 +198,7 @@ def _verify(folder: Path, model, backbone, spec, local: str, gguf: str | None, t
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForSequenceClassification.from_pretrained(
             local, num_labels=len(spec.labels), id2label=id2label, label2id=label2id,
-            pad_token_id=backbone.encoder.pad_id, dtype=torch.float32, **kwargs)
+            pad_token_id=backbone.encoder.pad_id, **float32(transformers), **kwargs)
         hf = peft.PeftModel.from_pretrained(hf, str(folder)).eval()
     tokenizer = _tokenizer(transformers, local, kwargs)
     if tokenizer is not None:

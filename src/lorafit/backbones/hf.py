@@ -31,6 +31,13 @@ def require_transformers(what: str = "--model hf:..."):
     return transformers
 
 
+def float32(transformers) -> dict:
+    """``from_pretrained``'s keyword for fp32 weights: ``dtype`` from transformers 4.56, ``torch_dtype`` before.
+    Always passed: transformers 5 otherwise loads a checkpoint in its own dtype."""
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+
+
 class HFBackbone(nn.Module):
     """A transformers base model behind lorafit's backbone interface.
 
@@ -117,7 +124,7 @@ def load_hf_backbone(spec: BackboneSpec) -> Backbone:
     where = f"--model {spec.model}" + (f" --gguf-file {spec.gguf_file}" if spec.gguf_file else "")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(ident, **kwargs)
-        model = transformers.AutoModel.from_pretrained(ident, dtype=torch.float32, **kwargs)
+        model = transformers.AutoModel.from_pretrained(ident, **float32(transformers), **kwargs)
     except (OSError, ValueError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LorafitError(f"{where}: cannot load ({first})") from e

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError  # .errors only from 0.24
 from huggingface_hub.utils import logging as hub_logging
 
 from ..errors import LorafitError
