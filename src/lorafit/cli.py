@@ -80,7 +80,10 @@ def _table_args(g) -> None:
     g.add_argument("--text-col", help="text column: a name, or a number from 0 with --no-header (none: text, or 1)")
     g.add_argument("--label-col", help="label column: a name, or a number from 0 with --no-header (none: label, or 0)")
     g.add_argument("--no-header", action="store_true", help="CSV/TSV files without a header row")
-    g.add_argument("--encoding", default="utf-8", help="text encoding of the data files (e.g. cp1252, latin-1)")
+    g.add_argument("--encoding", default="utf-8", help="text encoding of the data files (e.g. cp1252, latin-1); "
+                   "a byte-order mark overrides it")
+    g.add_argument("--sep", help="separator of delimited data files: one character, or comma, semicolon, "
+                   "tab, pipe (none: sniffed from the first lines among those four)")
     g.add_argument("--split", default="train", help="hf: datasets: the split --data reads")
 
 
@@ -267,7 +270,7 @@ def cmd_train(args) -> None:
                        class_weights=args.class_weights, seed=args.seed, lora_plus_ratio=args.lora_plus_ratio)
     dcfg = DataConfig(data=args.data, val=args.val, test=args.test, text_col=args.text_col,
                       label_col=args.label_col, balance=not args.no_balance, encoding=args.encoding,
-                      header=not args.no_header, split=args.split, val_split=args.val_split,
+                      header=not args.no_header, sep=args.sep, split=args.split, val_split=args.val_split,
                       test_split=args.test_split)
     _print_summary(train_run(spec, dcfg, tcfg, out, device=args.device, precision=args.precision,
                              overwrite=args.overwrite, command=command, progress=not args.quiet,
@@ -289,7 +292,7 @@ def _print_summary(result) -> None:
 def cmd_eval(args) -> None:
     result = evaluate_run(args.run, args.data, text_col=args.text_col, label_col=args.label_col, device=args.device,
                           precision=args.precision, batch_size=args.batch_size, encoding=args.encoding,
-                          header=not args.no_header, split=args.split)
+                          header=not args.no_header, sep=args.sep, split=args.split)
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -8,9 +8,9 @@ shuffle with the seed, split 70 / 10 / 20 — on the SMS data that is 1,045 / 14
 from __future__ import annotations
 
 import codecs
-import csv
 import hashlib
 import io
+import json
 import os
 import urllib.request
 import zipfile
@@ -22,6 +22,7 @@ import pandas as pd
 
 from ..errors import LorafitError, UsageError
 from ..files import atomic_path
+from .formats import TableFormat, encoding_of, parse_sep, sniff_format
 
 SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SMS_MD5 = "1949b64a224790d01335c2bf8a0e48b2"
@@ -71,12 +72,13 @@ class DataConfig:
     balance: bool = True  # under-sample every class to the rarest one's count
     encoding: str = "utf-8"
     header: bool = True  # False: CSV/TSV files have no header row
+    sep: str | None = None  # delimited files' separator; None: sniffed (data.formats.sniff_format)
     split: str = "train"  # hf: datasets: the split read as --data
     val_split: str | None = None  # hf: datasets: validation and test splits (together), else 70/10/20
     test_split: str | None = None
 
     def read_options(self) -> dict:
-        return {"encoding": self.encoding, "header": self.header}
+        return {"encoding": self.encoding, "header": self.header, "sep": self.sep}
 
 
 @dataclass
@@ -116,28 +118,31 @@ def encode_labels(df: pd.DataFrame, labels: list[str], where: str) -> np.ndarray
 
 
 def read_text(path: Path, encoding: str = "utf-8") -> str:
-    """A text file's content; bytes that are not valid in ``encoding`` are refused with their line."""
+    """A text file's content (a byte-order mark overrides ``encoding``); bytes that are not valid in the
+    encoding are refused with their line."""
     raw = path.read_bytes()
+    encoding = encoding_of(raw[:4], encoding)
     try:
         return raw.decode(encoding)
     except LookupError as e:
         raise UsageError(f"--encoding {encoding}: not a text encoding Python knows") from e
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        utf8 = codecs.lookup(encoding).name == "utf-8"
+        utf8 = codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
         hint = "; if it is Latin-1 or Windows text, pass --encoding cp1252" if utf8 else ""
         raise LorafitError(f"{path}: not {'UTF-8' if utf8 else encoding} text (bad byte at line {line}{hint})") from e
 
 
 def read_table(path: str | Path, text_col: str | None = None, label_col: str | None = None, *,
-               encoding: str = "utf-8", header: bool = True, split: str = "train") -> pd.DataFrame:
+               encoding: str = "utf-8", header: bool = True, split: str = "train", sep: str | None = None) -> pd.DataFrame:
     """Read labelled texts as a (text, label) frame with string labels.
 
     A file with ``label<TAB>text`` lines and no header (the SMS Spam Collection's format) is read as such;
-    otherwise CSV, TSV (.tsv), JSONL (.jsonl / .json) or Parquet (.parquet) with ``text_col`` / ``label_col``
-    columns (default ``text`` and ``label``). ``header=False``: a CSV/TSV without a header row, whose columns
-    are named by 0-based numbers (default: label 0, text 1). ``hf:<id or folder>`` reads ``split`` of a
-    Hugging Face dataset (:func:`read_hf_dataset`).
+    otherwise delimited text (the separator sniffed, see :func:`.formats.sniff_format`, or ``sep``), JSONL
+    (.jsonl / .json) or Parquet (.parquet) with ``text_col`` / ``label_col`` columns (default ``text`` and
+    ``label``). ``header=False``: delimited text without a header row, whose columns are named by 0-based
+    numbers (default: label 0, text 1). ``hf:<id or folder>`` reads ``split`` of a Hugging Face dataset
+    (:func:`read_hf_dataset`).
     """
     if str(path).startswith("hf:"):
         text_col, label_col = _columns(text_col, label_col, True)
@@ -147,43 +152,86 @@ def read_table(path: str | Path, text_col: str | None = None, label_col: str | N
     if not path.is_file():
         raise LorafitError(f"{path}: data file not found")
     text_col, label_col = _columns(text_col, label_col, header)
-    if path.suffix.lower() == ".parquet":
+    if path.suffix.lower() == ".parquet" and sep is None:
         return _text_label_frame(read_parquet(path), str(path), text_col, label_col, True)
     content = read_text(path, encoding)
     if not content.strip():
         raise LorafitError(f"{path}: data file is empty")
-    suffix = path.suffix.lower()
+    fmt = sniff_format(path, content[:65536], parse_sep(sep) if sep else None, (text_col, label_col) if header else ())
+    if fmt.kind == "jsonl":
+        return _text_label_frame(read_jsonl(path, content), str(path), text_col, label_col, True, fmt)
+    return _text_label_frame(_read_delimited(path, content, fmt, header, (text_col, label_col)), str(path), text_col,
+                             label_col, header, fmt)
+
+
+def _read_delimited(path: Path, content: str, fmt: TableFormat, header: bool, columns: tuple) -> pd.DataFrame:
+    """Delimited text as strings; a first column without a name (pandas' index, ``to_csv``'s default) dropped."""
+    read = lambda **kw: pd.read_csv(io.StringIO(content), dtype=str, keep_default_na=False, sep=fmt.sep,  # noqa: E731
+                                    quoting=fmt.quoting, **kw)
     try:
-        if suffix in (".jsonl", ".json"):
-            df = pd.read_json(io.StringIO(content), lines=True, dtype=False)
-        else:
-            tab = suffix == ".tsv" or (suffix != ".csv" and "\t" in content.split("\n", 1)[0])
-            table = dict(sep="\t", quoting=csv.QUOTE_NONE) if tab else dict(sep=",")
-            read = lambda **kw: pd.read_csv(io.StringIO(content), dtype=str, keep_default_na=False, **table, **kw)  # noqa: E731
-            df = read() if header else read(header=None)
-            if header and tab and text_col not in df.columns and label_col not in df.columns and _looks_headerless(content):
-                df = read(header=None, names=[label_col, text_col])
+        if not header:
+            return read(header=None)
+        df = read()
+        if fmt.sep == "\t" and not set(columns) & set(df.columns) and _looks_headerless(content):
+            return read(header=None, names=list(columns))  # the SMS Spam Collection: label<TAB>text
     except (ValueError, pd.errors.ParserError) as e:
-        raise LorafitError(f"{path}: cannot be parsed ({str(e).splitlines()[0]})") from e
-    return _text_label_frame(df, str(path), text_col, label_col, header)
+        raise LorafitError(f"{path}: cannot be read as {fmt.describe()} ({str(e).strip().splitlines()[0]}); quote "
+                           f"texts that hold the separator, or pass --sep") from e
+    unnamed = [c for c in df.columns[:1] if str(c).startswith("Unnamed: 0")]
+    return df.drop(columns=unnamed)
 
 
-def _text_label_frame(df: pd.DataFrame, where: str, text_col, label_col, header: bool) -> pd.DataFrame:
+def read_jsonl(path: Path, content: str) -> pd.DataFrame:
+    """One JSON object a line (blank lines skipped); the line numbers kept for the checks after."""
+    records, lines = [], []
+    for n, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LorafitError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(record, dict):
+            raise LorafitError(f"{path}: line {n} is a JSON {type(record).__name__}, expected an object "
+                               f"such as {{\"text\": ..., \"label\": ...}}")
+        records.append(record)
+        lines.append(n)
+    return pd.DataFrame.from_records(records, index=pd.Index(lines, name="line"))
+
+
+def _text_label_frame(df: pd.DataFrame, where: str, text_col, label_col, header: bool,
+                      fmt: TableFormat | None = None) -> pd.DataFrame:
     """Any table -> (text, label) with string labels; empty texts dropped and counted."""
     missing = [c for c in (text_col, label_col) if c not in df.columns]
     if missing:
         flags = "--text-col / --label-col" + ("" if header else " (column numbers from 0, with --no-header)")
-        raise LorafitError(f"{where}: no column {', '.join(map(repr, missing))}; columns found: "
+        read_as = f" ({fmt.describe()}; another separator: --sep)" if fmt and fmt.kind == "delimited" else ""
+        raise LorafitError(f"{where}: no column {', '.join(map(repr, missing))}; columns found{read_as}: "
                            f"{', '.join(map(str, df.columns))} (choose with {flags})")
     if df.empty:
         raise LorafitError(f"{where}: data file is empty")
+    for col, what in ((label_col, "label"), (text_col, "text")):
+        _check_scalars(df[col], where, what)
     out = pd.DataFrame({"text": df[text_col].astype(str), "label": df[label_col].astype(str).str.strip()})
+    out = out.reset_index(drop=True)
     blank = out["text"].str.strip() == ""
     if blank.all():
         raise LorafitError(f"{where}: every text is empty")
     out = out[~blank].reset_index(drop=True)
     out.attrs["skipped_empty"] = int(blank.sum())
     return out
+
+
+def _check_scalars(values: pd.Series, where: str, what: str) -> None:
+    """Refuse, naming its line (JSONL) or data row, a label or text that is a JSON object or list, null or
+    missing, or an empty label: it would silently become a class (or a text) of its own."""
+    for key, value in values.items():
+        bad = ("is empty" if what == "label" and isinstance(value, str) and not value.strip() else
+               f"is a JSON {type(value).__name__}, not a string or number" if isinstance(value, (dict, list)) else
+               "is missing" if value is None or (isinstance(value, float) and np.isnan(value)) else None)
+        if bad:
+            place = f"line {key}" if values.index.name == "line" else f"data row {key + 1}"
+            raise LorafitError(f"{where}: {place}: the {what} {bad}")
 
 
 def read_parquet(path: Path) -> pd.DataFrame:
@@ -281,8 +329,8 @@ def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: bool = True, wh
 
 def load_splits(data: str | Path | None = None, *, val: str | Path | None = None, test: str | Path | None = None,
                 text_col: str | None = None, label_col: str | None = None, seed: int = 42,
-                balance: bool = True, encoding: str = "utf-8", header: bool = True, split: str = "train",
-                val_split: str | None = None, test_split: str | None = None) -> Splits:
+                balance: bool = True, encoding: str = "utf-8", header: bool = True, sep: str | None = None,
+                split: str = "train", val_split: str | None = None, test_split: str | None = None) -> Splits:
     """The whole data step: read (or download) the data, then split it or use the given val/test files
     (or, for ``hf:`` datasets, the val/test splits).
 
@@ -293,7 +341,7 @@ def load_splits(data: str | Path | None = None, *, val: str | Path | None = None
         raise UsageError("--val-split / --test-split apply to --data hf:<dataset>; use --val / --test for files")
     if (val_split is None) != (test_split is None):
         raise UsageError("--val-split and --test-split go together (or give neither and the data is split 70/10/20)")
-    read = lambda p, s=split: read_table(p, text_col, label_col, encoding=encoding, header=header, split=s)  # noqa: E731
+    read = lambda p, s=split: read_table(p, text_col, label_col, encoding=encoding, header=header, sep=sep, split=s)  # noqa: E731
     df = read(source)
     where = f"{source} ({split})" if source.startswith("hf:") else source
     if val_split is not None:
