@@ -31,6 +31,7 @@ from .data.datasets import DataConfig, read_text
 from .errors import LorafitError, UsageError
 from .inference.evaluate import evaluate_run
 from .inference.predict import predict_texts
+from .reporting.calibration import DecisionConfig
 from .reporting.compare import compare_runs
 from .reporting.loggers import LOGGERS, LoggerConfig
 from .runtime import PRECISIONS
@@ -154,6 +155,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every-minutes", type=float, default=r.save_every_minutes, metavar="M",
                    help="minutes between checkpoints (0: off)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _decision_args(p)
     g = p.add_argument_group("experiment tracking (metrics.jsonl is always written)")
     g.add_argument("--logger", action="append", metavar="NAME",
                    help=f"also log to {', '.join(LOGGERS)} (repeat, or a comma list): metrics.csv, "
@@ -167,6 +169,18 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="auto: nccl on cuda, gloo on cpu")
     g.add_argument("--dist-timeout", type=float, default=launch.timeout_s, metavar="SECONDS",
                    help="a rank waiting this long on the others (dead or hung) stops with an error")
+
+
+def _decision_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decisions (fitted on the validation split after training, kept in the adapter)")
+    g.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=DecisionConfig.calibrate,
+                   help="temperature scaling: probabilities that match how often the model is right")
+    g.add_argument("--target-precision", type=float, metavar="P",
+                   help="operating threshold: the lowest giving precision >= P for --positive-class on validation")
+    g.add_argument("--target-recall", type=float, metavar="R",
+                   help="operating threshold: the highest giving recall >= R for --positive-class on validation")
+    g.add_argument("--positive-class", metavar="LABEL",
+                   help="the class a threshold is for (one-vs-rest); default: the second of two labels")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -185,7 +199,16 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoding", default="utf-8", help="text encoding of --file")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("--batch-size", type=int, default=32, help="texts per batch")
+    p.add_argument("--threshold", type=_threshold, metavar="P|LABEL=P",
+                   help="decide LABEL (a bare P: the run's thresholded class, or the second of two) when its "
+                        "probability >= P; none: the run's own threshold, if it has one, else the most probable")
     _runtime_args(p)
+
+
+def _threshold(value: str) -> float | dict:
+    """``0.9`` or ``spam=0.9`` (argparse turns a ValueError into a usage error naming the flag)."""
+    label, _, number = value.rpartition("=")
+    return {label: float(number)} if label else float(number)
 
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
@@ -275,7 +298,12 @@ def cmd_train(args) -> None:
     _print_summary(train_run(spec, dcfg, tcfg, out, device=args.device, precision=args.precision,
                              overwrite=args.overwrite, command=command, progress=not args.quiet,
                              save_every=args.save_every, save_every_minutes=args.save_every_minutes, loggers=loggers,
-                             launch=launch))
+                             launch=launch, decision=_decision_config(args)))
+
+
+def _decision_config(args) -> DecisionConfig:
+    return DecisionConfig(calibrate=args.calibrate, target_precision=args.target_precision,
+                          target_recall=args.target_recall, positive=args.positive_class)
 
 
 def _print_summary(result) -> None:
@@ -311,7 +339,8 @@ def cmd_predict(args) -> None:
         texts += [ln for ln in read_text(path, args.encoding).splitlines() if ln.strip()]
     if not texts:
         raise UsageError("predict needs texts: give them as arguments or with --file")
-    for row in predict_texts(args.run, texts, device=args.device, precision=args.precision, batch_size=args.batch_size):
+    for row in predict_texts(args.run, texts, device=args.device, precision=args.precision, batch_size=args.batch_size,
+                             threshold=args.threshold):
         if args.json:
             print(json.dumps(row))
         else:

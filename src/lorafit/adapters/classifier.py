@@ -47,6 +47,15 @@ class Classifier(nn.Module):
     def num_classes(self) -> int:
         return self.head.out_features
 
+    @torch.no_grad()
+    def divide_logits(self, temperature: float) -> None:
+        """Every logit divided by ``temperature`` from now on, exactly and at no cost per call: the head's
+        weight and bias are divided instead (temperature scaling folded into the model)."""
+        if temperature != 1.0:
+            self.head.weight.div_(temperature)
+            if self.head.bias is not None:
+                self.head.bias.div_(temperature)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last" and getattr(self.backbone, "can_pool_last_block", False):
             last = attention_mask.sum(dim=1) - 1  # (B,)

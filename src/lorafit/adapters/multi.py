@@ -60,6 +60,13 @@ class Adapter:
     size_bytes: int = 0  # what the adapter's own tensors take in memory
     created: int = field(default_factory=lambda: int(time.time()))  # when it was loaded (Unix time)
 
+    def __post_init__(self) -> None:
+        """The run's temperature folded into the head (as :meth:`Classifier.divide_logits`): calibrated logits."""
+        t = self.spec.temperature
+        if t != 1.0:
+            self.head_weight = self.head_weight / t
+            self.head_bias = None if self.head_bias is None else self.head_bias / t
+
     @property
     def labels(self) -> list[str]:
         return self.spec.labels

@@ -42,6 +42,8 @@ class ClassifierSpec:
     architecture: dict = field(default_factory=dict)  # filled from the loaded base
     fingerprint: str = ""  # filled from the loaded base's weights
     head_bias: bool = True  # False: a bias-free head, as transformers' decoder classifiers have
+    temperature: float = 1.0  # logits are divided by it at inference (fitted on validation after training)
+    thresholds: dict[str, float] = field(default_factory=dict)  # class -> probability that decides it (see decide)
 
     @property
     def num_classes(self) -> int:
@@ -53,12 +55,14 @@ class ClassifierSpec:
             "backbone": self.backbone.to_dict(), "lora": self.lora.to_dict(), "labels": list(self.labels),
             "num_classes": self.num_classes, "pooling": self.pooling, "architecture": self.architecture,
             "fingerprint": self.fingerprint, "head_bias": self.head_bias,
+            "temperature": self.temperature, "thresholds": dict(self.thresholds),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ClassifierSpec":
         return cls(BackboneSpec.from_dict(d["backbone"]), LoRAConfig.from_dict(d["lora"]), list(d["labels"]),
-                   d.get("pooling"), d.get("architecture", {}), d.get("fingerprint", ""), d.get("head_bias", True))
+                   d.get("pooling"), d.get("architecture", {}), d.get("fingerprint", ""), d.get("head_bias", True),
+                   float(d.get("temperature", 1.0)), {str(k): float(v) for k, v in d.get("thresholds", {}).items()})
 
 
 def weight_fingerprint(module: nn.Module) -> str:
@@ -111,7 +115,12 @@ def adapter_state(model: Classifier) -> dict[str, torch.Tensor]:
 def save_adapter(directory: str | Path, model: Classifier, spec: ClassifierSpec) -> None:
     directory = Path(directory)
     save_safetensors(directory / ADAPTER_WEIGHTS, adapter_state(model), metadata={"format": "lorafit-adapter"})
-    write_json(directory / ADAPTER_CONFIG, spec.to_dict())
+    save_spec(directory, spec)
+
+
+def save_spec(directory: str | Path, spec: ClassifierSpec) -> None:
+    """adapter.json alone: calibration changes the spec (temperature, thresholds), not the tensors."""
+    write_json(Path(directory) / ADAPTER_CONFIG, spec.to_dict())
 
 
 def read_spec(directory: str | Path, name: str = ADAPTER_CONFIG) -> ClassifierSpec:
@@ -174,7 +183,7 @@ def load_run(directory: str | Path, backbone_spec: BackboneSpec | None = None) -
                        head_bias=saved.head_bias), initialise=False)
     load_adapter_into(model, spec, directory)
     model.eval()
-    return model, backbone, spec
+    return model, backbone, dataclasses.replace(spec, temperature=saved.temperature, thresholds=saved.thresholds)
 
 
 def save_merged(directory: str | Path, model: Classifier, spec: ClassifierSpec, backbone: Backbone) -> None:

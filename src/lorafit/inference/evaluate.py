@@ -5,29 +5,51 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..adapters.lora import merged
 from ..data.batching import Encoded, encode_frame
 from ..data.datasets import SPLIT_NAMES, Splits, read_table
+from ..reporting.calibration import decide
 from ..reporting.metrics import classification_metrics
 from ..runtime import Compute
 from .predict import load_for_inference, predict_proba
 
 
-def evaluate_model(model, pad_id: int, data: dict[str, Encoded], labels: list[str], compute: Compute | None,
-                   batch_size: int, predict=predict_proba) -> tuple[dict, float]:
-    """Metrics per split with LoRA merged into the base (no adapter overhead); returns examples/s too.
+def predict_splits(model, pad_id: int, data: dict[str, Encoded], compute: Compute | None, batch_size: int,
+                   predict=predict_proba) -> tuple[dict[str, np.ndarray], float]:
+    """Probabilities per split with LoRA merged into the base (no adapter overhead), and examples/s.
 
     ``predict``: :func:`predict_proba` or a function with its signature (a sharded one under torchrun).
     """
-    metrics, n, seconds = {}, 0, 0.0
+    probs, n, seconds = {}, 0, 0.0
     with merged(model):
         for split, enc in data.items():
             t0 = time.perf_counter()
-            probs = predict(model, enc, pad_id, batch_size=batch_size, compute=compute)
+            probs[split] = predict(model, enc, pad_id, batch_size=batch_size, compute=compute)
             seconds += time.perf_counter() - t0
             n += len(enc.ids)
-            metrics[split] = classification_metrics(enc.labels, probs, labels)
-    return metrics, n / seconds if seconds else 0.0
+    return probs, n / seconds if seconds else 0.0
+
+
+def split_metrics(probs: dict[str, np.ndarray], data: dict[str, Encoded], labels: list[str],
+                  thresholds: dict[str, float] | None = None) -> dict:
+    """:func:`classification_metrics` per split; with ``thresholds``, also ``at_threshold``: the same
+    metrics for the thresholded decisions (what predict and serve answer)."""
+    metrics = {}
+    for split, p in probs.items():
+        metrics[split] = classification_metrics(data[split].labels, p, labels)
+        if thresholds:
+            metrics[split]["at_threshold"] = classification_metrics(data[split].labels, p, labels,
+                                                                    decide(p, labels, thresholds))
+    return metrics
+
+
+def evaluate_model(model, pad_id: int, data: dict[str, Encoded], labels: list[str], compute: Compute | None,
+                   batch_size: int, predict=predict_proba, thresholds: dict[str, float] | None = None) -> tuple[dict, float]:
+    """Metrics per split (see :func:`split_metrics`) and examples/s."""
+    probs, rate = predict_splits(model, pad_id, data, compute, batch_size, predict)
+    return split_metrics(probs, data, labels, thresholds), rate
 
 
 def evaluate_run(run: str | Path, data: str | None = None, *, text_col: str | None = None,
@@ -44,5 +66,6 @@ def evaluate_run(run: str | Path, data: str | None = None, *, text_col: str | No
         splits = Splits.load(run, spec.labels, hint="; pass --data FILE to evaluate on other data")
         frames = {name: (getattr(splits, name), f"{name} split") for name in SPLIT_NAMES}
     enc = {name: encode_frame(encoder, context, df, spec.labels, where) for name, (df, where) in frames.items()}
-    metrics, rate = evaluate_model(loaded.model, encoder.pad_id, enc, spec.labels, loaded.compute, batch_size)
+    metrics, rate = evaluate_model(loaded.model, encoder.pad_id, enc, spec.labels, loaded.compute, batch_size,
+                                   thresholds=spec.thresholds)
     return {"metrics": metrics, "examples_per_s": rate}

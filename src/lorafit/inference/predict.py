@@ -14,6 +14,7 @@ from ..adapters.lora import set_merged, store_frozen_linears
 from ..adapters.storage import ClassifierSpec
 from ..backbones.base import Backbone
 from ..data.batching import Encoded, encode_texts, eval_order, iterate, lengths_of
+from ..reporting.calibration import decide, thresholds_for
 from ..runtime import Compute, check_compute, resolve_compute
 
 
@@ -68,6 +69,7 @@ def load_for_inference(run: str | Path, device: str = "auto", precision: str = "
     check_compute(device, precision)
     model, backbone, spec = load_classifier(run)
     compute = resolve_compute(device, precision, backbone.hidden_size)
+    model.divide_logits(spec.temperature)  # calibrated probabilities from here on (see reporting.calibration)
     set_merged(model, True)
     if compute.autocast_dtype is not None:  # the merged weights in the compute precision: no casts per batch
         store_frozen_linears(model, compute.autocast_dtype)
@@ -75,12 +77,13 @@ def load_for_inference(run: str | Path, device: str = "auto", precision: str = "
 
 
 def predict_texts(run: str | Path, texts: list[str], *, device: str = "auto", precision: str = "auto",
-                  batch_size: int = 32) -> list[dict]:
-    """Label and probability for each text, in order."""
+                  batch_size: int = 32, threshold: float | dict | None = None) -> list[dict]:
+    """Label and (calibrated) probability for each text, in order. The label is the run's decision: its
+    saved thresholds (``lorafit train --target-precision``), or ``threshold``, or else the most probable class."""
     loaded = load_for_inference(run, device, precision)
     encoder = loaded.backbone.encoder
     enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input")
     probs = predict_proba(loaded.model, enc, encoder.pad_id, batch_size=batch_size, compute=loaded.compute)
-    best = probs.argmax(axis=1)
+    best = decide(probs, loaded.labels, thresholds_for(loaded.spec.thresholds, loaded.labels, threshold))
     return [{"text": t, "label": loaded.labels[k], "probability": float(p[k]),
              "probabilities": dict(zip(loaded.labels, map(float, p)))} for t, k, p in zip(texts, best, probs)]

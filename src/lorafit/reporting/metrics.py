@@ -16,11 +16,13 @@ def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
+def classification_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str],
+                           pred: np.ndarray | None = None) -> dict:
     """Accuracy, loss, per-class precision/recall/F1, confusion matrix (rows: true) and ROC-AUC
-    (binary: of the second class's probability; more classes: macro one-vs-rest)."""
+    (binary: of the second class's probability; more classes: macro one-vs-rest). ``pred``: the decisions
+    when they are not the most probable class (an operating threshold)."""
     k = len(labels)
-    pred = probs.argmax(axis=1)
+    pred = probs.argmax(axis=1) if pred is None else pred
     cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (y_true, pred), 1)
     per_class = {}

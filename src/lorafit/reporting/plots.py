@@ -1,4 +1,5 @@
-"""PNG figures a person would rather look at than read: loss, accuracy, confusion matrix."""
+"""PNG figures a person would rather look at than read: loss, accuracy, confusion matrix, reliability,
+precision-recall and ROC curves."""
 
 from __future__ import annotations
 
@@ -95,4 +96,71 @@ def plot_validation_curves(curves: dict[str, list[dict]], path: Path) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[1].legend(title="lines: slices, squares: full set", fontsize=8)
+    _save(fig, path)
+
+
+def plot_reliability(before: dict, after: dict, ece: tuple[float, float], temperature: float, split: str,
+                     path: Path) -> None:
+    """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling;
+    the diagonal is perfect calibration, bar widths follow the bins, marker areas their counts."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(6, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    edges = np.asarray(before["edges"])
+    mids = (edges[:-1] + edges[1:]) / 2
+    for i, (name, r, e) in enumerate((("before", before, ece[0]), (f"after (T = {temperature:.3g})", after, ece[1]))):
+        keep = [k for k, c in enumerate(r["count"]) if c]
+        ax.plot([r["confidence"][k] for k in keep], [r["accuracy"][k] for k in keep], "o-", color=f"C{i}",
+                label=f"{name}: ECE {100 * e:.2f} %")
+        hist.bar(mids + (i - 0.5) * 0.45 * (edges[1] - edges[0]), r["count"], width=0.45 * (edges[1] - edges[0]),
+                 color=f"C{i}", label=name)
+    lo = min(0.5, *(v for r in (before, after) for v in r["confidence"] if v is not None)) - 0.02
+    ax.set_xlim(lo, 1.01)
+    ax.set_ylim(min(lo, *(v for r in (before, after) for v in r["accuracy"] if v is not None)) - 0.02, 1.01)
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title(f"Reliability on the {split} split (top-label confidence)")
+    ax.legend(loc="upper left", fontsize=9)
+    ax.grid(alpha=0.3)
+    hist.set_yscale("log")
+    hist.set_xlabel("confidence (probability of the predicted class)")
+    hist.set_ylabel("texts")
+    _save(fig, path)
+
+
+def plot_pr(curves: dict[str, dict], points: dict[str, tuple[float, float]], rule: str, title: str,
+            path: Path) -> None:
+    """Precision against recall, one line per curve; ``points``: curve name -> (recall, precision) of the
+    operating threshold ``rule`` on it, a star in the curve's colour."""
+    fig, ax = plt.subplots(figsize=(6, 4.6))
+    for i, (name, c) in enumerate(curves.items()):
+        ax.step(np.r_[0.0, c["recall"]], np.r_[1.0, c["precision"]], where="post", color=f"C{i}", label=name)
+        if name in points:
+            r, p = points[name]
+            ax.plot([r], [p], marker="*", ms=15, ls="none", color=f"C{i}", markeredgecolor="black",
+                    label=f"{rule} on {name}: recall {100 * r:.1f} %, precision {100 * p:.1f} %")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.01)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, path)
+
+
+def plot_roc(curves: dict[str, dict], points: dict[str, tuple[float, float]], rule: str, title: str,
+             path: Path) -> None:
+    """True- against false-positive rate, one line per curve (``name`` -> curve with its ``auc``);
+    ``points``: curve name -> (fpr, tpr) of the operating threshold ``rule``, a star in the curve's colour."""
+    fig, ax = plt.subplots(figsize=(6, 4.6))
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+    for i, (name, c) in enumerate(curves.items()):
+        ax.plot(c["fpr"], c["tpr"], color=f"C{i}", label=f"{name} (AUC {c['auc']:.4f})")
+        if name in points:
+            f, t = points[name]
+            ax.plot([f], [t], marker="*", ms=15, ls="none", color=f"C{i}", markeredgecolor="black",
+                    label=f"{rule} on {name}: FPR {100 * f:.2f} %, TPR {100 * t:.1f} %")
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate (recall)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     _save(fig, path)

@@ -24,8 +24,9 @@ def library_versions() -> dict:
 
 def build_report(*, name: str, command: str, spec: dict, train: dict, data: dict, parameters: dict, metrics: dict,
                  history, compute: Compute, eval_examples_per_s: float, wall_seconds: float,
-                 resumed: bool = False, distributed: dict | None = None) -> dict:
-    """report.json's content: what was trained, on what, how well, how fast, and how to repeat it."""
+                 resumed: bool = False, distributed: dict | None = None, extra: dict | None = None) -> dict:
+    """report.json's content: what was trained, on what, how well, how fast, and how to repeat it.
+    ``extra``: further top-level entries (calibration, operating_point, most_wrong)."""
     report = {
         "name": name,
         "command": command,
@@ -46,6 +47,7 @@ def build_report(*, name: str, command: str, spec: dict, train: dict, data: dict
             **peak_memory_mb(compute.device),
         },
         "versions": library_versions(),
+        **(extra or {}),
     }
     if resumed:
         report["resumed"] = True
@@ -72,7 +74,8 @@ def _variant(lora: dict, train: dict) -> str:
 def render_markdown(r: dict) -> str:
     """report.md: the same facts as report.json, as tables a person reads."""
     return "\n".join([*_summary(r), *_parameters(r["parameters"]), *_accuracy(r["metrics"]),
-                      *_test_details(r["metrics"].get("test")), *_speed(r["speed"]), *_distributed(r.get("distributed")),
+                      *_test_details(r["metrics"].get("test")), *_calibration(r.get("calibration")),
+                      *_operating_point(r.get("operating_point")), *_most_wrong(r.get("most_wrong")), *_speed(r["speed"]), *_distributed(r.get("distributed")),
                       *_reproduce(r), ""])
 
 
@@ -121,6 +124,51 @@ def _test_details(test: dict | None) -> list[str]:
               "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
     for name, row in zip(labels, test["confusion_matrix"]):
         lines.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+    return lines
+
+
+def _calibration(c: dict | None) -> list[str]:
+    if not c:
+        return []
+    how = (f"Temperature scaling: logits divided by T = {c['temperature']:.4g}, fitted on the validation split "
+           "(predict, eval and serve apply it)." if c["method"] == "temperature scaling" else
+           "Not calibrated (--no-calibrate)." if c["method"] == "none" else f"Not calibrated ({c['method']}).")
+    lines = ["", "## Calibration", "", how, "",
+             f"| split | NLL before | NLL after | ECE before | ECE after ({c['bins']} bins) |", "|---|---:|---:|---:|---:|"]
+    for split, m in c["splits"].items():
+        lines.append(f"| {split} | {m['nll_before']:.4f} | {m['nll_after']:.4f} | {percent(m['ece_before'])} | "
+                     f"{percent(m['ece_after'])} |")
+    return lines + ["", "![reliability diagram](reliability.png)"]
+
+
+def _operating_point(p: dict | None) -> list[str]:
+    if not p:
+        return ["", "![precision-recall curve](pr_curve.png) ![ROC curve](roc_curve.png)"]
+    reached = "reached" if p["reached_on_val"] else "NOT reached: the threshold of best precision instead"
+    lines = ["", "## Operating threshold", "",
+             f"`{p['class']}` when P({p['class']}) >= {p['threshold']:.4g}, picked on the validation split for "
+             f"{p['target']} >= {p['value']:g} ({reached}); predict and serve apply it.", "",
+             "| split | precision | recall | false positives | false negatives |", "|---|---:|---:|---:|---:|"]
+    for split in ("train", "val", "test"):
+        if split in p:
+            m = p[split]
+            lines.append(f"| {split} | {percent(m['precision'])} | {percent(m['recall'])} | {m['false_positives']} | "
+                         f"{m['false_negatives']} |")
+    return lines + ["", "![precision-recall curve](pr_curve.png) ![ROC curve](roc_curve.png)"]
+
+
+def _most_wrong(rows: list[dict] | None) -> list[str]:
+    if not rows:
+        return []
+    method = rows[0]["method"]
+    lines = ["", "## The test messages the model got most wrong", "",
+             f"Top tokens: attribution to the predicted class ({method}).", "",
+             "| true | predicted | P(true) | top tokens | text |", "|---|---|---:|---|---|"]
+    for r in rows:
+        tokens = ", ".join(f"`{t['token'].strip() or repr(t['token'])}` {t['attribution']:+.2f}" for t in r["top_tokens"])
+        text = r["text"].replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {r['label']} | {r['predicted']} | {r['p_true']:.3f} | {tokens} | "
+                     f"{text[:120] + ('…' if len(text) > 120 else '')} |")
     return lines
 
 

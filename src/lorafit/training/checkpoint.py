@@ -19,6 +19,7 @@ from ..adapters.storage import ClassifierSpec, adapter_state
 from ..data.datasets import DataConfig
 from ..errors import LorafitError, UsageError
 from ..files import load_safetensors, safetensors_metadata, save_safetensors
+from ..reporting.calibration import DecisionConfig
 from ..reporting.loggers import LoggerConfig
 from .loop import History, TrainConfig, Trainer, TrainState
 
@@ -38,6 +39,7 @@ class RunSettings:
     save_every: int = 0  # optimiser steps between periodic checkpoints (0: off)
     save_every_minutes: float = 10.0  # minutes between periodic checkpoints (0: off)
     loggers: LoggerConfig = field(default_factory=LoggerConfig)  # the trackers; a resume feeds them too
+    decision: DecisionConfig = field(default_factory=DecisionConfig)  # calibration and threshold after training
 
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.save_every_minutes < 0:
@@ -100,7 +102,8 @@ def load_checkpoint(out: Path) -> Checkpoint:
         spec = ClassifierSpec.from_dict(saved["spec"])
         data_cfg = DataConfig(**saved["data"])
         train_cfg = TrainConfig(**saved["train"])
-        settings = RunSettings(**{**saved["run"], "loggers": LoggerConfig(**saved["run"].get("loggers", {}))})
+        settings = RunSettings(**{**saved["run"], "loggers": LoggerConfig(**saved["run"].get("loggers", {})),
+                                  "decision": DecisionConfig(**saved["run"].get("decision", {}))})
         counters = saved["state"]
         history = History.from_dict(saved["history"])
         groups = saved["optimizer_param_groups"]

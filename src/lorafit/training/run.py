@@ -25,13 +25,15 @@ from ..data.batching import encode_frame
 from ..data.datasets import SPLIT_NAMES, DataConfig, Splits, load_splits
 from ..errors import LorafitError, WriteError
 from ..files import remove_temp_files, write_json, write_text
-from ..inference.evaluate import evaluate_model
+from ..inference.evaluate import predict_splits
+from ..reporting.calibration import DecisionConfig
 from ..reporting.loggers import LoggerConfig, flatten, open_loggers
 from ..reporting.plots import plot_accuracy, plot_confusion, plot_loss
 from ..reporting.report import build_report, render_markdown
 from ..runtime import Compute, check_compute, resolve_compute
 from .checkpoint import (CHECKPOINT, Checkpoint, PeriodicCheckpoints, RunSettings, load_checkpoint, remove_checkpoint,
                          save_checkpoint, saved_command)
+from .decisions import decide_run
 from .distributed import Distributed, Launch, regroup, restart_count, session
 from .loop import History, TrainConfig, TrainingStopped, fit
 
@@ -67,25 +69,29 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
 def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, out: str | Path, *,
               device: str = "auto", precision: str = "auto", overwrite: bool = False, command: str = "",
               progress: bool = True, save_every: int = 0, save_every_minutes: float = 10.0,
-              loggers: LoggerConfig = LoggerConfig(), launch: Launch = Launch()) -> RunResult:
-    """Everything ``lorafit train`` does: split, build, train, keep the best adapter, report, plot.
+              loggers: LoggerConfig = LoggerConfig(), launch: Launch = Launch(),
+              decision: DecisionConfig = DecisionConfig()) -> RunResult:
+    """Everything ``lorafit train`` does: split, build, train, keep the best adapter, calibrate, report, plot.
 
     A checkpoint is written every ``save_every`` optimiser steps, every ``save_every_minutes`` and at each
     epoch end (0 turns either period off); SIGINT / SIGTERM (and a diverging loss) stop training at the
     next optimiser step and write one too. :func:`resume_run` continues from it to the same adapter.
     ``loggers`` names trackers (CSV, TensorBoard, MLflow) that receive every metrics record besides
-    metrics.jsonl. Under torchrun every process trains its share and rank 0 alone writes ``out``.
+    metrics.jsonl. ``decision``: the calibration and operating threshold fitted on validation afterwards.
+    Under torchrun every process trains its share and rank 0 alone writes ``out``.
     """
     out = Path(out)
     dev = check_compute(device, precision)  # bad settings fail before any work
     settings = RunSettings(device, precision, command, save_every=save_every, save_every_minutes=save_every_minutes,
-                           loggers=loggers)
+                           loggers=loggers, decision=decision)
     with session(dev, launch, train_cfg.batch_size, "start a new run") as (dist, dev):
         splits = dist.main_first(lambda: load_splits(**asdict(data_cfg), seed=train_cfg.seed))
         if dist.is_main:
             prepare_run_dir(out, overwrite)
             remove_checkpoint(out)
             splits.save(out)
+        if decision.target:
+            decision.positive_class(splits.labels)  # a wrong --positive-class fails before training
         spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed))
         settings = replace(settings, skipped_empty=splits.skipped_empty, world_size=dist.world)
         return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress, dist, dev)
@@ -186,10 +192,10 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
               else contextlib.nullcontext(None)) as track:
             history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, compute, dist,
                            resume, checkpoints, progress, track)
-        metrics, eval_rate = _evaluate_kept(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg,
-                                            compute, dist, history)
+        probs, eval_rate = _predict_kept(out, model, spec, enc, encoder.pad_id, train_cfg, compute, dist, history)
         if not writer:
             return RunResult(out, {}, history, is_main=False)
+        spec, metrics, decisions = decide_run(out, spec, probs, enc, settings.decision)
         report = build_report(name=out.name, command=settings.command, spec=spec.to_dict(),
                               train=train_cfg.to_dict(),
                               data={**asdict(data_cfg), "labels": splits.labels,
@@ -198,7 +204,7 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
                                     "truncated_texts": {k: v.truncated for k, v in enc.items()}},
                               parameters=counts.to_dict(), metrics=metrics, history=history, compute=compute,
                               eval_examples_per_s=eval_rate, wall_seconds=time.perf_counter() - wall,
-                              resumed=resume is not None, distributed=dist.describe())
+                              resumed=resume is not None, distributed=dist.describe(), extra=decisions)
         write_report(out, report, history)
     except WriteError as e:  # a full disk, a read-only folder: say what is still whole
         raise LorafitError(f"{e}; {what_survives(out, checkpoints.saved_step)}") from e
@@ -229,14 +235,15 @@ def _fit(out: Path, model, spec: ClassifierSpec, enc: dict, labels: list[str], p
             raise TrainingStopped(f"{e}; {how}", e.state, e.exit_code) from None
 
 
-def _evaluate_kept(out: Path, model, spec: ClassifierSpec, enc: dict, labels: list[str], pad_id: int,
-                   train_cfg: TrainConfig, compute: Compute, dist: Distributed, history: History) -> tuple[dict, float]:
-    """Metrics of the kept (best) adapter, not the last weights: rank 0 reads it, every rank gets it."""
+def _predict_kept(out: Path, model, spec: ClassifierSpec, enc: dict, pad_id: int, train_cfg: TrainConfig,
+                  compute: Compute, dist: Distributed, history: History) -> tuple[dict, float]:
+    """Probabilities of the kept (best) adapter, not the last weights, per split: rank 0 reads it, every
+    rank gets it."""
     if history.best != history.epochs[-1]:
         if dist.is_main:
             load_adapter_into(model, spec, out)
         dist.broadcast_tensors(adapter_state(model).values())
-    return evaluate_model(model, pad_id, enc, labels, compute, 4 * train_cfg.batch_size, predict=dist.predict)
+    return predict_splits(model, pad_id, enc, compute, 4 * train_cfg.batch_size, predict=dist.predict)
 
 
 def _hparams(spec: ClassifierSpec, train_cfg: TrainConfig, precision: str) -> dict:

@@ -1,0 +1,74 @@
+"""After training, what turns scores into decisions a person can trust: calibrated probabilities (a
+temperature fitted on validation), an operating threshold when asked for, the figures that show both.
+
+The temperature and thresholds go into adapter.json, so that eval, predict, serve and the exports apply
+them; report.json gets what was fitted and what it measured on every split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..adapters.storage import ClassifierSpec, save_spec
+from ..data.batching import Encoded
+from ..inference.evaluate import split_metrics
+from ..reporting.calibration import Calibration, DecisionConfig, calibrate, pr_curve, reliability, roc_curve
+from ..reporting.metrics import roc_auc
+from ..reporting.plots import plot_pr, plot_reliability, plot_roc
+
+FIGURES = ("reliability.png", "pr_curve.png", "roc_curve.png")
+
+
+def decide_run(out: Path, spec: ClassifierSpec, probs: dict[str, np.ndarray], enc: dict[str, Encoded],
+               cfg: DecisionConfig) -> tuple[ClassifierSpec, dict, dict]:
+    """Calibrate on ``val``, pick the threshold, save them in the adapter, draw the figures.
+
+    ``probs``: the kept adapter's probabilities per split. Returns the completed spec, the metrics of the
+    calibrated model (what ``lorafit eval`` gives), and report.json's calibration entries.
+    """
+    y = {k: e.labels for k, e in enc.items()}
+    calib = calibrate(probs, y, spec.labels, cfg)
+    spec = replace(spec, temperature=calib.temperature, thresholds=calib.thresholds)
+    save_spec(out, spec)
+    calibrated = {k: calib.apply(p) for k, p in probs.items()}
+    draw(out, probs, calibrated, y, spec.labels, calib, cfg)
+    return spec, split_metrics(calibrated, enc, spec.labels, spec.thresholds), calib.report
+
+
+def _shown_split(y: dict[str, np.ndarray]) -> str:
+    """The held-out split the figures show: test, or val when there is no test."""
+    return "test" if len(y.get("test", ())) else "val"
+
+
+def draw(out: Path, before: dict[str, np.ndarray], after: dict[str, np.ndarray], y: dict[str, np.ndarray],
+         labels: list[str], calib: Calibration, cfg: DecisionConfig) -> None:
+    """reliability.png (held-out split, before and after), pr_curve.png and roc_curve.png (calibrated)."""
+    split = _shown_split(y)
+    stats = calib.report["calibration"]["splits"][split]
+    plot_reliability(reliability(before[split], y[split]), reliability(after[split], y[split]),
+                     (stats["ece_before"], stats["ece_after"]), calib.temperature, split, out / FIGURES[0])
+    point = calib.report.get("operating_point")
+    if len(labels) == 2 or point:
+        name = point["class"] if point else (cfg.positive or labels[1])
+        k = labels.index(name)
+        series = {s: (after[s][:, k], y[s] == k) for s in ("val", "test") if len(y.get(s, ()))}
+        title = f"{name} against the rest"
+    else:  # one-vs-rest per class on the held-out split
+        series = {f"{name} ({split})": (after[split][:, k], y[split] == k) for k, name in enumerate(labels)}
+        title = f"each class against the rest, {split} split"
+    series = {s: v for s, v in series.items() if v[1].any() and not v[1].all()}
+    pr_points, roc_points, rule = {}, {}, ""
+    if point:
+        rule = f"P({point['class']}) >= {point['threshold']:.3g}"
+        for s, (_, positive) in series.items():
+            at = point[s]
+            if at["precision"] is not None:
+                pr_points[s] = (at["recall"], at["precision"])
+            roc_points[s] = (at["false_positives"] / int((~positive).sum()), at["recall"])
+    plot_pr({s: pr_curve(*v) for s, v in series.items()}, pr_points, rule, f"Precision-recall: {title}",
+            out / FIGURES[1])
+    plot_roc({s: {**roc_curve(*v), "auc": roc_auc(v[1].astype(int), v[0])} for s, v in series.items()},
+             roc_points, rule, f"ROC: {title}", out / FIGURES[2])

@@ -1,0 +1,91 @@
+"""``lorafit train --target-recall`` end to end on a tiny model: the run is calibrated on validation, its
+figures are written, and predict and eval apply the temperature and the threshold kept in the adapter."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from lorafit.cli import main
+
+from conftest import train_args, write_sms_like
+
+
+@pytest.fixture(scope="module")
+def decided_run(tmp_path_factory):
+    """A run on SMS-like data with 12 % of the labels flipped, so that validation has mistakes to calibrate on."""
+    from conftest import hf_gpt2_config, write_bpe, TINY
+    from lorafit.backbones.gpt2 import GPTConfig
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("decided")
+    torch.manual_seed(1)
+    GPT2LMHeadModel(hf_gpt2_config(GPTConfig(**TINY))).eval().save_pretrained(root / "base")
+    write_bpe(root / "base", names=("vocab.json", "merges.txt"))
+    data = write_sms_like(root / "sms", n=240)
+    rng = random.Random(5)
+    lines = data.read_text().splitlines()
+    flip = {"ham": "spam", "spam": "ham"}
+    noisy = [(flip[ln.split("\t")[0]] + ln[ln.index("\t"):]) if rng.random() < 0.12 else ln for ln in lines]
+    data.write_text("\n".join(noisy) + "\n")
+    assert main(train_args(root / "base", data, root / "run", "--target-recall", "0.9")) == 0
+    return root / "run"
+
+
+def test_the_run_is_calibrated_on_validation_and_draws_its_figures(decided_run):
+    report = json.loads((decided_run / "report.json").read_text())
+    adapter = json.loads((decided_run / "adapter.json").read_text())
+    c = report["calibration"]
+    assert c["method"] == "temperature scaling" and c["temperature"] != 1.0
+    assert adapter["temperature"] == report["model"]["temperature"] == c["temperature"]
+    assert c["splits"]["val"]["nll_after"] < c["splits"]["val"]["nll_before"]
+    # the metrics are the calibrated model's: their loss is the calibrated NLL
+    assert report["metrics"]["val"]["loss"] == pytest.approx(c["splits"]["val"]["nll_after"], abs=1e-6)
+    point = report["operating_point"]
+    assert point["class"] == "spam" and point["reached_on_val"]
+    assert adapter["thresholds"] == {"spam": point["threshold"]}
+    assert point["target"] == "recall" and point["val"]["recall"] >= 0.9
+    at = report["metrics"]["val"]["at_threshold"]["per_class"]["spam"]
+    assert at["precision"] == pytest.approx(point["val"]["precision"]) and at["recall"] == pytest.approx(point["val"]["recall"])
+    for png in ("reliability.png", "pr_curve.png", "roc_curve.png"):
+        assert (decided_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (decided_run / "report.md").read_text()
+    assert "## Calibration" in md and "## Operating threshold" in md and "![reliability diagram](reliability.png)" in md
+
+
+def _predict(run, texts_file, capsys, *flags):
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run), "--file", str(texts_file), "--json", "--precision", "fp32", *flags]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_predict_and_eval_apply_the_temperature_and_the_threshold(decided_run, tmp_path, capsys):
+    import pandas as pd
+
+    val = pd.read_csv(decided_run / "val.csv")
+    texts = tmp_path / "val.txt"
+    texts.write_text("\n".join(val.text) + "\n")
+    t = json.loads((decided_run / "adapter.json").read_text())["thresholds"]["spam"]
+    rows = _predict(decided_run, texts, capsys)
+    assert [r["label"] for r in rows] == ["spam" if r["probabilities"]["spam"] >= t else "ham" for r in rows]
+    said_spam = [y for r, y in zip(rows, val.label) if r["label"] == "spam"]
+    report = json.loads((decided_run / "report.json").read_text())
+    assert sum(y == "spam" for y in said_spam) / len(said_spam) == pytest.approx(report["operating_point"]["val"]["precision"])
+    assert {r["label"] for r in _predict(decided_run, texts, capsys, "--threshold", "0")} == {"spam"}
+    assert {r["label"] for r in _predict(decided_run, texts, capsys, "--threshold", "ham=0")} == {"ham"}
+    assert main(["eval", "--run", str(decided_run), "--json", "--precision", "fp32"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for split in ("val", "test"):
+        assert result["metrics"][split]["loss"] == pytest.approx(report["metrics"][split]["loss"], abs=1e-5)
+        assert result["metrics"][split]["at_threshold"]["confusion_matrix"] == \
+            report["metrics"][split]["at_threshold"]["confusion_matrix"]
+
+
+def test_a_bad_threshold_is_one_line(decided_run, capsys):
+    with pytest.raises(SystemExit) as e:  # a usage error: argparse's exit
+        main(["predict", "--run", str(decided_run), "hello", "--threshold", "eggs=0.5"])
+    assert e.value.code == 2
+    assert "threshold for 'eggs': not one of the labels ham, spam" in capsys.readouterr().err
