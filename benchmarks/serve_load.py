@@ -101,9 +101,12 @@ class Client:
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
 
     def post(self, text: str) -> tuple[bool, float, object]:
+        return self.post_json({"inputs": text})
+
+    def post_json(self, body: dict) -> tuple[bool, float, object]:
         t0 = time.perf_counter()
         try:
-            self.conn.request("POST", "/predict", body=json.dumps({"inputs": text}),
+            self.conn.request("POST", "/predict", body=json.dumps(body),
                               headers={"content-type": "application/json"})
             r = self.conn.getresponse()
             body = r.read()
@@ -187,11 +190,17 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=192, help="requests per level, split among its clients")
     p.add_argument("--single", type=int, default=50, help="single 20-token requests timed one after another")
     p.add_argument("--precision", default="auto", help="lorafit serve --precision")
+    p.add_argument("--adapters", type=int, metavar="N", help="instead: N adapters on one base vs N servers and PEFT's "
+                                                             "set_adapter (benchmarks/serve_adapters.py)")
     p.add_argument("--baseline-server", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.baseline_server:
         return baseline_server(args.baseline_server, args.port)
+    if args.adapters:
+        import serve_adapters
+
+        return serve_adapters.run(args)
 
     from lorafit import load_splits, load_tokenizer
 

@@ -1,0 +1,232 @@
+"""Many adapters, one server: `lorafit serve` with N adapters on one base vs what a user has without it.
+
+Run as `serve_load.py --adapters N` (or this file directly). GPT-2 small architecture with random weights
+(timing only), written once by transformers; N rank-8 adapters on it (random B and heads, so every update
+is real work), two classes each. Side by side, each in its own process(es), 32 clients on loopback, one
+text per request (the balanced SMS split's test messages, seed 42), the adapters' traffic even:
+
+- lorafit serve, 1 merged adapter (a `lorafit merge` output): the single-classifier server, the yardstick;
+- lorafit serve, 1 adapter unmerged: what serving an adapter without merging costs;
+- lorafit serve, N adapters: one base, mixed batches;
+- N `lorafit serve` processes, one merged adapter each: what a user runs today;
+- PEFT's set_adapter in one FastAPI process: transformers + PEFT with the N adapters loaded, switched per
+  request under a lock (one request at a time: a batch cannot mix adapters).
+
+Printed: texts/s, p50/p99 latency, errors, peak RSS (summed over processes), and the issue's goals.
+"""
+
+import argparse
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorafit.runtime import cpu_name
+from serve_load import Client, free_port, rss_mb, wait_healthy
+
+CLIENTS = 32
+
+
+def write_adapters(root: Path, tokenizer: Path, n: int) -> dict:
+    """The base (transformers layout), n adapter runs on it, each also merged and exported for PEFT."""
+    from transformers import GPT2Config, GPT2Model
+
+    from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, save_adapter
+    from lorafit.adapters.lora import lora_layers
+    from lorafit.adapters.peft_format import export_peft
+    from lorafit.adapters.storage import save_merged
+
+    torch.manual_seed(0)
+    base = root / "base"
+    GPT2Model(GPT2Config()).eval().save_pretrained(base)
+    for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        shutil.copyfile(tokenizer / src, base / dst)
+    model, backbone, spec = build_classifier(ClassifierSpec(BackboneSpec(model=str(base)), LoRAConfig(rank=8, alpha=16),
+                                                            labels=["ham", "spam"], head_bias=False))
+    out = {"base": base, "runs": [], "merged": [], "peft": []}
+    for k in range(n):
+        g = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                layer.lora_B.copy_(0.02 * torch.randn(layer.lora_B.shape, generator=g))
+            model.head.weight.copy_(0.05 * torch.randn(model.head.weight.shape, generator=g))
+        run = root / f"a{k}"
+        save_adapter(run, model, spec)
+        save_merged(root / f"merged{k}", copy.deepcopy(model), spec, backbone)
+        export_peft(run, root / f"peft{k}", verify=False)
+        out["runs"].append(run)
+        out["merged"].append(root / f"merged{k}")
+        out["peft"].append(root / f"peft{k}")
+    return out
+
+
+def peft_server(base: str, adapters: list[str], port: int, precision: str) -> None:
+    """What a user writes with PEFT: the adapters loaded in one model, set_adapter per request."""
+    import uvicorn
+    from fastapi import FastAPI
+    from peft import PeftModel
+    from pydantic import BaseModel
+    from transformers import AutoTokenizer, GPT2ForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = GPT2ForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=50256).eval()
+    model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+    for k, path in enumerate(adapters[1:], 1):
+        model.load_adapter(path, adapter_name=f"a{k}")
+    dtype = torch.bfloat16 if precision in ("bf16", "auto") and _has_bf16() else None
+    lock = threading.Lock()
+    app = FastAPI()
+
+    class Request(BaseModel):
+        inputs: str
+        model: str
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.post("/predict")
+    def predict(req: Request):
+        enc = tok(req.inputs, return_tensors="pt")
+        with lock, torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            model.set_adapter(req.model)
+            probs = torch.softmax(model(**enc).logits.float()[0], -1).tolist()
+        return [{"label": k, "score": p} for k, p in sorted(zip(("ham", "spam"), probs), key=lambda kv: -kv[1])]
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def _has_bf16() -> bool:
+    from lorafit.runtime import resolve_compute
+
+    return resolve_compute("cpu", "auto", 768).autocast_dtype == torch.bfloat16
+
+
+def drive(ports: list[int], names: list[str | None], texts: list[str], requests: int) -> dict:
+    """32 clients; request i of client c goes to adapter (c + i) mod N (its own port when each has one)."""
+    latencies, errors, lock = [], [], threading.Lock()
+    per = max(1, requests // CLIENTS)
+
+    def work(c: int):
+        clients = {p: Client(p) for p in set(ports)}
+        for i in range(per):
+            k = (c + i) % len(names)
+            body = {"inputs": texts[(c * per + i) % len(texts)]} | ({"model": names[k]} if names[k] else {})
+            ok, dt, answer = clients[ports[k % len(ports)]].post_json(body)
+            with lock:
+                latencies.append(dt) if ok else errors.append(answer)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in range(CLIENTS)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        print(f"{len(errors)} errors, the first: {errors[0]}", file=sys.stderr)
+    lat = np.array(latencies or [float("nan")]) * 1000
+    return {"texts_per_s": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "errors": len(errors), "requests": CLIENTS * per}
+
+
+def measure(name: str, commands: list[list[str]], ports: list[int], names: list[str | None], texts: list[str],
+            requests: int) -> dict:
+    """Start the servers one after another (memory peaks do not overlap), warm each adapter, drive, stop."""
+    procs = []
+    try:
+        for cmd, port in zip(commands, ports):
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            wait_healthy(port, procs[-1])
+        drive(ports, names, texts[:2 * len(names)], 2 * len(names))  # every adapter answers once before timing
+        row = drive(ports, names, texts, requests)
+        row |= {"name": name, "peak_rss_mb": sum(rss_mb(p.pid) for p in procs)}
+        print(f"  {name}: {row['texts_per_s']:.1f} texts/s, p99 {row['p99_ms']:.0f} ms, "
+              f"peak RSS {row['peak_rss_mb']:.0f} MiB", file=sys.stderr)
+        return row
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=60)
+
+
+def lorafit_cmd(runs: list[str], port: int, precision: str) -> list[str]:
+    return [sys.executable, "-m", "lorafit", "serve", *(x for r in runs for x in ("--run", r)), "--port", str(port),
+            "--device", "cpu", "--precision", precision]
+
+
+def run(args) -> None:
+    """The comparison, printed as a table with the goals of issue 23."""
+    from lorafit import load_splits
+
+    n = args.adapters
+    texts = load_splits(args.data, seed=42).test["text"].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        m = write_adapters(Path(tmp), Path(args.tokenizer), n)
+        named = [f"a{k}={m['runs'][k]}" for k in range(n)]
+        results = []
+        for name, runs, names in (("lorafit serve, 1 merged adapter", [str(m["merged"][0])], [None]),
+                                  ("lorafit serve, 1 adapter (unmerged)", [named[0]], ["a0"]),
+                                  (f"lorafit serve, {n} adapters", named, [f"a{k}" for k in range(n)])):
+            port = free_port()
+            results.append(measure(name, [lorafit_cmd(runs, port, args.precision)], [port], names, texts, args.requests))
+        ports = [free_port() for _ in range(n)]
+        results.append(measure(f"{n} lorafit serve processes (merged)",
+                               [lorafit_cmd([str(m["merged"][k])], ports[k], args.precision) for k in range(n)],
+                               ports, [None] * n, texts, args.requests))
+        port = free_port()
+        results.append(measure(f"PEFT set_adapter, 1 process ({n} adapters)",
+                               [[sys.executable, __file__, "--peft-server", str(m["base"]), *map(str, m["peft"]),
+                                 "--port", str(port), "--precision", args.precision]],
+                               [port], [f"a{k}" for k in range(n)], texts, args.requests))
+        adapter_mb = (m["runs"][0] / "adapter.safetensors").stat().st_size / 2**20
+    report(results, n, adapter_mb, args)
+
+
+def report(results: list[dict], n: int, adapter_mb: float, args) -> None:
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; {CLIENTS} clients, "
+          f"{results[0]['requests']} requests each, --precision {args.precision}\n")
+    print("| server | texts/s | p50 ms | p99 ms | errors | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['name']} | {r['texts_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | "
+              f"{r['peak_rss_mb']:.0f} |")
+    single, unmerged, multi = results[:3]
+    budget = (single["peak_rss_mb"] + n * adapter_mb) * 1.1
+    print(f"\nunmerged single adapter: {unmerged['texts_per_s'] / single['texts_per_s']:.0%} of the merged one's texts/s")
+    print(f"{n} adapters vs 1 merged: texts/s {multi['texts_per_s'] / single['texts_per_s']:.0%} (goal >= 80%), "
+          f"p99 x{multi['p99_ms'] / single['p99_ms']:.2f} (goal <= 1.5), peak RSS {multi['peak_rss_mb']:.0f} MiB "
+          f"(goal <= ({single['peak_rss_mb']:.0f} + {n} x {adapter_mb:.1f}) x 1.1 = {budget:.0f})")
+    for r in results[3:]:
+        print(f"vs {r['name']}: texts/s x{multi['texts_per_s'] / r['texts_per_s']:.2f}, "
+              f"peak RSS {multi['peak_rss_mb']:.0f} vs {r['peak_rss_mb']:.0f} MiB")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="the SMS Spam Collection file")
+    p.add_argument("--tokenizer", help="folder with GPT-2's encoder.json + vocab.bpe")
+    p.add_argument("--adapters", type=int, default=8, help="adapters on the shared base")
+    p.add_argument("--requests", type=int, default=384, help="requests per server, split among the 32 clients")
+    p.add_argument("--precision", default="auto", help="lorafit serve --precision (PEFT: bf16 autocast for auto/bf16)")
+    p.add_argument("--peft-server", nargs="+", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.peft_server:
+        return peft_server(args.peft_server[0], args.peft_server[1:], args.port, args.precision)
+    if not (args.data and args.tokenizer):
+        p.error("--data and --tokenizer are required")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
