@@ -214,6 +214,12 @@ def test_hf_dataset_through_the_cli(tmp_path, request, capsys):
 
 # ---- files as they come: separators, encodings, quoting, index columns, labels that are not labels ----------
 
+def test_the_sms_format_is_label_tab_text_without_a_header(sms_file):
+    df = read_table(sms_file)
+    assert set(df.label) == {"ham", "spam"} and len(df) == len(sms_file.read_text().splitlines())
+    assert not df.text.isin(["ham", "spam"]).any()
+
+
 EXCEL_EU = "text;label\nWIN a prize, call now;spam\nsee you at 5, ok?;ham\n\"a text; with the separator\";ham\n"
 
 

@@ -165,7 +165,8 @@ def read_table(path: str | Path, text_col: str | None = None, label_col: str | N
 
 
 def _read_delimited(path: Path, content: str, fmt: TableFormat, header: bool, columns: tuple) -> pd.DataFrame:
-    """Delimited text as strings; a first column without a name (pandas' index, ``to_csv``'s default) dropped."""
+    """Delimited text as strings; a first column without a name (pandas' index, ``to_csv``'s default) dropped.
+    ``columns``: the (text, label) names wanted."""
     read = lambda **kw: pd.read_csv(io.StringIO(content), dtype=str, keep_default_na=False, sep=fmt.sep,  # noqa: E731
                                     quoting=fmt.quoting, **kw)
     try:
@@ -173,7 +174,7 @@ def _read_delimited(path: Path, content: str, fmt: TableFormat, header: bool, co
             return read(header=None)
         df = read()
         if fmt.sep == "\t" and not set(columns) & set(df.columns) and _looks_headerless(content):
-            return read(header=None, names=list(columns))  # the SMS Spam Collection: label<TAB>text
+            return read(header=None, names=[columns[1], columns[0]])  # the SMS Spam Collection: label<TAB>text
     except (ValueError, pd.errors.ParserError) as e:
         raise LorafitError(f"{path}: cannot be read as {fmt.describe()} ({str(e).strip().splitlines()[0]}); quote "
                            f"texts that hold the separator, or pass --sep") from e
