@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -133,30 +134,49 @@ def drive(ports: list[int], names: list[str | None], texts: list[str], requests:
     wall = time.perf_counter() - t0
     if errors:
         print(f"{len(errors)} errors, the first: {errors[0]}", file=sys.stderr)
-    lat = np.array(latencies or [float("nan")]) * 1000
-    return {"texts_per_s": len(latencies) / wall, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "errors": len(errors), "requests": CLIENTS * per}
+    return {"texts_per_s": len(latencies) / wall, "latencies": np.array(latencies or [float("nan")]),
+            "errors": len(errors), "requests": CLIENTS * per}
 
 
-def measure(name: str, commands: list[list[str]], ports: list[int], names: list[str | None], texts: list[str],
-            requests: int) -> dict:
-    """Start the servers one after another (memory peaks do not overlap), warm each adapter, drive, stop."""
-    procs = []
+@dataclass
+class Setup:
+    name: str
+    commands: list[list[str]]  # one server process each
+    ports: list[int]
+    names: list[str | None]  # the adapters, as requests name them (None: the server's only one)
+    rows: list[dict] = field(default_factory=list)  # one per round
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+
+def measure(setups: list[Setup], texts: list[str], requests: int, rounds: int) -> list[dict]:
+    """Start every setup's servers one after another (loading peaks do not overlap), warm each adapter, then
+    drive the setups in turn, ``rounds`` times (the order reversed every other round): on a shared machine
+    they meet the same neighbours. Per setup: the median round's texts/s, p50/p99 of all rounds' latencies."""
     try:
-        for cmd, port in zip(commands, ports):
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-            wait_healthy(port, procs[-1])
-        drive(ports, names, texts[:2 * len(names)], 2 * len(names))  # every adapter answers once before timing
-        row = drive(ports, names, texts, requests)
-        row |= {"name": name, "peak_rss_mb": sum(rss_mb(p.pid) for p in procs)}
-        print(f"  {name}: {row['texts_per_s']:.1f} texts/s, p99 {row['p99_ms']:.0f} ms, "
-              f"peak RSS {row['peak_rss_mb']:.0f} MiB", file=sys.stderr)
-        return row
+        for s in setups:
+            for cmd, port in zip(s.commands, s.ports):
+                s.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+                wait_healthy(port, s.procs[-1])
+            drive(s.ports, s.names, texts[:2 * len(s.names)], 2 * len(s.names))  # every adapter answers once
+        for r in range(rounds):
+            for s in setups if r % 2 == 0 else setups[::-1]:
+                s.rows.append(drive(s.ports, s.names, texts, requests))
+                print(f"  round {r + 1}, {s.name}: {s.rows[-1]['texts_per_s']:.1f} texts/s", file=sys.stderr)
+        return [summary(s) for s in setups]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=60)
+        for s in setups:
+            for p in s.procs:
+                p.terminate()
+            for p in s.procs:
+                p.wait(timeout=60)
+
+
+def summary(s: Setup) -> dict:
+    lat = np.concatenate([r["latencies"] for r in s.rows]) * 1000
+    return {"name": s.name, "texts_per_s": float(np.median([r["texts_per_s"] for r in s.rows])),
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "errors": sum(r["errors"] for r in s.rows), "requests": sum(r["requests"] for r in s.rows),
+            "peak_rss_mb": sum(rss_mb(p.pid) for p in s.procs)}
 
 
 def lorafit_cmd(runs: list[str], port: int, precision: str) -> list[str]:
@@ -173,33 +193,34 @@ def run(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         m = write_adapters(Path(tmp), Path(args.tokenizer), n)
         named = [f"a{k}={m['runs'][k]}" for k in range(n)]
-        results = []
-        for name, runs, names in (("lorafit serve, 1 merged adapter", [str(m["merged"][0])], [None]),
-                                  ("lorafit serve, 1 adapter (unmerged)", [named[0]], ["a0"]),
-                                  (f"lorafit serve, {n} adapters", named, [f"a{k}" for k in range(n)])):
-            port = free_port()
-            results.append(measure(name, [lorafit_cmd(runs, port, args.precision)], [port], names, texts, args.requests))
-        ports = [free_port() for _ in range(n)]
-        results.append(measure(f"{n} lorafit serve processes (merged)",
-                               [lorafit_cmd([str(m["merged"][k])], ports[k], args.precision) for k in range(n)],
-                               ports, [None] * n, texts, args.requests))
+        ports = [free_port() for _ in range(n + 3)]
+        ours = [Setup("lorafit serve, 1 merged adapter", [lorafit_cmd([str(m["merged"][0])], ports[0], args.precision)],
+                      ports[:1], [None]),
+                Setup("lorafit serve, 1 adapter (unmerged)", [lorafit_cmd(named[:1], ports[1], args.precision)],
+                      ports[1:2], ["a0"]),
+                Setup(f"lorafit serve, {n} adapters", [lorafit_cmd(named, ports[2], args.precision)], ports[2:3],
+                      [f"a{k}" for k in range(n)])]
+        results = measure(ours, texts, args.requests, args.rounds)
+        results += measure([Setup(f"{n} lorafit serve processes (merged)",
+                                  [lorafit_cmd([str(m["merged"][k])], ports[3 + k], args.precision) for k in range(n)],
+                                  ports[3:], [None] * n)], texts, args.requests, 1)
         port = free_port()
-        results.append(measure(f"PEFT set_adapter, 1 process ({n} adapters)",
-                               [[sys.executable, __file__, "--peft-server", str(m["base"]), *map(str, m["peft"]),
-                                 "--port", str(port), "--precision", args.precision]],
-                               [port], [f"a{k}" for k in range(n)], texts, args.requests))
+        results += measure([Setup(f"PEFT set_adapter, 1 process ({n} adapters)",
+                                  [[sys.executable, __file__, "--peft-server", str(m["base"]), *map(str, m["peft"]),
+                                    "--port", str(port), "--precision", args.precision]],
+                                  [port], [f"a{k}" for k in range(n)])], texts, args.peft_requests, 1)
         adapter_mb = (m["runs"][0] / "adapter.safetensors").stat().st_size / 2**20
     report(results, n, adapter_mb, args)
 
 
 def report(results: list[dict], n: int, adapter_mb: float, args) -> None:
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; {CLIENTS} clients, "
-          f"{results[0]['requests']} requests each, --precision {args.precision}\n")
-    print("| server | texts/s | p50 ms | p99 ms | errors | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; {CLIENTS} clients, one text per "
+          f"request, --precision {args.precision}; the first three servers side by side, {args.rounds} rounds\n")
+    print("| server | requests | texts/s | p50 ms | p99 ms | errors | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['name']} | {r['texts_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} | "
-              f"{r['peak_rss_mb']:.0f} |")
+        print(f"| {r['name']} | {r['requests']} | {r['texts_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+              f"{r['errors']} | {r['peak_rss_mb']:.0f} |")
     single, unmerged, multi = results[:3]
     budget = (single["peak_rss_mb"] + n * adapter_mb) * 1.1
     print(f"\nunmerged single adapter: {unmerged['texts_per_s'] / single['texts_per_s']:.0%} of the merged one's texts/s")
@@ -211,13 +232,20 @@ def report(results: list[dict], n: int, adapter_mb: float, args) -> None:
               f"peak RSS {multi['peak_rss_mb']:.0f} vs {r['peak_rss_mb']:.0f} MiB")
 
 
+def add_options(p: argparse.ArgumentParser) -> None:
+    """What serve_load.py --adapters takes too."""
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the single and multi-adapter servers")
+    p.add_argument("--peft-requests", type=int, default=128, help="requests to the PEFT server (one at a time)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="the SMS Spam Collection file")
     p.add_argument("--tokenizer", help="folder with GPT-2's encoder.json + vocab.bpe")
     p.add_argument("--adapters", type=int, default=8, help="adapters on the shared base")
-    p.add_argument("--requests", type=int, default=384, help="requests per server, split among the 32 clients")
+    p.add_argument("--requests", type=int, default=384, help="requests per server and round, split among the 32 clients")
     p.add_argument("--precision", default="auto", help="lorafit serve --precision (PEFT: bf16 autocast for auto/bf16)")
+    add_options(p)
     p.add_argument("--peft-server", nargs="+", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()

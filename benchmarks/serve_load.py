@@ -192,14 +192,15 @@ def main() -> None:
     p.add_argument("--precision", default="auto", help="lorafit serve --precision")
     p.add_argument("--adapters", type=int, metavar="N", help="instead: N adapters on one base vs N servers and PEFT's "
                                                              "set_adapter (benchmarks/serve_adapters.py)")
+    import serve_adapters
+
+    serve_adapters.add_options(p.add_argument_group("with --adapters"))
     p.add_argument("--baseline-server", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.baseline_server:
         return baseline_server(args.baseline_server, args.port)
     if args.adapters:
-        import serve_adapters
-
         return serve_adapters.run(args)
 
     from lorafit import load_splits, load_tokenizer
