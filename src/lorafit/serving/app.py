@@ -53,13 +53,34 @@ def create_app(served: ServedModel, config: ServeConfig):
     _add_classify_route(app, served, config, batcher, metrics)
     _add_admin_routes(app, served, config, metrics)
 
+    _add_error_handlers(app)
+
+    guarded = ApiKey(app, config.api_key) if config.api_key else app
+    return _Counted(guarded, metrics, app.state)
+
+
+def _add_error_handlers(app) -> None:
+    """Every answer that is not a 200 in the one error format: FastAPI's own (unknown path, wrong method,
+    bad parameter) as well as a bug's, whose traceback goes to the log, never to the client."""
+    from fastapi.exceptions import RequestValidationError, StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):
+        message = {404: f"no route {request.url.path}", 405: f"{request.url.path} does not take {request.method}"}
+        error = RequestError(exc.status_code, "NotFound" if exc.status_code == 404 else "Validation",
+                             message.get(exc.status_code, str(exc.detail)))
+        return _error(error, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(_request, exc):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(map(str, first.get("loc", ()))) or "request"
+        return _error(invalid(f"{where}: {first.get('msg', 'invalid')}"))
+
     @app.exception_handler(Exception)
     async def internal(_request, exc):  # logged here, never sent: the client gets one line
         log.error("internal error", exc_info=exc)
         return _error(RequestError(500, "Backend", "internal error; the server log has the details"))
-
-    guarded = ApiKey(app, config.api_key) if config.api_key else app
-    return _Counted(guarded, metrics, app.state)
 
 
 def _add_status_routes(app, served: ServedModel, config: ServeConfig, batcher: Batcher, metrics: Metrics) -> None:
@@ -212,10 +233,10 @@ async def _infer(batcher: Batcher, ids: list[list[int]], adapter):
         raise RequestError(500, "Backend", "inference failed; the server log has the details") from e
 
 
-def _error(e: RequestError):
+def _error(e: RequestError, headers: dict | None = None):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse(error_body(e), status_code=e.status)
+    return JSONResponse(error_body(e), status_code=e.status, headers=headers)
 
 
 class _Counted:

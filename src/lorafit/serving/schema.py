@@ -13,6 +13,7 @@ GET /v1/models is OpenAI's model list. Errors, on every route:
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,8 +31,10 @@ def json_object(body: bytes, field: str) -> dict:
     """The body as a JSON object, or 422 saying what it is instead."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise invalid(f"body is not valid JSON ({e})") from e
+    except RecursionError as e:  # arrays or objects nested past the interpreter's recursion limit
+        raise invalid(f"body is nested too deeply (arrays or objects over about {sys.getrecursionlimit()} levels)") from e
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and an integer past Python's 4,300 digits
+        raise invalid(f"body is not valid JSON ({str(e).splitlines()[0]})") from e
     if not isinstance(data, dict):
         raise invalid(f"body must be a JSON object with an \"{field}\" field, got {type(data).__name__}")
     return data
