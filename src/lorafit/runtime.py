@@ -18,6 +18,7 @@ import torch
 from .errors import LorafitError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+INFERENCE_PRECISIONS = PRECISIONS + ("int8",)  # int8: frozen linears quantised (lorafit.backbones.int8), no training
 
 # oneDNN, which runs bf16 matmuls on CPUs, keeps a built kernel with its scratch memory for every input shape
 # it meets, in two caches of 1,024 entries (oneDNN's own and PyTorch's ideep LRU). Length-bucketed batches make
@@ -48,7 +49,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: bf16 matmuls then run at about twice the fp32 rate."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
     except (AttributeError, RuntimeError):
         return False
 
@@ -67,7 +68,7 @@ def _cpuinfo(field: str) -> str | None:
     return None
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     return set((_cpuinfo("flags") or "").split())
 
 
@@ -99,10 +100,16 @@ def bf16_matmul_pays(width: int = 768) -> bool:
     return best[torch.bfloat16] < 0.8 * best[torch.float32]
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse a precision the device cannot run, before any work (``auto`` is decided by :func:`resolve_compute`)."""
-    if precision not in PRECISIONS:
-        raise LorafitError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+def check_precision(precision: str, device: torch.device, inference: bool = False) -> None:
+    """Refuse a precision the device cannot run, before any work (``auto`` is decided by :func:`resolve_compute`).
+    ``inference``: for predicting, evaluating and serving, where int8 is one more choice."""
+    if precision == "int8" and not inference:
+        raise LorafitError("--precision int8 is for inference (predict, eval, serve); train in auto, bf16 or fp32")
+    allowed = INFERENCE_PRECISIONS if inference else PRECISIONS
+    if precision not in allowed:
+        raise LorafitError(f"--precision must be one of {', '.join(allowed)}, got {precision!r}")
+    if precision == "int8" and device.type != "cpu":
+        raise LorafitError(f"--precision int8 runs on the cpu, not {device.type}")
     if precision == "bf16" and device.type not in ("cuda", "cpu"):
         raise LorafitError(f"--precision bf16 is supported on cpu and cuda, not {device.type}")
 
@@ -146,10 +153,10 @@ def return_freed_buffers_to_the_os() -> bool:
         return False
 
 
-def check_compute(device: str, precision: str) -> torch.device:
+def check_compute(device: str, precision: str, inference: bool = False) -> torch.device:
     """``device`` and ``precision`` checked before any work; the device they name."""
     dev = resolve_device(device)
-    check_precision(precision, dev)
+    check_precision(precision, dev, inference)
     return dev
 
 
@@ -159,11 +166,12 @@ class Compute:
 
     device: torch.device = torch.device("cpu")
     autocast_dtype: torch.dtype | None = None  # None: plain fp32, no autocast
+    int8: bool = False  # inference only: frozen linears in int8, the rest in fp32 (lorafit.backbones.int8)
 
     @property
     def precision(self) -> str:
-        """What the choice is called in settings and reports: ``bf16`` or ``fp32``."""
-        return "fp32" if self.autocast_dtype is None else "bf16"
+        """What the choice is called in settings and reports: ``int8``, ``bf16`` or ``fp32``."""
+        return "int8" if self.int8 else "fp32" if self.autocast_dtype is None else "bf16"
 
     def autocast(self):
         """The context a forward pass runs in."""

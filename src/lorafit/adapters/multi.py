@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone
+from ..backbones.int8 import Int8Linear, quantize_checked, quantize_linears, resolve_inference_compute
 from ..backbones.loader import load_backbone
 from ..errors import LorafitError
 from ..files import load_safetensors
-from ..runtime import Compute, resolve_compute
+from ..runtime import Compute, choose_autocast_dtype
 from .classifier import pool
+from .hf_layout import sample_texts
 from .loading import load_classifier
 from .lora import LoRAConfig, store_frozen_linears, unwrap_merged
 from .storage import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, read_spec, weight_fingerprint
@@ -116,12 +118,14 @@ class GroupedLoRALinear(nn.Module):
         self._owner = [owner]  # in a list: not registered as a submodule
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, bias = self.base.weight, self.base.bias
-        x2 = x.reshape(-1, x.shape[-1]).to(w.dtype)  # (N, in), cast once for the base and the updates
+        base, bias = self.base, self.base.bias
+        int8 = isinstance(base, Int8Linear)  # int8 weights take fp32 inputs; the updates stay in fp32
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32 if int8 else base.weight.dtype)  # (N, in), cast once
         segments = self._owner[0].segments
         spans = [(u, start, n) for u, start, n in segments.split(self.name, x2.shape[0]) if u is not None and n]
         dora = any(u.row_scale is not None for u, _, _ in spans)
-        y = F.linear(x2, w, None if dora else bias)  # (N, out): the base, once for every row
+        # (N, out): the base, once for every row
+        y = base(x2, with_bias=not dora) if int8 else F.linear(x2, base.weight, None if dora else bias)
         if spans:
             a = torch.cat([u.a for u, _, _ in spans]) if len(spans) > 1 else spans[0][0].a  # (R, in)
             bt = torch.cat([u.bt for u, _, _ in spans]) if len(spans) > 1 else spans[0][0].bt  # (R, out)
@@ -165,7 +169,8 @@ class SharedBase:
         module.to(self.compute.device)
 
     def linear_names(self) -> dict[str, nn.Module]:
-        return {n: m for n, m in self.backbone.module.named_modules() if isinstance(m, (nn.Linear, GroupedLoRALinear))}
+        return {n: m for n, m in self.backbone.module.named_modules()
+                if isinstance(m, (nn.Linear, Int8Linear, GroupedLoRALinear))}
 
     def wrap(self, names: list[str]) -> None:
         """Give these linears a per-segment update path (the first adapter that targets them does it)."""
@@ -197,6 +202,27 @@ class SharedBase:
             w = a.head_weight
             out.extend(F.linear(pooled[s:e].to(w.dtype), w, a.head_bias).float())  # (C_k,) each
         return out
+
+    def quantize(self, adapter: Adapter, texts: list[str], checked: bool) -> bool:
+        """The base's linears in int8; ``checked``: only if ``adapter``'s classes and probabilities of ``texts``
+        stay put (:func:`~lorafit.backbones.int8.quantize_checked`). Returns whether int8 was kept."""
+        module = self.backbone.module
+        if not checked:
+            quantize_linears(module)
+            return True
+        self.wrap(list(adapter.layers))
+        ids = self.backbone.encoder.encode(texts)
+        lengths = [max(len(x), 1) for x in ids]
+        input_ids = torch.full((len(ids), max(lengths)), self.backbone.encoder.pad_id, dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask = (torch.arange(input_ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+
+        @torch.inference_mode()
+        def logits() -> torch.Tensor:
+            return torch.stack(self.forward(input_ids, mask, [adapter], [len(ids)]))
+
+        return quantize_checked(module, logits)
 
     def load_adapter(self, name: str, directory: str | Path) -> Adapter:
         """A lorafit adapter folder as an :class:`Adapter` of this base, or a one-line error naming what differs."""
@@ -250,7 +276,7 @@ class SharedBase:
             updates[name] = self._update(m.base if isinstance(m, GroupedLoRALinear) else m, parts, lora, f"{path}: {name}")
         return updates
 
-    def _update(self, linear: nn.Linear, parts: dict[str, torch.Tensor], lora: LoRAConfig, where: str) -> LayerUpdate:
+    def _update(self, linear: nn.Linear | Int8Linear, parts: dict[str, torch.Tensor], lora: LoRAConfig, where: str) -> LayerUpdate:
         a, b = parts.get("lora_A"), parts.get("lora_B")
         if a is None or b is None or a.shape[1] != linear.in_features or b.shape[0] != linear.out_features \
                 or a.shape[0] != b.shape[1]:
@@ -260,7 +286,7 @@ class SharedBase:
             a, b = torch.cat([a, parts["pissa_A0"]]), torch.cat([b, -parts["pissa_B0"]], dim=1)
         row_scale = None
         if "lora_magnitude" in parts:
-            w = linear.weight.detach().float()
+            w = (linear.dequantized() if isinstance(linear, Int8Linear) else linear.weight.detach()).float()
             norm = torch.linalg.vector_norm(w + lora.scaling * (b.float() @ a.float()), dim=1)
             row_scale = (parts["lora_magnitude"].float() / norm)
         return LayerUpdate(self._stored(a), self._stored(b.t()), lora.scaling,
@@ -275,19 +301,29 @@ def open_base(name: str, directory: str | Path, device: str, precision: str) -> 
 
     A lorafit adapter folder loads its base once, plain; other adapters then join it. A merged or PEFT
     folder becomes its own base (the update folded in) and serves alone: no adapter matches its weights.
+    In int8 the base's linears are quantised (the adapters' updates stay fp32); ``auto`` keeps int8 only
+    where the first run's sample texts keep their classes, and otherwise loads the base again in float.
     """
-    directory = Path(directory)
+    base, adapter = _open(name, Path(directory), device, precision)
+    if base.compute.int8 and not base.quantize(adapter, sample_texts(directory), checked=precision == "auto"):
+        width = base.backbone.hidden_size
+        dtype = choose_autocast_dtype("auto", base.compute.device, width)
+        base, adapter = _open(name, Path(directory), device, "fp32" if dtype is None else "bf16")
+    return base, adapter
+
+
+def _open(name: str, directory: Path, device: str, precision: str) -> tuple[SharedBase, Adapter]:
     if (directory / ADAPTER_CONFIG).is_file():
         spec = read_spec(directory)
         backbone = load_backbone(spec.backbone, lm_head=False)
         base = SharedBase(backbone, spec.pooling or backbone.default_pooling, weight_fingerprint(backbone.module),
-                          resolve_compute(device, precision, backbone.hidden_size))
+                          resolve_inference_compute(device, precision, backbone.hidden_size))
         base.prepare()
         return base, base.load_adapter(name, directory)
     model, backbone, spec = load_classifier(directory)
     unwrap_merged(model)
-    base = SharedBase(backbone, model.pooling, spec.fingerprint, resolve_compute(device, precision, backbone.hidden_size),
-                      alone=str(directory))
+    base = SharedBase(backbone, model.pooling, spec.fingerprint,
+                      resolve_inference_compute(device, precision, backbone.hidden_size), alone=str(directory))
     base.prepare()
     head = model.head
     return base, Adapter(name, str(directory), spec, {}, base._stored(head.weight.detach()),

@@ -10,9 +10,11 @@ import torch
 
 from ..adapters.classifier import Classifier
 from ..adapters.loading import load_classifier
-from ..adapters.lora import set_merged, store_frozen_linears
+from ..adapters.hf_layout import sample_texts
+from ..adapters.lora import store_frozen_linears, unwrap_merged
 from ..adapters.storage import ClassifierSpec
 from ..backbones.base import Backbone
+from ..backbones.int8 import quantize_checked, quantize_linears, resolve_inference_compute
 from ..data.batching import Encoded, encode_texts, eval_order, iterate, lengths_of
 from ..reporting.calibration import decide, thresholds_for
 from ..runtime import Compute, check_compute, resolve_compute
@@ -62,18 +64,30 @@ class InferenceModel:
 
 
 def load_for_inference(run: str | Path, device: str = "auto", precision: str = "auto") -> InferenceModel:
-    """A saved run's classifier on its device, LoRA merged into the base (no adapter cost per call).
+    """A saved run's classifier on its device, LoRA merged into the base (no adapter cost per call), its
+    frozen linears in int8 where ``precision`` says so (``auto``: where that is faster here and the run's
+    sample texts keep their classes, see :func:`~lorafit.backbones.int8.quantize_checked`).
 
     A bad ``device`` / ``precision`` fails before the model loads.
     """
-    check_compute(device, precision)
+    check_compute(device, precision, inference=True)
     model, backbone, spec = load_classifier(run)
-    compute = resolve_compute(device, precision, backbone.hidden_size)
+    compute = resolve_inference_compute(device, precision, backbone.hidden_size)
     model.divide_logits(spec.temperature)  # calibrated probabilities from here on (see reporting.calibration)
-    set_merged(model, True)
+    unwrap_merged(model)
+    if compute.int8:
+        if precision == "int8":
+            quantize_linears(model.backbone)
+        elif not quantize_checked(model.backbone, lambda: _sample_logits(model, backbone, run)):
+            compute = resolve_compute(compute.device, "auto", backbone.hidden_size)
     if compute.autocast_dtype is not None:  # the merged weights in the compute precision: no casts per batch
         store_frozen_linears(model, compute.autocast_dtype)
     return InferenceModel(model.to(compute.device), backbone, spec, compute)
+
+
+def _sample_logits(model: Classifier, backbone: Backbone, run: str | Path) -> torch.Tensor:
+    enc = encode_texts(backbone.encoder, sample_texts(run), None, backbone.context_length, where="sample texts")
+    return predict_logits(model, enc, backbone.encoder.pad_id)
 
 
 def predict_texts(run: str | Path, texts: list[str], *, device: str = "auto", precision: str = "auto",

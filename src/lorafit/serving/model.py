@@ -40,7 +40,7 @@ class ServedModel:
     @classmethod
     def load(cls, config: ServeConfig) -> "ServedModel":
         """Load every run named by ``config`` on one base; any problem is a LorafitError before a port is bound."""
-        check_compute(config.device, config.precision)
+        check_compute(config.device, config.precision, inference=True)
         runs = config.named_runs()
         (first, directory), *rest = runs.items()
         base, adapter = open_base(first, directory, config.device, config.precision)
@@ -148,7 +148,7 @@ class ServedModel:
         labels = adapter.labels
         return {
             "model_id": adapter.name,
-            "model_dtype": "bfloat16" if self.compute.autocast_dtype == torch.bfloat16 else "float32",
+            "model_dtype": {"int8": "int8", "bf16": "bfloat16"}.get(self.compute.precision, "float32"),
             "model_type": {"classifier": {"id2label": dict(enumerate(labels)),
                                           "label2id": {k: i for i, k in enumerate(labels)}}},
             "max_concurrent_requests": config.max_concurrent,
