@@ -40,7 +40,7 @@ import torch
 
 from lorafit.runtime import cpu_name
 
-LORAFIT = ("lorafit-fp32", "lorafit-bf16", "lorafit-int8", "lorafit-auto")
+LORAFIT = ("lorafit-fp32", "lorafit-bf16", "lorafit-int8", "lorafit-auto")  # lorafit-auto: what auto picks here
 ORT = ("ort-fp32", "ort-int8")
 SYSTEMS = LORAFIT + ("pipeline",) + ORT + ("torch-int8",)
 BATCH = 32
@@ -120,14 +120,14 @@ def lorafit_scorer(run: str, precision: str):
     from lorafit.data.batching import encode_texts
     from lorafit.inference.predict import load_for_inference, predict_proba
 
-    model, backbone, spec, dev, dtype = load_for_inference(run, "cpu", precision)
-    encoder = backbone.encoder
+    loaded = load_for_inference(run, "cpu", precision)
+    encoder, context = loaded.backbone.encoder, loaded.backbone.context_length
 
     def score(texts: list[str]) -> np.ndarray:
-        enc = encode_texts(encoder, texts, None, backbone.context_length, where="input")
-        return predict_proba(model, enc, encoder.pad_id, batch_size=BATCH, device=dev, dtype=dtype)
+        enc = encode_texts(encoder, texts, None, context, where="input")
+        return predict_proba(loaded.model, enc, encoder.pad_id, batch_size=BATCH, compute=loaded.compute)
 
-    return score, {"precision": str(dtype).replace("torch.", "") if dtype is not None else "fp32"}
+    return score, {"precision": loaded.compute.precision}
 
 
 def hf_scorer(model, tokenizer):
