@@ -133,6 +133,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--test-split", metavar="NAME", help="hf: datasets: test split")
     _table_args(g)
     g.add_argument("--no-balance", action="store_true", help="keep every example (stratified split) instead of under-sampling")
+    g.add_argument("--multi-label", action="store_true",
+                   help="any number of labels per text: 'a|b' in the label column, or several 0/1 columns "
+                        "(--label-col a,b,c); sigmoid + binary cross-entropy, per-label thresholds chosen on validation")
     g = p.add_argument_group("training")
     d = TrainConfig()
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
@@ -300,7 +303,7 @@ def cmd_train(args) -> None:
     dcfg = DataConfig(data=args.data, val=args.val, test=args.test, text_col=args.text_col,
                       label_col=args.label_col, balance=not args.no_balance, encoding=args.encoding,
                       header=not args.no_header, sep=args.sep, split=args.split, val_split=args.val_split,
-                      test_split=args.test_split)
+                      test_split=args.test_split, multi_label=args.multi_label)
     _print_summary(train_run(spec, dcfg, tcfg, out, device=args.device, precision=args.precision,
                              overwrite=args.overwrite, command=command, progress=not args.quiet,
                              save_every=args.save_every, save_every_minutes=args.save_every_minutes, loggers=loggers,
@@ -333,7 +336,8 @@ def cmd_eval(args) -> None:
     for split, m in result["metrics"].items():
         auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
         print(f"{split:>5}: accuracy {100 * m['accuracy']:.2f} % ({m['n']} examples), loss {m['loss']:.4f}, "
-              f"macro F1 {m['macro_f1']:.4f}, ROC-AUC {auc}")
+              f"macro F1 {m['macro_f1']:.4f}" + (f", micro F1 {m['micro_f1']:.4f}" if m.get("multi_label") else "")
+              + f", ROC-AUC {auc}")
 
 
 def cmd_predict(args) -> None:
@@ -349,6 +353,9 @@ def cmd_predict(args) -> None:
                              threshold=args.threshold):
         if args.json:
             print(json.dumps(row))
+        elif "labels" in row:  # multi-label: every label's probability
+            scores = " ".join(f"{k}={v:.4f}" for k, v in row["probabilities"].items())
+            print(f"{row['label'] or '(none)'}\t{scores}\t{row['text']}")
         else:
             print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
 

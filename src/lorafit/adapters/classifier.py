@@ -28,7 +28,7 @@ class Classifier(nn.Module):
     """``head(pool(backbone.hidden_states(ids)))``: the head runs only at the pooled position."""
 
     def __init__(self, backbone: nn.Module, hidden_size: int, num_classes: int, pooling: str = "last",
-                 head_bias: bool = True):
+                 head_bias: bool = True, multi_label: bool = False):
         super().__init__()
         if num_classes < 2:
             raise LorafitError(f"a classifier needs at least 2 classes, got {num_classes}")
@@ -42,6 +42,7 @@ class Classifier(nn.Module):
         # exports exactly to any of them
         self.head = nn.Linear(hidden_size, num_classes, bias=head_bias)
         self.pooling = pooling
+        self.multi_label = multi_label  # one sigmoid per class (any number true), not a softmax over them
 
     @property
     def num_classes(self) -> int:
@@ -55,6 +56,10 @@ class Classifier(nn.Module):
             self.head.weight.div_(temperature)
             if self.head.bias is not None:
                 self.head.bias.div_(temperature)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, C) logits -> per-class probabilities: softmax, or for multi-label one sigmoid each."""
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last" and getattr(self.backbone, "can_pool_last_block", False):

@@ -24,6 +24,7 @@ from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_fo
                         padded, sample_texts)
 from .loading import load_classifier
 from .lora import unwrap_merged
+from .storage import ClassifierSpec
 
 
 def _config(transformers, backbone, layout: Layout):
@@ -80,6 +81,7 @@ class TransformersClassifier:
     labels: list[str]
     texts: list[str]
     reference: torch.Tensor  # (len(texts), C) lorafit's logits
+    spec: ClassifierSpec  # the run's: problem type, thresholds
 
 
 def save_tokenizer(tokenizer, directory: Path) -> None:
@@ -104,14 +106,14 @@ def to_transformers(run: str | Path, texts: list[str], where: str, transformers=
     config = _config(transformers, backbone, layout)
     id2label, label2id = label_maps(spec.labels)
     config.update({"architectures": [layout.architecture], "id2label": id2label, "label2id": label2id,
-                   "pad_token_id": backbone.encoder.pad_id, "problem_type": "single_label_classification"})
+                   "pad_token_id": backbone.encoder.pad_id, "problem_type": spec.problem_type})
     tokenizer = _tokenizer(transformers, backbone, layout)
     state = _state(model, layout)
     hf = getattr(transformers, layout.architecture)(config)
     missing, unexpected = hf.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise LorafitError(f"{where}: the weights do not fit {layout.architecture} ({(missing or unexpected)[0]})")
-    return TransformersClassifier(hf.eval(), tokenizer, backbone.encoder, layout, spec.labels, texts, reference)
+    return TransformersClassifier(hf.eval(), tokenizer, backbone.encoder, layout, spec.labels, texts, reference, spec)
 
 
 def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> float:
@@ -126,17 +128,24 @@ def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> f
     with atomic_dir(out, overwrite) as tmp:
         clf.model.save_pretrained(tmp)
         save_tokenizer(clf.tokenizer, tmp)
-        write_text(tmp / "README.md", _readme(clf.layout, clf.labels, str(out)))
+        write_text(tmp / "README.md", _readme(clf.layout, clf.spec, str(out)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp, **float32(transformers)).eval()
             loaded_tok = transformers.AutoTokenizer.from_pretrained(tmp)
         check_tokenizer(clf.encoder, loaded_tok, texts, str(out))
-        diff = check_same_predictions(clf.reference, loaded, batch, mask, str(out))
+        diff = check_same_predictions(clf.reference, loaded, batch, mask, str(out), multi_label=clf.spec.multi_label)
     return diff
 
 
-def _readme(layout: Layout, labels: list[str], out: str) -> str:
+def _readme(layout: Layout, spec, out: str) -> str:
+    multi = ""
+    if spec.multi_label:
+        thresholds = ", ".join(f"{k} {t:.3f}" for k, t in spec.thresholds.items())
+        multi = (" It is multi-label (config.json's problem_type): every label has its own sigmoid score; "
+                 "`top_k=None` returns them all" + (f", and lorafit's per-label thresholds, chosen on validation, "
+                                                    f"are {thresholds}" if thresholds else "") + ".")
+    call = 'classify("your text", top_k=None)' if spec.multi_label else 'classify("your text")'
     return (f"# Text classifier exported by lorafit\n\nA {layout.architecture} (LoRA merged) for the classes "
-            f"{', '.join(labels)}. Needs only transformers:\n\n```python\nfrom transformers import pipeline\n"
-            f"classify = pipeline(\"text-classification\", model={out!r})\nprint(classify(\"your text\"))\n```\n")
+            f"{', '.join(spec.labels)}.{multi} Needs only transformers:\n\n```python\nfrom transformers import pipeline\n"
+            f"classify = pipeline(\"text-classification\", model={out!r})\nprint({call})\n```\n")

@@ -129,7 +129,7 @@ def sample_texts(directory, n: int = 13) -> list[str]:
     texts = ["Hello", "WINNER!! Claim your prize now", "see you at lunch later? ok thanks"]
     test = Path(directory) / "test.csv"
     if test.is_file():
-        texts += read_table(test)["text"].head(n).tolist()
+        texts += read_table(test, multi_label=True)["text"].head(n).tolist()  # texts only: any label set will do
     return texts
 
 
@@ -153,12 +153,14 @@ def check_tokenizer(encoder, hf_tokenizer, texts: list[str], where: str) -> None
 
 
 def check_same_predictions(ours: torch.Tensor, hf_model, batch: torch.Tensor, mask: torch.Tensor, where: str,
-                           atol: float = 1e-5) -> float:
+                           atol: float = 1e-5, multi_label: bool = False) -> float:
     """lorafit's logits ``ours`` (B, C) against the transformers model's on the same right-padded batch
-    (pooled by its pad id); refuse a probability further apart than ``atol``. Returns the largest difference."""
+    (pooled by its pad id); refuse a probability (softmax, or multi-label each sigmoid) further apart than
+    ``atol``. Returns the largest difference."""
     with torch.no_grad():
         theirs = hf_model(input_ids=batch, attention_mask=mask).logits.float()
-    diff = (torch.softmax(ours.float(), -1) - torch.softmax(theirs, -1)).abs().max().item()
+    prob = torch.sigmoid if multi_label else (lambda x: torch.softmax(x, -1))
+    diff = (prob(ours.float()) - prob(theirs)).abs().max().item()
     if not diff <= atol:
         raise LorafitError(f"{where}: transformers' probabilities differ from lorafit's by {diff:.2e} "
                            f"(more than {atol:g}); nothing written")

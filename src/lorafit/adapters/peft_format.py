@@ -119,10 +119,13 @@ def peft_tensors(model: Classifier, spec: ClassifierSpec, layout: Layout) -> tup
     return tensors, fields
 
 
-def user_lines(base: str, gguf: str | None, labels: list[str], pad_id: int, adapter: str) -> str:
+def user_lines(base: str, gguf: str | None, labels: list[str], pad_id: int, adapter: str,
+               problem_type: str = "single_label_classification") -> str:
     """The three lines a transformers + PEFT user runs to get this adapter's predictions."""
     id2label, label2id = label_maps(labels)
     extra = f", gguf_file={gguf!r}" if gguf else ""
+    if problem_type != "single_label_classification":
+        extra += f", problem_type={problem_type!r}"
     return (f"from transformers import AutoModelForSequenceClassification; from peft import PeftModel; import torch\n"
             f"model = AutoModelForSequenceClassification.from_pretrained({base!r}{extra}, num_labels={len(labels)}, "
             f"id2label={id2label!r}, label2id={label2id!r}, pad_token_id={pad_id}, dtype=torch.float32)\n"
@@ -151,10 +154,14 @@ def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False, ve
     pad = backbone.encoder.pad_id
     diff = None
     with atomic_dir(out, overwrite) as tmp:
-        metadata = {"format": "pt", "id2label": json.dumps(dict(enumerate(spec.labels)))}
+        metadata = {"format": "pt", "id2label": json.dumps(dict(enumerate(spec.labels))),
+                    "problem_type": spec.problem_type}
+        if spec.thresholds:
+            metadata["thresholds"] = json.dumps(spec.thresholds)
         save_safetensors(tmp / PEFT_WEIGHTS, tensors, metadata=metadata)
         write_json(tmp / PEFT_CONFIG, config)
-        write_text(tmp / "README.md", _readme(spec, layout, user_lines(base, gguf, spec.labels, pad, str(out))))
+        write_text(tmp / "README.md", _readme(spec, layout, user_lines(base, gguf, spec.labels, pad, str(out),
+                                                                  spec.problem_type)))
         if verify and _importable("transformers", "peft"):
             diff = _verify(tmp, model, backbone, spec, local, gguf, sample_texts(run), str(out))
     return diff
@@ -198,7 +205,7 @@ def _verify(folder: Path, model, backbone, spec, local: str, gguf: str | None, t
         warnings.simplefilter("ignore")
         hf = transformers.AutoModelForSequenceClassification.from_pretrained(
             local, num_labels=len(spec.labels), id2label=id2label, label2id=label2id,
-            pad_token_id=backbone.encoder.pad_id, **float32(transformers), **kwargs)
+            pad_token_id=backbone.encoder.pad_id, problem_type=spec.problem_type, **float32(transformers), **kwargs)
         hf = peft.PeftModel.from_pretrained(hf, str(folder)).eval()
     tokenizer = _tokenizer(transformers, local, kwargs)
     if tokenizer is not None:
@@ -206,7 +213,7 @@ def _verify(folder: Path, model, backbone, spec, local: str, gguf: str | None, t
     batch, mask = padded(backbone.encoder, texts, where)
     with torch.no_grad():
         ours = model(batch, mask)
-    return check_same_predictions(ours, hf, batch, mask, where)
+    return check_same_predictions(ours, hf, batch, mask, where, multi_label=spec.multi_label)
 
 
 def _tokenizer(transformers, local: str, kwargs: dict):
@@ -258,13 +265,15 @@ def _base_spec(base: str) -> BackboneSpec:
     return BackboneSpec(f"hf:{base}")
 
 
-def _read_weights(directory: Path) -> tuple[dict, dict, list[str] | None]:
-    """(LoRA A/B per transformers module, head and norm tensors, labels from the metadata, if any)."""
+def _read_weights(directory: Path) -> tuple[dict, dict, list[str] | None, dict]:
+    """(LoRA A/B per transformers module, head and norm tensors, labels from the metadata (if any),
+    the metadata itself: lorafit's exports add problem_type and thresholds)."""
     path = directory / PEFT_WEIGHTS
     if not path.is_file():
         raise LorafitError(f"{path}: not found (lorafit reads PEFT adapters saved as safetensors)")
     tensors = load_safetensors(path)
-    id2label = safetensors_metadata(path).get("id2label")
+    meta = safetensors_metadata(path)
+    id2label = meta.get("id2label")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     other: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
@@ -285,14 +294,14 @@ def _read_weights(directory: Path) -> tuple[dict, dict, list[str] | None]:
     if id2label:
         d = json.loads(id2label)
         labels = [d[str(i)] for i in range(len(d))]
-    return modules, other, labels
+    return modules, other, labels, meta
 
 
 def load_peft(directory: str | Path) -> tuple[Classifier, object, ClassifierSpec]:
     """A PEFT SEQ_CLS LoRA adapter folder -> a lorafit classifier on the same base, same probabilities."""
     directory = Path(directory)
     cfg = _checked_config(directory)
-    modules, other, labels = _read_weights(directory)
+    modules, other, labels, meta = _read_weights(directory)
     score = other["score.weight"]  # (C, D)
     labels = labels or [f"LABEL_{i}" for i in range(score.shape[0])]
     backbone_spec = _base_spec(cfg["base_model_name_or_path"])
@@ -311,7 +320,9 @@ def load_peft(directory: str | Path) -> tuple[Classifier, object, ClassifierSpec
         math.sqrt(rank / cfg["r"]) if rslora else rank / cfg["r"])
     names = tuple(n for theirs in sorted(ours) for n in ours[theirs])  # relative to the backbone module
     lora = LoRAConfig(rank=rank, alpha=alpha, use_rslora=rslora, targets=names)
-    spec = ClassifierSpec(backbone_spec, lora, labels, head_bias=_GPT2_NORM[1] in other)
+    spec = ClassifierSpec(backbone_spec, lora, labels, head_bias=_GPT2_NORM[1] in other,
+                          multi_label=meta.get("problem_type") == "multi_label_classification",
+                          thresholds=json.loads(meta["thresholds"]) if meta.get("thresholds") else {})
     model, backbone, spec = build_classifier(spec)
     if spec.architecture.get("kind") == "hf" and spec.architecture.get("model_type") != "llama":
         raise LorafitError(f"{directory}: a {spec.architecture.get('model_type')} base; lorafit reads PEFT adapters "

@@ -43,18 +43,25 @@ class ClassifierSpec:
     fingerprint: str = ""  # filled from the loaded base's weights
     head_bias: bool = True  # False: a bias-free head, as transformers' decoder classifiers have
     temperature: float = 1.0  # logits are divided by it at inference (fitted on validation after training)
-    thresholds: dict[str, float] = field(default_factory=dict)  # class -> probability that decides it (see decide)
+    # class -> probability that decides it (see decide); multi-label: every label's, chosen on validation
+    thresholds: dict[str, float] = field(default_factory=dict)
+    multi_label: bool = False  # a sigmoid per label, trained with binary cross-entropy
 
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def problem_type(self) -> str:
+        """transformers' name for the task (config.json's ``problem_type``)."""
+        return "multi_label_classification" if self.multi_label else "single_label_classification"
 
     def to_dict(self) -> dict:
         return {
             "format": "lorafit-adapter", "version": FORMAT_VERSION,
             "backbone": self.backbone.to_dict(), "lora": self.lora.to_dict(), "labels": list(self.labels),
             "num_classes": self.num_classes, "pooling": self.pooling, "architecture": self.architecture,
-            "fingerprint": self.fingerprint, "head_bias": self.head_bias,
+            "fingerprint": self.fingerprint, "head_bias": self.head_bias, "problem_type": self.problem_type,
             "temperature": self.temperature, "thresholds": dict(self.thresholds),
         }
 
@@ -62,7 +69,8 @@ class ClassifierSpec:
     def from_dict(cls, d: dict) -> "ClassifierSpec":
         return cls(BackboneSpec.from_dict(d["backbone"]), LoRAConfig.from_dict(d["lora"]), list(d["labels"]),
                    d.get("pooling"), d.get("architecture", {}), d.get("fingerprint", ""), d.get("head_bias", True),
-                   float(d.get("temperature", 1.0)), {str(k): float(v) for k, v in d.get("thresholds", {}).items()})
+                   float(d.get("temperature", 1.0)), {str(k): float(v) for k, v in d.get("thresholds", {}).items()},
+                   d.get("problem_type") == "multi_label_classification")
 
 
 def weight_fingerprint(module: nn.Module) -> str:
@@ -89,7 +97,8 @@ def build_classifier(spec: ClassifierSpec, seed: int = 42,
                                pooling=spec.pooling or backbone.default_pooling)
     torch.manual_seed(seed)  # LoRA A and the head start from the same values for the same seed
     inject_lora(backbone.module, spec.lora, initialise)
-    model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling, spec.head_bias)
+    model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling, spec.head_bias,
+                       spec.multi_label)
     freeze_for_lora(model, trainable=(model.head,))
     return model, backbone, spec
 
@@ -179,8 +188,8 @@ def load_run(directory: str | Path, backbone_spec: BackboneSpec | None = None) -
         return load_merged(directory)
     saved = read_spec(directory)
     model, backbone, spec = build_classifier(
-        ClassifierSpec(backbone_spec or saved.backbone, saved.lora, saved.labels, saved.pooling,
-                       head_bias=saved.head_bias), initialise=False)
+        dataclasses.replace(saved, backbone=backbone_spec or saved.backbone, architecture={}, fingerprint=""),
+        initialise=False)
     load_adapter_into(model, spec, directory)
     model.eval()
     return model, backbone, dataclasses.replace(spec, temperature=saved.temperature, thresholds=saved.thresholds)
@@ -200,7 +209,8 @@ def load_merged(directory: str | Path) -> tuple[Classifier, Backbone, Classifier
     directory = Path(directory)
     spec = read_spec(directory, MERGED_CONFIG)
     backbone = backbone_skeleton(spec.architecture, directory, spec.backbone)
-    model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling, spec.head_bias)
+    model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling, spec.head_bias,
+                       spec.multi_label)
     tensors = load_safetensors(directory / MERGED_WEIGHTS)
     missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     if missing or unexpected:

@@ -21,7 +21,7 @@ from .datasets import encode_labels
 @dataclass
 class Encoded:
     ids: list[list[int]]
-    labels: np.ndarray | None  # (N,) class indices, or None for unlabelled texts
+    labels: np.ndarray | None  # (N,) class indices, (N, C) 0/1 rows for multi-label, or None for unlabelled texts
     truncated: int  # how many texts were cut to the context length
 
 
@@ -36,16 +36,18 @@ def encode_texts(encoder, texts: list[str], labels: np.ndarray | None, context_l
     return Encoded(ids, labels, truncated)
 
 
-def encode_frame(encoder, context_length: int, df: pd.DataFrame, labels: list[str], where: str) -> Encoded:
-    """A (text, label) frame, tokenised, with class indices for ``labels``."""
-    return encode_texts(encoder, df["text"].tolist(), encode_labels(df, labels, where), context_length, where=where)
+def encode_frame(encoder, context_length: int, df: pd.DataFrame, labels: list[str], where: str,
+                 multi_label: bool = False) -> Encoded:
+    """A (text, label) frame, tokenised, with class indices for ``labels`` (multi-label: 0/1 rows)."""
+    return encode_texts(encoder, df["text"].tolist(), encode_labels(df, labels, where, multi_label), context_length,
+                        where=where)
 
 
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, T) right-padded
     attention_mask: torch.Tensor  # (B, T) 1 on real tokens
-    labels: torch.Tensor | None  # (B,)
+    labels: torch.Tensor | None  # (B,) class indices, or (B, C) float 0/1 for multi-label
     index: np.ndarray  # (B,) positions of these rows in the dataset
 
     @property
@@ -65,7 +67,8 @@ def collate(data: Encoded, index: np.ndarray, pad_id: int) -> Batch:
     for row, s in enumerate(seqs):
         input_ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[row, : len(s)] = 1
-    labels = None if data.labels is None else torch.as_tensor(data.labels[index], dtype=torch.long)
+    labels = None if data.labels is None else torch.as_tensor(
+        data.labels[index], dtype=torch.float32 if data.labels.ndim == 2 else torch.long)
     return Batch(input_ids, mask, labels, index)
 
 

@@ -29,6 +29,8 @@ SMS_MD5 = "1949b64a224790d01335c2bf8a0e48b2"
 SMS_NAME = "SMSSpamCollection"
 SPLIT_FRACTIONS = (0.7, 0.1)  # train, validation; the rest is test
 SPLIT_NAMES = ("train", "val", "test")
+LABEL_SEP = "|"  # a multi-label text's labels in one cell: "sports|politics"
+TRUE_CELLS, FALSE_CELLS = ("1", "true", "yes", "1.0"), ("0", "false", "no", "0.0", "")
 
 
 def lorafit_home() -> Path:
@@ -76,6 +78,7 @@ class DataConfig:
     split: str = "train"  # hf: datasets: the split read as --data
     val_split: str | None = None  # hf: datasets: validation and test splits (together), else 70/10/20
     test_split: str | None = None
+    multi_label: bool = False  # any number of labels per text: "a|b" cells, or several 0/1 --label-col columns
 
     def read_options(self) -> dict:
         return {"encoding": self.encoding, "header": self.header, "sep": self.sep}
@@ -88,9 +91,10 @@ class Splits:
     test: pd.DataFrame
     labels: list[str]  # class names; a class's index is its position here
     skipped_empty: int = 0  # empty or whitespace-only texts dropped from the data file
+    multi_label: bool = False  # labels are "a|b" sets, encoded as (N, C) 0/1 rows
 
     def encode_labels(self, df: pd.DataFrame, where: str) -> np.ndarray:
-        return encode_labels(df, self.labels, where)
+        return encode_labels(df, self.labels, where, self.multi_label)
 
     def save(self, directory: Path) -> None:
         """Write the exact split as CSV, so a run can be audited and repeated."""
@@ -99,22 +103,40 @@ class Splits:
                 getattr(self, name).to_csv(tmp, index=False)
 
     @classmethod
-    def load(cls, directory: Path, labels: list[str], hint: str = "") -> "Splits":
+    def load(cls, directory: Path, labels: list[str], hint: str = "", multi_label: bool = False) -> "Splits":
         """The split a run saved with :meth:`save`."""
         missing = [f"{name}.csv" for name in SPLIT_NAMES if not (directory / f"{name}.csv").is_file()]
         if missing:
             raise LorafitError(f"{directory}: no {', '.join(missing)}{hint}")
-        return cls(*(read_table(directory / f"{name}.csv") for name in SPLIT_NAMES), labels)
+        return cls(*(read_table(directory / f"{name}.csv", multi_label=multi_label) for name in SPLIT_NAMES), labels,
+                   multi_label=multi_label)
 
 
-def encode_labels(df: pd.DataFrame, labels: list[str], where: str) -> np.ndarray:
-    """Class indices for ``df``'s labels; a label outside ``labels`` is refused by name."""
+def label_sets(labels: pd.Series) -> list[list[str]]:
+    """"b|a" cells -> [["b", "a"], ...]; an empty cell is a text with no label."""
+    return [[x for x in cell.split(LABEL_SEP) if x] for cell in labels]
+
+
+def encode_labels(df: pd.DataFrame, labels: list[str], where: str, multi_label: bool = False) -> np.ndarray:
+    """Class indices (N,) for ``df``'s labels, or with ``multi_label`` (N, C) 0/1 rows; a label outside
+    ``labels`` is refused by name."""
     index = {name: i for i, name in enumerate(labels)}
-    unknown = sorted(set(df["label"]) - set(index))
+    if multi_label:
+        sets = label_sets(df["label"])
+        _refuse_unknown({x for s in sets for x in s} - set(index), labels, where)
+        out = np.zeros((len(df), len(labels)), dtype=np.float32)
+        for row, s in enumerate(sets):
+            out[row, [index[x] for x in s]] = 1.0
+        return out
+    _refuse_unknown(set(df["label"]) - set(index), labels, where)
+    return df["label"].map(index).to_numpy(dtype=np.int64)
+
+
+def _refuse_unknown(unknown: set, labels: list[str], where: str) -> None:
+    unknown = sorted(unknown)
     if unknown:
         raise LorafitError(f"{where}: labels {', '.join(map(repr, unknown[:5]))} were never seen in training "
                            f"(known: {', '.join(labels)})")
-    return df["label"].map(index).to_numpy(dtype=np.int64)
 
 
 def read_text(path: Path, encoding: str = "utf-8") -> str:
@@ -134,7 +156,8 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
 
 
 def read_table(path: str | Path, text_col: str | None = None, label_col: str | None = None, *,
-               encoding: str = "utf-8", header: bool = True, split: str = "train", sep: str | None = None) -> pd.DataFrame:
+               encoding: str = "utf-8", header: bool = True, split: str = "train", sep: str | None = None,
+               multi_label: bool = False) -> pd.DataFrame:
     """Read labelled texts as a (text, label) frame with string labels.
 
     A file with ``label<TAB>text`` lines and no header (the SMS Spam Collection's format) is read as such;
@@ -142,26 +165,29 @@ def read_table(path: str | Path, text_col: str | None = None, label_col: str | N
     (.jsonl / .json) or Parquet (.parquet) with ``text_col`` / ``label_col`` columns (default ``text`` and
     ``label``). ``header=False``: delimited text without a header row, whose columns are named by 0-based
     numbers (default: label 0, text 1). ``hf:<id or folder>`` reads ``split`` of a Hugging Face dataset
-    (:func:`read_hf_dataset`).
+    (:func:`read_hf_dataset`). ``multi_label``: the label cell holds ``a|b`` (or a list), or ``label_col``
+    names several 0/1 columns (``"sports,politics"``), one per label; the frame's label is then the
+    ``|``-joined set, sorted.
     """
     if str(path).startswith("hf:"):
         text_col, label_col = _columns(text_col, label_col, True)
         return _text_label_frame(read_hf_dataset(str(path), split, label_col), f"{path} ({split})", text_col,
-                                 label_col, True)
+                                 label_col, True, multi_label=multi_label)
     path = Path(path)
     if not path.is_file():
         raise LorafitError(f"{path}: data file not found")
     text_col, label_col = _columns(text_col, label_col, header)
     if path.suffix.lower() == ".parquet" and sep is None:
-        return _text_label_frame(read_parquet(path), str(path), text_col, label_col, True)
+        return _text_label_frame(read_parquet(path), str(path), text_col, label_col, True, multi_label=multi_label)
     content = read_text(path, encoding)
     if not content.strip():
         raise LorafitError(f"{path}: data file is empty")
-    fmt = sniff_format(path, content[:65536], parse_sep(sep) if sep else None, (text_col, label_col) if header else ())
+    columns = (text_col, *(label_col if isinstance(label_col, list) else [label_col]))
+    fmt = sniff_format(path, content[:65536], parse_sep(sep) if sep else None, columns if header else ())
     if fmt.kind == "jsonl":
-        return _text_label_frame(read_jsonl(path, content), str(path), text_col, label_col, True, fmt)
-    return _text_label_frame(_read_delimited(path, content, fmt, header, (text_col, label_col)), str(path), text_col,
-                             label_col, header, fmt)
+        return _text_label_frame(read_jsonl(path, content), str(path), text_col, label_col, True, fmt, multi_label)
+    return _text_label_frame(_read_delimited(path, content, fmt, header, columns), str(path), text_col,
+                             label_col, header, fmt, multi_label)
 
 
 def _read_delimited(path: Path, content: str, fmt: TableFormat, header: bool, columns: tuple) -> pd.DataFrame:
@@ -173,7 +199,8 @@ def _read_delimited(path: Path, content: str, fmt: TableFormat, header: bool, co
         if not header:
             return read(header=None)
         df = read()
-        if fmt.sep == "\t" and not set(columns) & set(df.columns) and _looks_headerless(content):
+        if (fmt.sep == "\t" and len(columns) == 2 and not set(columns) & set(df.columns)
+                and _looks_headerless(content)):
             return read(header=None, names=[columns[1], columns[0]])  # the SMS Spam Collection: label<TAB>text
     except (ValueError, pd.errors.ParserError) as e:
         raise LorafitError(f"{path}: cannot be read as {fmt.describe()} ({str(e).strip().splitlines()[0]}); quote "
@@ -201,9 +228,12 @@ def read_jsonl(path: Path, content: str) -> pd.DataFrame:
 
 
 def _text_label_frame(df: pd.DataFrame, where: str, text_col, label_col, header: bool,
-                      fmt: TableFormat | None = None) -> pd.DataFrame:
+                      fmt: TableFormat | None = None, multi_label: bool = False) -> pd.DataFrame:
     """Any table -> (text, label) with string labels; empty texts dropped and counted."""
-    missing = [c for c in (text_col, label_col) if c not in df.columns]
+    label_cols = label_col if isinstance(label_col, list) else [label_col]
+    if len(label_cols) > 1 and not multi_label:
+        raise UsageError(f"--label-col {','.join(map(str, label_cols))}: several label columns need --multi-label")
+    missing = [c for c in (text_col, *label_cols) if c not in df.columns]
     if missing:
         flags = "--text-col / --label-col" + ("" if header else " (column numbers from 0, with --no-header)")
         read_as = f" ({fmt.describe()}; another separator: --sep)" if fmt and fmt.kind == "delimited" else ""
@@ -211,9 +241,13 @@ def _text_label_frame(df: pd.DataFrame, where: str, text_col, label_col, header:
                            f"{', '.join(map(str, df.columns))} (choose with {flags})")
     if df.empty:
         raise LorafitError(f"{where}: data file is empty")
-    for col, what in ((label_col, "label"), (text_col, "text")):
-        _check_scalars(df[col], where, what)
-    out = pd.DataFrame({"text": df[text_col].astype(str), "label": df[label_col].astype(str).str.strip()})
+    _check_scalars(df[text_col], where, "text")
+    if multi_label:
+        label = _label_sets_column(df, label_cols, where)
+    else:
+        _check_scalars(df[label_col], where, "label")
+        label = df[label_col].astype(str).str.strip()
+    out = pd.DataFrame({"text": df[text_col].astype(str), "label": label})
     out = out.reset_index(drop=True)
     blank = out["text"].str.strip() == ""
     if blank.all():
@@ -233,6 +267,24 @@ def _check_scalars(values: pd.Series, where: str, what: str) -> None:
         if bad:
             place = f"line {key}" if values.index.name == "line" else f"data row {key + 1}"
             raise LorafitError(f"{where}: {place}: the {what} {bad}")
+
+
+def _label_sets_column(df: pd.DataFrame, label_cols: list, where: str) -> pd.Series:
+    """Multi-label cells as sorted ``a|b`` strings: from one column of ``a|b`` strings (or lists), or from
+    one 0/1 column per label (named by the column)."""
+    if len(label_cols) == 1:
+        cells = [c.split(LABEL_SEP) if isinstance(c, str) else list(c) if c is not None else []
+                 for c in df[label_cols[0]]]
+        return pd.Series([LABEL_SEP.join(sorted({str(x).strip() for x in c} - {""})) for c in cells], index=df.index)
+    flags = {}
+    for col in label_cols:
+        cells = df[col].astype(str).str.strip().str.lower()
+        bad = sorted(set(cells) - set(TRUE_CELLS) - set(FALSE_CELLS))
+        if bad:
+            raise LorafitError(f"{where}: column {col!r} holds {bad[0]!r}; label columns of --multi-label hold 0 or 1")
+        flags[col] = cells.isin(TRUE_CELLS).to_numpy()
+    return pd.Series([LABEL_SEP.join(sorted(str(c) for c in label_cols if flags[c][i])) for i in range(len(df))],
+                     index=df.index)
 
 
 def read_parquet(path: Path) -> pd.DataFrame:
@@ -279,13 +331,22 @@ def read_hf_dataset(source: str, split: str, label_col: str) -> pd.DataFrame:
 
 def _columns(text_col: str | None, label_col: str | None, header: bool) -> tuple:
     """Column keys as pandas will name them: names, or integers for a file without a header row."""
+    label_col = _comma_list(label_col)
     if header:
         return text_col or "text", label_col or "label"
     text_col, label_col = text_col if text_col is not None else "1", label_col if label_col is not None else "0"
-    if not (str(text_col).isdigit() and str(label_col).isdigit()):
+    labels = label_col if isinstance(label_col, list) else [label_col]
+    if not (str(text_col).isdigit() and all(str(c).isdigit() for c in labels)):
         raise UsageError(f"--no-header: --text-col and --label-col take column numbers (from 0), "
                          f"got {text_col!r} and {label_col!r}")
-    return int(text_col), int(label_col)
+    return int(text_col), [int(c) for c in labels] if isinstance(label_col, list) else int(label_col)
+
+
+def _comma_list(col: str | None):
+    """"a,b" -> ["a", "b"]; a single name (or None) stays as it is."""
+    if col is None or "," not in str(col):
+        return col
+    return [c.strip() for c in str(col).split(",") if c.strip()]
 
 
 def _looks_headerless(content: str) -> bool:
@@ -310,12 +371,28 @@ def _split_frame(df: pd.DataFrame, rng: np.random.Generator) -> tuple[pd.DataFra
     return df.iloc[:n_train], df.iloc[n_train:n_train + n_val], df.iloc[n_train + n_val:]
 
 
-def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: bool = True, where: str = "data") -> Splits:
-    """Balance (optionally), shuffle and split 70/10/20; without balancing the split is stratified."""
+def frame_labels(df: pd.DataFrame, where: str, multi_label: bool = False) -> list[str]:
+    """The class (or, multi-label, label) names of a frame; fewer than two is refused."""
+    if multi_label:
+        labels = label_names(pd.Series([x for s in label_sets(df["label"]) for x in s], dtype=str))
+        if len(labels) < 2:
+            raise LorafitError(f"{where}: {len(labels)} distinct label(s) ({', '.join(labels) or 'none'}); "
+                               "--multi-label needs at least two")
+        return labels
     labels = label_names(df["label"])
     if len(labels) < 2:
         raise LorafitError(f"{where}: only one class ({labels[0]!r}); a classifier needs at least two")
+    return labels
+
+
+def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: bool = True, where: str = "data",
+                   multi_label: bool = False) -> Splits:
+    """Balance (optionally), shuffle and split 70/10/20; without balancing the split is stratified.
+    Multi-label data is neither balanced nor stratified (a text has several classes): a plain shuffled split."""
+    labels = frame_labels(df, where, multi_label)
     rng = np.random.default_rng(seed)
+    if multi_label:
+        return Splits(*(d.reset_index(drop=True) for d in _split_frame(df, rng)), labels, multi_label=True)
     if balance:
         n = df["label"].value_counts().min()
         df = pd.concat([g.iloc[rng.permutation(len(g))[:n]] for _, g in df.groupby("label", sort=True)])
@@ -331,7 +408,8 @@ def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: bool = True, wh
 def load_splits(data: str | Path | None = None, *, val: str | Path | None = None, test: str | Path | None = None,
                 text_col: str | None = None, label_col: str | None = None, seed: int = 42,
                 balance: bool = True, encoding: str = "utf-8", header: bool = True, sep: str | None = None,
-                split: str = "train", val_split: str | None = None, test_split: str | None = None) -> Splits:
+                split: str = "train", val_split: str | None = None, test_split: str | None = None,
+                multi_label: bool = False) -> Splits:
     """The whole data step: read (or download) the data, then split it or use the given val/test files
     (or, for ``hf:`` datasets, the val/test splits).
 
@@ -342,7 +420,8 @@ def load_splits(data: str | Path | None = None, *, val: str | Path | None = None
         raise UsageError("--val-split / --test-split apply to --data hf:<dataset>; use --val / --test for files")
     if (val_split is None) != (test_split is None):
         raise UsageError("--val-split and --test-split go together (or give neither and the data is split 70/10/20)")
-    read = lambda p, s=split: read_table(p, text_col, label_col, encoding=encoding, header=header, sep=sep, split=s)  # noqa: E731
+    read = lambda p, s=split: read_table(p, text_col, label_col, encoding=encoding, header=header, sep=sep, split=s,  # noqa: E731
+                                         multi_label=multi_label)
     df = read(source)
     where = f"{source} ({split})" if source.startswith("hf:") else source
     if val_split is not None:
@@ -350,15 +429,14 @@ def load_splits(data: str | Path | None = None, *, val: str | Path | None = None
     else:
         val_where, test_where = str(val), str(test)
     if val is None and test is None:
-        splits = prepare_splits(df, seed=seed, balance=balance, where=where)
+        splits = prepare_splits(df, seed=seed, balance=balance, where=where, multi_label=multi_label)
     else:
         if val is None or test is None:
             raise UsageError("--val and --test go together (or give neither and the data is split 70/10/20)")
-        labels = label_names(df["label"])
-        if len(labels) < 2:
-            raise LorafitError(f"{where}: only one class ({labels[0]!r}); a classifier needs at least two")
+        labels = frame_labels(df, where, multi_label)
         train = df.iloc[np.random.default_rng(seed).permutation(len(df))].reset_index(drop=True)
-        splits = Splits(train, read(val, val_split or split), read(test, test_split or split), labels)
+        splits = Splits(train, read(val, val_split or split), read(test, test_split or split), labels,
+                        multi_label=multi_label)
         splits.encode_labels(splits.val, val_where)
         splits.encode_labels(splits.test, test_where)
     splits.skipped_empty = df.attrs.get("skipped_empty", 0)

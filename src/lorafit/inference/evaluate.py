@@ -11,7 +11,7 @@ from ..adapters.lora import merged
 from ..data.batching import Encoded, encode_frame
 from ..data.datasets import SPLIT_NAMES, Splits, read_table
 from ..reporting.calibration import decide
-from ..reporting.metrics import classification_metrics
+from ..reporting.metrics import classification_metrics, multilabel_metrics
 from ..runtime import Compute
 from .predict import load_for_inference, predict_proba
 
@@ -35,13 +35,17 @@ def predict_splits(model, pad_id: int, data: dict[str, Encoded], compute: Comput
 def split_metrics(probs: dict[str, np.ndarray], data: dict[str, Encoded], labels: list[str],
                   thresholds: dict[str, float] | None = None) -> dict:
     """:func:`classification_metrics` per split; with ``thresholds``, also ``at_threshold``: the same
-    metrics for the thresholded decisions (what predict and serve answer)."""
+    metrics for the thresholded decisions (what predict and serve answer). Multi-label (0/1 rows):
+    :func:`multilabel_metrics`, each label decided at its threshold (0.5 without one)."""
     metrics = {}
     for split, p in probs.items():
-        metrics[split] = classification_metrics(data[split].labels, p, labels)
+        y = data[split].labels
+        if y.ndim == 2:
+            metrics[split] = multilabel_metrics(y, p, labels, [(thresholds or {}).get(k, 0.5) for k in labels])
+            continue
+        metrics[split] = classification_metrics(y, p, labels)
         if thresholds:
-            metrics[split]["at_threshold"] = classification_metrics(data[split].labels, p, labels,
-                                                                    decide(p, labels, thresholds))
+            metrics[split]["at_threshold"] = classification_metrics(y, p, labels, decide(p, labels, thresholds))
     return metrics
 
 
@@ -61,11 +65,14 @@ def evaluate_run(run: str | Path, data: str | None = None, *, text_col: str | No
     loaded = load_for_inference(run, device, precision)
     spec, encoder, context = loaded.spec, loaded.backbone.encoder, loaded.backbone.context_length
     if data:
-        frames = {"data": (read_table(data, text_col, label_col, **read_options), str(data))}
+        frames = {"data": (read_table(data, text_col, label_col, multi_label=spec.multi_label, **read_options),
+                           str(data))}
     else:
-        splits = Splits.load(run, spec.labels, hint="; pass --data FILE to evaluate on other data")
+        splits = Splits.load(run, spec.labels, hint="; pass --data FILE to evaluate on other data",
+                             multi_label=spec.multi_label)
         frames = {name: (getattr(splits, name), f"{name} split") for name in SPLIT_NAMES}
-    enc = {name: encode_frame(encoder, context, df, spec.labels, where) for name, (df, where) in frames.items()}
+    enc = {name: encode_frame(encoder, context, df, spec.labels, where, spec.multi_label)
+           for name, (df, where) in frames.items()}
     metrics, rate = evaluate_model(loaded.model, encoder.pad_id, enc, spec.labels, loaded.compute, batch_size,
                                    thresholds=spec.thresholds)
     return {"metrics": metrics, "examples_per_s": rate}

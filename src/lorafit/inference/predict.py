@@ -44,9 +44,10 @@ def predict_logits(model, data: Encoded, pad_id: int, *, batch_size: int = 32, c
 
 def predict_proba(model, data: Encoded, pad_id: int, *, batch_size: int = 32, compute: Compute | None = None,
                   order: list[np.ndarray] | None = None) -> np.ndarray:
-    """Class probabilities (N, C) in the input order; with ``order``, only those batches' rows are computed."""
+    """Class probabilities (N, C) in the input order (multi-label: each label's own); with ``order``, only
+    those batches' rows are computed."""
     logits = predict_logits(model, data, pad_id, batch_size=batch_size, compute=compute, order=order)
-    return torch.softmax(logits, dim=-1).numpy().astype(np.float64)
+    return model.probabilities(logits).numpy().astype(np.float64)
 
 
 @dataclass
@@ -93,11 +94,25 @@ def _sample_logits(model: Classifier, backbone: Backbone, run: str | Path) -> to
 def predict_texts(run: str | Path, texts: list[str], *, device: str = "auto", precision: str = "auto",
                   batch_size: int = 32, threshold: float | dict | None = None) -> list[dict]:
     """Label and (calibrated) probability for each text, in order. The label is the run's decision: its
-    saved thresholds (``lorafit train --target-precision``), or ``threshold``, or else the most probable class."""
+    saved thresholds (``lorafit train --target-precision``), or ``threshold``, or else the most probable class.
+    Multi-label: ``labels``, every label whose probability reaches its threshold (``label`` joins them with
+    ``|``), and each label's probability."""
     loaded = load_for_inference(run, device, precision)
     encoder = loaded.backbone.encoder
     enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input")
     probs = predict_proba(loaded.model, enc, encoder.pad_id, batch_size=batch_size, compute=loaded.compute)
-    best = decide(probs, loaded.labels, thresholds_for(loaded.spec.thresholds, loaded.labels, threshold))
+    thresholds = thresholds_for(loaded.spec.thresholds, loaded.labels, threshold)
+    if loaded.spec.multi_label:
+        return [_label_set(t, p, loaded.labels, thresholds) for t, p in zip(texts, probs)]
+    best = decide(probs, loaded.labels, thresholds)
     return [{"text": t, "label": loaded.labels[k], "probability": float(p[k]),
              "probabilities": dict(zip(loaded.labels, map(float, p)))} for t, k, p in zip(texts, best, probs)]
+
+
+def _label_set(text: str, probs: np.ndarray, labels: list[str], thresholds: dict[str, float]) -> dict:
+    """One multi-label prediction: the labels at or over their thresholds (0.5 for a label without one)."""
+    t = np.array([thresholds.get(k, 0.5) for k in labels])
+    chosen = [name for name, p, th in zip(labels, probs, t) if p >= th]
+    return {"text": text, "label": "|".join(chosen), "labels": chosen,
+            "probabilities": dict(zip(labels, map(float, probs))),
+            "thresholds": dict(zip(labels, map(float, t)))}

@@ -105,17 +105,29 @@ def _parameters(p: dict) -> list[str]:
 
 
 def _accuracy(metrics: dict) -> list[str]:
-    lines = ["", "## Accuracy", "", "| split | examples | accuracy | loss | macro F1 | ROC-AUC |",
-             "|---|---:|---:|---:|---:|---:|"]
+    multi = any(m.get("multi_label") for m in metrics.values())
+    lines = ["", "## Accuracy", ""]
+    if multi:
+        lines += ["Multi-label: accuracy is subset accuracy (every label of a text right), each label decided at "
+                  "its threshold (chosen on validation: best F1); loss is the mean binary cross-entropy.", ""]
+    lines += ["| split | examples | accuracy | loss | macro F1 |" + (" micro F1 | Hamming loss |" if multi else "")
+              + " ROC-AUC |", "|---|---:|---:|---:|---:|" + ("---:|---:|" if multi else "") + "---:|"]
     for split, m in metrics.items():
         auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
-        lines.append(f"| {split} | {m['n']} | {percent(m['accuracy'])} | {m['loss']:.4f} | {m['macro_f1']:.4f} | {auc} |")
+        extra = f" {m['micro_f1']:.4f} | {m['hamming_loss']:.4f} |" if multi else ""
+        lines.append(f"| {split} | {m['n']} | {percent(m['accuracy'])} | {m['loss']:.4f} | {m['macro_f1']:.4f} |"
+                     f"{extra} {auc} |")
     return lines
 
 
 def _test_details(test: dict | None) -> list[str]:
     if not test:
         return []
+    if test.get("multi_label"):
+        lines = ["", "## Test set, per label", "",
+                 "| label | threshold | precision | recall | F1 | support | predicted |", "|---|---:|---:|---:|---:|---:|---:|"]
+        return lines + [f"| {name} | {c['threshold']:.3f} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} "
+                        f"| {c['support']} | {c['predicted']} |" for name, c in test["per_class"].items()]
     labels = list(test["per_class"])
     lines = ["", "## Test set, per class", "", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
     for name, c in test["per_class"].items():
@@ -195,5 +207,7 @@ def _reproduce(r: dict) -> list[str]:
         "", "## Reproduce", "", f"```\n{r['command']}\n```", "",
         f"Seed {r['train']['seed']}; best adapter from epoch {r['best_epoch']}; "
         + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
-        "", "![loss](loss.png) ![accuracy](accuracy.png) ![confusion matrix](confusion_matrix.png)",
+        "", "![loss](loss.png) ![accuracy](accuracy.png)"
+        + ("" if r["model"].get("problem_type") == "multi_label_classification"
+           else " ![confusion matrix](confusion_matrix.png)"),
     ]

@@ -131,7 +131,7 @@ def _add_predict_routes(app, served: ServedModel, config: ServeConfig, batcher: 
             ids = served.encode(req.texts, req.truncate, req.truncation_direction)
             logits = await _infer(batcher, ids, adapter)
             _count(metrics, adapter, len(ids), t0)
-            result = predictions(logits, adapter.labels, req.raw_scores)
+            result = predictions(logits, adapter.labels, req.raw_scores, adapter.spec.multi_label)
             return JSONResponse(result[0] if req.single else result)
         except RequestError as e:
             return _error(e)

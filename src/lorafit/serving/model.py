@@ -162,6 +162,8 @@ class ServedModel:
             "base_model": adapter.spec.backbone.to_dict(),
             "architecture": adapter.spec.architecture,
             "labels": labels,
+            "problem_type": adapter.spec.problem_type,
+            **({"thresholds": dict(adapter.spec.thresholds)} if adapter.spec.thresholds else {}),
             "lora": adapter.spec.lora.to_dict(),
             "device": str(self.compute.device),
             "adapters": [self.describe(a) for a in self.adapters.values()],

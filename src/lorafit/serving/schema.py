@@ -114,11 +114,17 @@ class ClassifyRequest:
         return cls(texts, model_of(data), keep)
 
 
-def classification(logits: list[torch.Tensor], labels: list[str], model: str, tokens: int) -> dict:
-    """vLLM's ClassificationResponse for one request's logits."""
+def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Softmax over the classes, or for a multi-label model each label's sigmoid."""
+    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
+
+
+def classification(logits: list[torch.Tensor], labels: list[str], model: str, tokens: int,
+                   multi_label: bool = False) -> dict:
+    """vLLM's ClassificationResponse for one request's logits (multi-label: ``label`` is the likeliest)."""
     data = []
     for i, row in enumerate(logits):
-        probs = torch.softmax(row, dim=-1)
+        probs = probabilities(row, multi_label)
         data.append({"index": i, "label": labels[int(probs.argmax())], "probs": probs.tolist(),
                      "num_classes": len(labels)})
     return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": model,
@@ -132,10 +138,12 @@ def model_card(name: str, created: int, max_len: int, description: dict) -> dict
             "parent": None, "max_model_len": max_len, **{k: v for k, v in description.items() if k != "name"}}
 
 
-def predictions(logits: torch.Tensor | list[torch.Tensor], labels: list[str], raw_scores: bool) -> list[list[dict]]:
-    """(N, C) logits -> per text, every class with its probability (or logit), highest first."""
+def predictions(logits: torch.Tensor | list[torch.Tensor], labels: list[str], raw_scores: bool,
+                multi_label: bool = False) -> list[list[dict]]:
+    """(N, C) logits -> per text, every class with its probability (or logit), highest first; multi-label:
+    each label's own sigmoid probability, as text-embeddings-inference scores such models."""
     logits = torch.stack(list(logits)) if isinstance(logits, (list, tuple)) else logits
-    scores = logits if raw_scores else torch.softmax(logits, dim=-1)
+    scores = logits if raw_scores else probabilities(logits, multi_label)
     out = []
     for row in scores.tolist():
         ranked = sorted(zip(labels, row), key=lambda p: -p[1])

@@ -21,7 +21,7 @@ from torch import nn
 from ..adapters.lora import lora_layers
 from ..data.batching import Batch, Encoded, collate, lengths_of, train_order
 from ..errors import LorafitError, UsageError
-from ..reporting.metrics import classification_metrics
+from ..reporting.metrics import metrics_for
 from ..runtime import Compute, return_freed_buffers_to_the_os
 from .distributed import LOCAL, Distributed, PeerLost, peer_failures_as_lost
 
@@ -143,10 +143,23 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def class_weight_tensor(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, normalised to mean 1: rare classes count as much as common ones."""
+    """Inverse-frequency weights, normalised to mean 1: rare classes count as much as common ones.
+    Multi-label (``labels`` (N, C) 0/1): BCE's ``pos_weight``, negatives / positives per label, so that
+    a rare label's few positives weigh as much as its negatives."""
+    if labels.ndim == 2:
+        pos = labels.sum(axis=0)
+        return torch.tensor((len(labels) - pos) / np.maximum(pos, 1), dtype=torch.float32)
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     w = counts.sum() / (num_classes * np.maximum(counts, 1))
     return torch.tensor(w, dtype=torch.float32)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy over classes for class indices; for (B, C) 0/1 multi-label targets, binary
+    cross-entropy per label (``weight``: its ``pos_weight``), as transformers does for each problem type."""
+    if labels.dtype.is_floating_point:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels, pos_weight=weight)
+    return F.cross_entropy(logits.float(), labels, weight=weight)
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -228,7 +241,7 @@ class Trainer:
         """Metrics on (part of) the validation set, timed apart from training."""
         t0 = time.perf_counter()
         probs = self.dist.predict(self.model, part, self.pad_id, batch_size=self.cfg.batch_size, compute=self.compute)
-        metrics = classification_metrics(part.labels, probs, self.labels)
+        metrics = metrics_for(part.labels, probs, self.labels)
         self.aside_seconds += time.perf_counter() - t0
         return metrics
 
@@ -304,7 +317,7 @@ class Trainer:
         batch = batch.to(self.device)
         with self.compute.autocast():
             logits = self.forward_module(batch.input_ids, batch.attention_mask)  # (B, C)
-        loss = F.cross_entropy(logits.float(), batch.labels, weight=self.weight)
+        loss = classification_loss(logits, batch.labels, self.weight)
         (loss * (weight / self.cfg.grad_accum)).backward()
         accum.add(loss.item(), len(batch.index), batch.n_tokens)
 

@@ -20,14 +20,15 @@ import torch
 from ..adapters.accounting import count_parameters
 from ..adapters.lora import store_frozen_linears
 from ..adapters.storage import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, adapter_state, build_classifier,
-                                check_compatible, load_adapter_into, save_adapter)
+                                check_compatible, load_adapter_into, save_adapter, save_spec)
 from ..data.batching import encode_frame
 from ..data.datasets import SPLIT_NAMES, DataConfig, Splits, load_splits
 from ..errors import LorafitError, WriteError
 from ..files import remove_temp_files, write_json, write_text
-from ..inference.evaluate import predict_splits
+from ..inference.evaluate import predict_splits, split_metrics
 from ..reporting.calibration import DecisionConfig
 from ..reporting.loggers import LoggerConfig, flatten, open_loggers
+from ..reporting.metrics import label_thresholds
 from ..reporting.plots import plot_accuracy, plot_confusion, plot_loss
 from ..reporting.report import build_report, render_markdown
 from ..runtime import Compute, check_compute, resolve_compute
@@ -92,7 +93,8 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
             splits.save(out)
         if decision.target:
             decision.positive_class(splits.labels)  # a wrong --positive-class fails before training
-        spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed))
+        spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed),
+                       multi_label=splits.multi_label)
         settings = replace(settings, skipped_empty=splits.skipped_empty, world_size=dist.world)
         return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress, dist, dev)
 
@@ -108,7 +110,7 @@ def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig 
     """
     out = Path(out)
     ckpt = load_checkpoint(out)
-    splits = Splits.load(out, ckpt.spec.labels)
+    splits = Splits.load(out, ckpt.spec.labels, multi_label=ckpt.spec.multi_label)
     dev = check_compute(ckpt.settings.device, ckpt.settings.precision)
     with session(dev, launch, ckpt.train.batch_size, f"resume {out.resolve()}") as (dist, dev):
         if dist.is_main:
@@ -179,7 +181,8 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
     spec = built
     counts = count_parameters(model)
     encoder, context = backbone.encoder, backbone.context_length
-    enc = {name: encode_frame(encoder, context, getattr(splits, name), splits.labels, f"{name} split")
+    enc = {name: encode_frame(encoder, context, getattr(splits, name), splits.labels, f"{name} split",
+                              splits.multi_label)
            for name in SPLIT_NAMES}
     writer = dist.is_main  # rank 0 alone writes the run directory, shows progress and feeds the trackers
     save = (lambda state: save_checkpoint(out, model, spec, data_cfg, train_cfg, state, settings)) if writer \
@@ -195,7 +198,13 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
         probs, eval_rate = _predict_kept(out, model, spec, enc, encoder.pad_id, train_cfg, compute, dist, history)
         if not writer:
             return RunResult(out, {}, history, is_main=False)
-        spec, metrics, decisions = decide_run(out, spec, probs, enc, settings.decision)
+        if spec.multi_label:  # each label decided at the threshold of best F1 on validation; no temperature
+            spec = replace(spec, thresholds=dict(zip(spec.labels, label_thresholds(enc["val"].labels, probs["val"])))
+                           if len(enc["val"].ids) else {})
+            save_spec(out, spec)
+            metrics, decisions = split_metrics(probs, enc, spec.labels, spec.thresholds), {}
+        else:
+            spec, metrics, decisions = decide_run(out, spec, probs, enc, settings.decision)
         report = build_report(name=out.name, command=settings.command, spec=spec.to_dict(),
                               train=train_cfg.to_dict(),
                               data={**asdict(data_cfg), "labels": splits.labels,
@@ -277,7 +286,7 @@ def write_report(out: Path, report: dict, history: History) -> None:
     plot_loss(history.train, history.val, history.epochs, out / "loss.png")
     plot_accuracy(history.val, history.epochs, {k: v["accuracy"] for k, v in report["metrics"].items()},
                   out / "accuracy.png")
-    if "test" in report["metrics"]:
+    if report["metrics"].get("test", {}).get("confusion_matrix"):  # none for multi-label
         plot_confusion(report["metrics"]["test"]["confusion_matrix"], report["model"]["labels"],
                        out / "confusion_matrix.png")
     write_json(out / "report.json", report)
