@@ -1,4 +1,4 @@
-"""Serving under load: `lorafit serve` vs the FastAPI + transformers pipeline a user would otherwise write.
+"""Serving under load: `lorafit serve` vs the FastAPI servers a user would otherwise write.
 
 Same model for both: GPT-2 small architecture with random weights (timing only), written once by
 transformers; lorafit serves it as its base with a rank-8 LoRA adapter (B = 0, so merging changes
@@ -8,8 +8,13 @@ concurrent clients on loopback, a bounded number of requests each, one text per 
 in its own process; texts/s, p50/p99 latency, errors and the server's peak RSS are printed, then the
 latency of single 20-token requests. Needs the serve and bench extras.
 
+The second baseline is what a user deploys for speed: the same transformers folder exported by optimum to
+ONNX and quantised to dynamic int8 (`AutoQuantizationConfig.avx512_vnni`, as in inference_speed.py), served
+by FastAPI over `ORTModelForSequenceClassification` in transformers' pipeline. optimum-onnx pins transformers
+4.x: ``--ort-python`` names an interpreter that has it (``--ort-python none`` leaves this server out).
+
     python benchmarks/serve_load.py --data ../shared/data/sms_spam_collection/SMSSpamCollection \\
-        --tokenizer ../shared/models/gpt2
+        --tokenizer ../shared/models/gpt2 --ort-python /tmp/ortenv/bin/python
 """
 
 
@@ -70,14 +75,23 @@ def write_models(root: Path, tokenizer: Path) -> tuple[Path, Path]:
     return run, baseline
 
 
-def baseline_server(directory: str, port: int) -> None:
-    """What a user writes: FastAPI calling transformers' pipeline per request."""
+def baseline_server(directory: str, port: int, onnx: bool = False) -> None:
+    """What a user writes: FastAPI calling transformers' pipeline per request; ``onnx``: over optimum's
+    ONNX Runtime model of ``directory`` (an optimum export, here quantised to int8)."""
     import uvicorn
     from fastapi import FastAPI
     from pydantic import BaseModel
     from transformers import pipeline
 
-    clf = pipeline("text-classification", model=directory, top_k=None, device="cpu")
+    if onnx:
+        from optimum.onnxruntime import ORTModelForSequenceClassification
+        from transformers import AutoTokenizer
+
+        model = ORTModelForSequenceClassification.from_pretrained(directory)
+        clf = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained(directory),
+                       top_k=None)
+    else:
+        clf = pipeline("text-classification", model=directory, top_k=None, device="cpu")
     app = FastAPI()
 
     class Request(BaseModel):
@@ -195,11 +209,14 @@ def main() -> None:
     import serve_adapters
 
     serve_adapters.add_options(p.add_argument_group("with --adapters"))
+    p.add_argument("--ort-python", default=sys.executable,
+                   help="an interpreter with optimum-onnx and onnxruntime for the ONNX Runtime int8 server (none: skip it)")
     p.add_argument("--baseline-server", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--ort-server", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.baseline_server:
-        return baseline_server(args.baseline_server, args.port)
+    if args.baseline_server or args.ort_server:
+        return baseline_server(args.baseline_server or args.ort_server, args.port, onnx=bool(args.ort_server))
     if args.adapters:
         return serve_adapters.run(args)
 
@@ -219,6 +236,14 @@ def main() -> None:
         results.append(measure("FastAPI + pipeline", [sys.executable, __file__, "--data", args.data, "--tokenizer",
                                                       args.tokenizer, "--baseline-server", str(baseline),
                                                       "--port", str(port)], port, texts, short, args))
+        if args.ort_python != "none":
+            (Path(tmp) / "hf").symlink_to(baseline)
+            subprocess.run([args.ort_python, str(Path(__file__).with_name("inference_speed.py")), "--prepare-onnx",
+                            "--work", tmp], check=True)
+            port = free_port()
+            results.append(measure("FastAPI + ONNX Runtime int8", [
+                args.ort_python, __file__, "--data", args.data, "--tokenizer", args.tokenizer,
+                "--ort-server", str(Path(tmp) / "onnx-int8"), "--port", str(port)], port, texts, short, args))
     report(results, args)
 
 
@@ -234,12 +259,14 @@ def report(results: list[dict], args) -> None:
     print()
     for r in results:
         print(f"{r['name']}: single 20-token request p50 {r['single_p50_ms']:.1f} ms ({args.single} requests)")
-    ours, base = results[0]["rows"][-1], results[1]["rows"][-1]
-    print(f"\nat {ours['clients']} clients: throughput x{ours['texts_per_s'] / base['texts_per_s']:.2f}, "
-          f"p99 {ours['p99_ms']:.0f} vs {base['p99_ms']:.0f} ms")
-    a, b = ({p["label"]: p["score"] for p in (r["probe"][0] if isinstance(r["probe"][0], list) else r["probe"])}
-            for r in results)  # the pipeline nests one string's answer in a list
-    print(f"same model: P(spam) of the first test text {a['spam']:.6f} (lorafit) vs {b['spam']:.6f} (transformers)")
+    ours = results[0]["rows"][-1]
+    for r in results[1:]:
+        base = r["rows"][-1]
+        print(f"\nat {ours['clients']} clients vs {r['name']}: throughput x{ours['texts_per_s'] / base['texts_per_s']:.2f}, "
+              f"p99 {ours['p99_ms']:.0f} vs {base['p99_ms']:.0f} ms")
+    spam = [{p["label"]: p["score"] for p in (r["probe"][0] if isinstance(r["probe"][0], list) else r["probe"])}["spam"]
+            for r in results]  # the pipeline nests one string's answer in a list
+    print("same model: P(spam) of the first test text " + ", ".join(f"{x:.6f} ({r['name']})" for x, r in zip(spam, results)))
 
 
 if __name__ == "__main__":
