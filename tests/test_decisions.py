@@ -25,7 +25,7 @@ def decided_run(tmp_path_factory):
     torch.manual_seed(1)
     GPT2LMHeadModel(hf_gpt2_config(GPTConfig(**TINY))).eval().save_pretrained(root / "base")
     write_bpe(root / "base", names=("vocab.json", "merges.txt"))
-    data = write_sms_like(root / "sms", n=240)
+    data = write_sms_like(root / "SMSSpamCollection", n=240)
     rng = random.Random(5)
     lines = data.read_text().splitlines()
     flip = {"ham": "spam", "spam": "ham"}
@@ -54,6 +54,11 @@ def test_the_run_is_calibrated_on_validation_and_draws_its_figures(decided_run):
         assert (decided_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (decided_run / "report.md").read_text()
     assert "## Calibration" in md and "## Operating threshold" in md and "![reliability diagram](reliability.png)" in md
+    worst = report["most_wrong"]  # the test split has mistakes (its labels are noisy too)
+    assert 1 <= len(worst) <= 5 and "## The test messages the model got most wrong" in md
+    assert [w["p_true"] for w in worst] == sorted(w["p_true"] for w in worst)
+    for w in worst:
+        assert w["predicted"] != w["label"] and len(w["top_tokens"]) == 3 and w["text"][:40] in md
 
 
 def _predict(run, texts_file, capsys, *flags):

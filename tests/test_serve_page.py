@@ -1,6 +1,6 @@
 """The web page in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium): one message
-with its label and bars, a file of many with its table and CSV link, an API error shown in words, and another
-classifier of the server picked from the list."""
+with its label, bars and tokens coloured by their attributions, a file of many with its table and CSV link, an
+API error shown in words, and another classifier of the server picked from the list."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from lorafit.adapters.lora import LoRAConfig  # noqa: E402
+from lorafit.inference.explain import explain_texts  # noqa: E402
 from lorafit.inference.predict import predict_texts  # noqa: E402
 from serve_fixtures import TEXTS, start_server, write_adapter, write_tiny_run  # noqa: E402
 
@@ -59,6 +60,13 @@ def test_the_page_classifies_one_message_and_a_file(tmp_path, browser):
         shown = {b.get_attribute("data-label"): b.find_element(By.CLASS_NAME, "bar-value").text for b in bars}
         assert shown == {k: f"{100 * p:.1f} %" for k, p in expected["probabilities"].items()}
         assert "answered in" in browser.find_element(By.ID, "latency").text
+        wait.until(lambda d: d.find_element(By.ID, "why-status").text.startswith("Why "))  # POST /explain's answer
+        explained = explain_texts(run, [TEXTS[0]], device="cpu", precision="fp32")[0]
+        spans = browser.find_elements(By.CSS_SELECTOR, "#tokens .token")
+        assert [s.get_attribute("textContent") for s in spans] == explained.tokens
+        assert [float(s.get_attribute("data-attribution")) for s in spans] == pytest.approx(explained.attributions,
+                                                                                             abs=1e-4)
+        assert explained.method in browser.find_element(By.ID, "why-status").text
 
         upload = tmp_path / "messages.csv"
         upload.write_text('id,text\n1,"%s"\n2,%s\n3,"%s"\n' % (TEXTS[4], TEXTS[1], TEXTS[3]), encoding="utf-8")

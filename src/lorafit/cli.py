@@ -30,6 +30,7 @@ from .backbones.loader import load_backbone
 from .data.datasets import DataConfig, read_text
 from .errors import LorafitError, UsageError
 from .inference.evaluate import evaluate_run
+from .inference.explain import IG_STEPS, METHODS as EXPLAIN_METHODS, explain_texts
 from .inference.predict import predict_texts
 from .reporting.calibration import DecisionConfig
 from .reporting.compare import compare_runs
@@ -211,6 +212,15 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=_threshold, metavar="P|LABEL=P",
                    help="decide LABEL (a bare P: the run's thresholded class, or the second of two) when its "
                         "probability >= P; none: the run's own threshold, if it has one, else the most probable")
+    g = p.add_argument_group("explanations")
+    g.add_argument("--explain", action="store_true",
+                   help="each token's attribution to the predicted class's log-odds: coloured text (green: towards "
+                        "it, red: away), or with --json the tokens and their attributions")
+    g.add_argument("--explain-method", default="auto", choices=EXPLAIN_METHODS,
+                   help="ig: integrated gradients (Captum: lorafit[explain]); occlusion: exact, each token replaced "
+                        "by the pad token; auto: ig when Captum is installed")
+    g.add_argument("--explain-steps", type=int, default=IG_STEPS, help="integration steps of ig")
+    g.add_argument("--target", metavar="LABEL", help="explain this class instead of the predicted one")
     _runtime_args(p)
 
 
@@ -349,6 +359,9 @@ def cmd_predict(args) -> None:
         texts += [ln for ln in read_text(path, args.encoding).splitlines() if ln.strip()]
     if not texts:
         raise UsageError("predict needs texts: give them as arguments or with --file")
+    if args.explain:
+        _print_explanations(args, texts)
+        return
     for row in predict_texts(args.run, texts, device=args.device, precision=args.precision, batch_size=args.batch_size,
                              threshold=args.threshold):
         if args.json:
@@ -358,6 +371,18 @@ def cmd_predict(args) -> None:
             print(f"{row['label'] or '(none)'}\t{scores}\t{row['text']}")
         else:
             print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
+
+
+def _print_explanations(args, texts: list[str]) -> None:
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    for e in explain_texts(args.run, texts, target=args.target, method=args.explain_method, steps=args.explain_steps,
+                           device=args.device, precision=args.precision, threshold=args.threshold):
+        if args.json:
+            print(json.dumps(e.to_dict()))
+            continue
+        print(f"{e.extra['predicted']}\t{e.extra['probability']:.4f}\t{e.text}")
+        print(f"  attributions to {e.label}'s log-odds ({e.log_odds:+.3f}) by {e.method}")
+        print(e.terminal(color))
 
 
 def cmd_serve(args) -> None:

@@ -97,16 +97,21 @@ def predict_texts(run: str | Path, texts: list[str], *, device: str = "auto", pr
     saved thresholds (``lorafit train --target-precision``), or ``threshold``, or else the most probable class.
     Multi-label: ``labels``, every label whose probability reaches its threshold (``label`` joins them with
     ``|``), and each label's probability."""
-    loaded = load_for_inference(run, device, precision)
-    encoder = loaded.backbone.encoder
+    return label_texts(load_for_inference(run, device, precision), texts, batch_size=batch_size, threshold=threshold)
+
+
+def label_texts(loaded: InferenceModel, texts: list[str], *, batch_size: int = 32,
+                threshold: float | dict | None = None) -> list[dict]:
+    """:func:`predict_texts` with a model :func:`load_for_inference` returned (``loaded``)."""
+    encoder, labels = loaded.backbone.encoder, loaded.labels
     enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input")
     probs = predict_proba(loaded.model, enc, encoder.pad_id, batch_size=batch_size, compute=loaded.compute)
-    thresholds = thresholds_for(loaded.spec.thresholds, loaded.labels, threshold)
+    thresholds = thresholds_for(loaded.spec.thresholds, labels, threshold)
     if loaded.spec.multi_label:
-        return [_label_set(t, p, loaded.labels, thresholds) for t, p in zip(texts, probs)]
-    best = decide(probs, loaded.labels, thresholds)
-    return [{"text": t, "label": loaded.labels[k], "probability": float(p[k]),
-             "probabilities": dict(zip(loaded.labels, map(float, p)))} for t, k, p in zip(texts, best, probs)]
+        return [_label_set(t, p, labels, thresholds) for t, p in zip(texts, probs)]
+    best = decide(probs, labels, thresholds)
+    return [{"text": t, "label": labels[k], "probability": float(p[k]),
+             "probabilities": dict(zip(labels, map(float, p)))} for t, k, p in zip(texts, best, probs)]
 
 
 def _label_set(text: str, probs: np.ndarray, labels: list[str], thresholds: dict[str, float]) -> dict:

@@ -52,12 +52,17 @@ class DecisionConfig:
         """The class a threshold is about: ``positive``, or the second of two labels."""
         if self.positive is not None:
             if self.positive not in labels:
-                raise UsageError(f"--positive-class {self.positive!r} is not one of the labels {', '.join(labels)}")
+                raise UsageError(f"--positive-class {self.positive!r} is not one of the labels {_some(labels)}")
             return self.positive
         if len(labels) != 2:
             raise UsageError(f"--target-precision/--target-recall with {len(labels)} classes need --positive-class "
-                             f"(one of {', '.join(labels)}): the threshold is that class's, one-vs-rest")
+                             f"(one of {_some(labels)}): the threshold is that class's, one-vs-rest")
         return labels[1]
+
+
+def _some(labels: list[str], n: int = 10) -> str:
+    """Labels for a one-line message: all of a few, the first ``n`` of many."""
+    return ", ".join(labels[:n]) + (f", ... ({len(labels)} in all)" if len(labels) > n else "")
 
 
 def as_logits(probs: np.ndarray) -> np.ndarray:
@@ -250,7 +255,7 @@ def thresholds_for(saved: dict[str, float], labels: list[str], override: float |
     if isinstance(override, dict):
         unknown = [k for k in override if k not in labels]
         if unknown:
-            raise UsageError(f"threshold for {unknown[0]!r}: not one of the labels {', '.join(labels)}")
+            raise UsageError(f"threshold for {unknown[0]!r}: not one of the labels {_some(labels)}")
         pairs = override.items()
     elif len(saved) == 1:
         pairs = [(next(iter(saved)), override)]
@@ -258,7 +263,7 @@ def thresholds_for(saved: dict[str, float], labels: list[str], override: float |
         pairs = [(labels[1], override)]
     else:
         raise UsageError(f"a bare threshold needs a class with {len(labels)} classes: give CLASS=VALUE "
-                         f"(one of {', '.join(labels)})")
+                         f"(one of {_some(labels)})")
     out = {str(k): float(v) for k, v in pairs}
     bad = [f"{k}={v:g}" for k, v in out.items() if not 0 <= v <= 1]
     if bad:

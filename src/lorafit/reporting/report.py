@@ -170,8 +170,10 @@ def _operating_point(p: dict | None) -> list[str]:
 
 
 def _most_wrong(rows: list[dict] | None) -> list[str]:
-    if not rows:
+    if rows is None:
         return []
+    if not rows:
+        return ["", "## The test messages the model got most wrong", "", "None: every test message was decided right."]
     method = rows[0]["method"]
     lines = ["", "## The test messages the model got most wrong", "",
              f"Top tokens: attribution to the predicted class ({method}).", "",

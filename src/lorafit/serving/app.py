@@ -15,7 +15,9 @@ from importlib.resources import files
 
 from ..errors import LorafitError
 from .batcher import Batcher, Overloaded, Stopped
+from ..reporting.calibration import thresholds_for
 from .config import ServeConfig
+from .explanations import explain_route
 from .metrics import Metrics
 from .model import RequestError, ServedModel
 from .schema import ClassifyRequest, PredictRequest, classification, error_body, invalid, json_object, model_card, predictions
@@ -24,7 +26,7 @@ from .security import ApiKey, read_body
 log = logging.getLogger("lorafit.serve")
 PAGE_DIR = files("lorafit.serving") / "page"
 ROUTES = ("/", "/health", "/info", "/metrics", "/predict", "/invocations", "/classify", "/v1/classify", "/v1/models",
-          "/models/{name}", "/admin/models", "/admin/models/{name}")
+          "/models/{name}", "/admin/models", "/admin/models/{name}", "/explain")
 TEI_PATHS = ("/predict", "/", "/invocations")  # text-embeddings-inference's predict route and its aliases
 
 
@@ -51,6 +53,7 @@ def create_app(served: ServedModel, config: ServeConfig):
     _add_status_routes(app, served, config, batcher, metrics)
     _add_predict_routes(app, served, config, batcher, metrics)
     _add_classify_route(app, served, config, batcher, metrics)
+    explain_route(app, served, config, _error)
     _add_admin_routes(app, served, config, metrics)
 
     _add_error_handlers(app)
@@ -131,7 +134,8 @@ def _add_predict_routes(app, served: ServedModel, config: ServeConfig, batcher: 
             ids = served.encode(req.texts, req.truncate, req.truncation_direction)
             logits = await _infer(batcher, ids, adapter)
             _count(metrics, adapter, len(ids), t0)
-            result = predictions(logits, adapter.labels, req.raw_scores, adapter.spec.multi_label)
+            result = predictions(logits, adapter.labels, req.raw_scores, adapter.spec.multi_label,
+                                 _thresholds(adapter, req.threshold))
             return JSONResponse(result[0] if req.single else result)
         except RequestError as e:
             return _error(e)
@@ -163,7 +167,8 @@ def _add_classify_route(app, served: ServedModel, config: ServeConfig, batcher: 
                 ids = [x[-req.keep_last:] for x in ids]
             logits = await _infer(batcher, ids, adapter)
             _count(metrics, adapter, len(ids), t0)
-            return JSONResponse(classification(logits, adapter.labels, adapter.name, sum(map(len, ids))))
+            return JSONResponse(classification(logits, adapter.labels, adapter.name, sum(map(len, ids)),
+                                               adapter.spec.multi_label, adapter.spec.thresholds))
         except RequestError as e:
             return _error(e)
         finally:
@@ -171,6 +176,14 @@ def _add_classify_route(app, served: ServedModel, config: ServeConfig, batcher: 
 
     for path in ("/classify", "/v1/classify"):  # vLLM's route, and the /v1 one SGLang uses
         app.post(path)(classify)
+
+
+def _thresholds(adapter, override) -> dict[str, float]:
+    """The adapter's own thresholds, or the request's; a bad one is a 422."""
+    try:
+        return thresholds_for(adapter.spec.thresholds, adapter.labels, override)
+    except LorafitError as e:
+        raise invalid(str(e)) from e
 
 
 def _add_admin_routes(app, served: ServedModel, config: ServeConfig, metrics: Metrics) -> None:

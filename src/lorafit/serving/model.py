@@ -140,7 +140,8 @@ class ServedModel:
         spec = adapter.spec
         return {"name": adapter.name, "run": adapter.source, "labels": adapter.labels,
                 "num_classes": len(adapter.labels), "lora": spec.lora.to_dict() if adapter.layers else None,
-                "adapted_layers": len(adapter.layers), "size_bytes": adapter.size_bytes}
+                "adapted_layers": len(adapter.layers), "size_bytes": adapter.size_bytes,
+                "temperature": spec.temperature, "thresholds": spec.thresholds}
 
     def info(self, config: ServeConfig, adapter: Adapter | None = None) -> dict:
         """GET /info: text-embeddings-inference's fields for one adapter (the default), then lorafit's own."""
@@ -165,6 +166,8 @@ class ServedModel:
             "problem_type": adapter.spec.problem_type,
             **({"thresholds": dict(adapter.spec.thresholds)} if adapter.spec.thresholds else {}),
             "lora": adapter.spec.lora.to_dict(),
+            "temperature": adapter.spec.temperature,  # calibration: logits are divided by it
+            "thresholds": adapter.spec.thresholds,  # class -> probability that decides it
             "device": str(self.compute.device),
             "adapters": [self.describe(a) for a in self.adapters.values()],
         }

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..reporting.calibration import decide
 from .config import TRUNCATION_DIRECTIONS
 from .model import RequestError
 
@@ -71,6 +72,16 @@ def model_of(data: dict) -> str | None:
     return model or None
 
 
+def threshold_of(data: dict) -> float | dict | None:
+    """lorafit's ``threshold``: a probability for the run's thresholded class (or the second of two), or
+    ``{"label": probability}``; None: the run's own."""
+    t = data.get("threshold")
+    values = t.values() if isinstance(t, dict) else [t]
+    if t is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise invalid(f"threshold must be a number or an object of label: number, got {json.dumps(t)}")
+    return t
+
+
 @dataclass
 class PredictRequest:
     texts: list[str]
@@ -79,6 +90,7 @@ class PredictRequest:
     raw_scores: bool = False
     truncation_direction: str = "right"
     model: str | None = None  # the adapter; None: the default
+    threshold: float | dict | None = None  # overrides the adapter's own (lorafit train --target-precision)
 
     @classmethod
     def parse(cls, body: bytes, max_client_batch: int) -> "PredictRequest":
@@ -93,7 +105,8 @@ class PredictRequest:
         direction = data.get("truncation_direction", "right")
         if not isinstance(direction, str) or direction.lower() not in TRUNCATION_DIRECTIONS:
             raise invalid(f"truncation_direction must be \"right\" or \"left\", got {json.dumps(direction)}")
-        return cls(texts, single, flags["truncate"], flags["raw_scores"], direction.lower(), model_of(data))
+        return cls(texts, single, flags["truncate"], flags["raw_scores"], direction.lower(), model_of(data),
+                   threshold_of(data))
 
 
 @dataclass
@@ -120,12 +133,14 @@ def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
 
 
 def classification(logits: list[torch.Tensor], labels: list[str], model: str, tokens: int,
-                   multi_label: bool = False) -> dict:
-    """vLLM's ClassificationResponse for one request's logits (multi-label: ``label`` is the likeliest)."""
+                   multi_label: bool = False, thresholds: dict[str, float] | None = None) -> dict:
+    """vLLM's ClassificationResponse for one request's logits: ``label`` is the decided class (multi-label:
+    the likeliest)."""
     data = []
     for i, row in enumerate(logits):
         probs = probabilities(row, multi_label)
-        data.append({"index": i, "label": labels[int(probs.argmax())], "probs": probs.tolist(),
+        k = int(probs.argmax()) if multi_label else int(decide(probs[None].double().numpy(), labels, thresholds)[0])
+        data.append({"index": i, "label": labels[k], "probs": probs.tolist(),
                      "num_classes": len(labels)})
     return {"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": model,
             "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
@@ -139,14 +154,16 @@ def model_card(name: str, created: int, max_len: int, description: dict) -> dict
 
 
 def predictions(logits: torch.Tensor | list[torch.Tensor], labels: list[str], raw_scores: bool,
-                multi_label: bool = False) -> list[list[dict]]:
+                multi_label: bool = False, thresholds: dict[str, float] | None = None) -> list[list[dict]]:
     """(N, C) logits -> per text, every class with its probability (or logit), highest first; multi-label:
-    each label's own sigmoid probability, as text-embeddings-inference scores such models."""
+    each label's own sigmoid probability, as text-embeddings-inference scores such models. With
+    ``thresholds`` (single-label, see :func:`lorafit.reporting.calibration.decide`) the decided class comes first."""
     logits = torch.stack(list(logits)) if isinstance(logits, (list, tuple)) else logits
-    scores = logits if raw_scores else probabilities(logits, multi_label)
+    probs = probabilities(logits, multi_label)
+    decided = probs.argmax(dim=1).tolist() if multi_label else decide(probs.double().numpy(), labels, thresholds)
     out = []
-    for row in scores.tolist():
-        ranked = sorted(zip(labels, row), key=lambda p: -p[1])
+    for row, k in zip((logits if raw_scores else probs).tolist(), decided):
+        ranked = sorted(zip(labels, row), key=lambda p: (p[0] != labels[k], -p[1]))
         out.append([{"label": label, "score": s} for label, s in ranked])
     return out
 

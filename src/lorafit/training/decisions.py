@@ -1,5 +1,6 @@
 """After training, what turns scores into decisions a person can trust: calibrated probabilities (a
-temperature fitted on validation), an operating threshold when asked for, the figures that show both.
+temperature fitted on validation), an operating threshold when asked for, the figures that show both, and
+the test messages the model got most wrong with the tokens that misled it.
 
 The temperature and thresholds go into adapter.json, so that eval, predict, serve and the exports apply
 them; report.json gets what was fitted and what it measured on every split.
@@ -7,24 +8,40 @@ them; report.json gets what was fitted and what it measured on every split.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..adapters.classifier import Classifier
 from ..adapters.storage import ClassifierSpec, save_spec
 from ..data.batching import Encoded
 from ..inference.evaluate import split_metrics
-from ..reporting.calibration import Calibration, DecisionConfig, calibrate, pr_curve, reliability, roc_curve
+from ..inference.explain import explain_ids, resolve_method, token_embedding
+from ..reporting.calibration import Calibration, DecisionConfig, calibrate, decide, pr_curve, reliability, roc_curve
 from ..reporting.metrics import roc_auc
 from ..reporting.plots import plot_pr, plot_reliability, plot_roc
+from ..runtime import Compute
 
 FIGURES = ("reliability.png", "pr_curve.png", "roc_curve.png")
+MOST_WRONG = 5  # test mistakes report.md explains
+
+
+@dataclass
+class Kept:
+    """The kept classifier after training, for the explanations of its worst mistakes."""
+
+    model: Classifier
+    encoder: object  # lorafit.backbones.base.Encoder
+    compute: Compute
+    test_texts: list[str]
 
 
 def decide_run(out: Path, spec: ClassifierSpec, probs: dict[str, np.ndarray], enc: dict[str, Encoded],
-               cfg: DecisionConfig) -> tuple[ClassifierSpec, dict, dict]:
-    """Calibrate on ``val``, pick the threshold, save them in the adapter, draw the figures.
+               cfg: DecisionConfig, kept: Kept | None = None) -> tuple[ClassifierSpec, dict, dict]:
+    """Calibrate on ``val``, pick the threshold, save them in the adapter, draw the figures; with ``kept``,
+    explain the test messages the model got most wrong.
 
     ``probs``: the kept adapter's probabilities per split. Returns the completed spec, the metrics of the
     calibrated model (what ``lorafit eval`` gives), and report.json's calibration entries.
@@ -35,7 +52,37 @@ def decide_run(out: Path, spec: ClassifierSpec, probs: dict[str, np.ndarray], en
     save_spec(out, spec)
     calibrated = {k: calib.apply(p) for k, p in probs.items()}
     draw(out, probs, calibrated, y, spec.labels, calib, cfg)
-    return spec, split_metrics(calibrated, enc, spec.labels, spec.thresholds), calib.report
+    report = dict(calib.report)
+    if kept is not None and len(y.get("test", ())):
+        report["most_wrong"] = most_wrong(kept, enc["test"], calibrated["test"], spec)
+    return spec, split_metrics(calibrated, enc, spec.labels, spec.thresholds), report
+
+
+def most_wrong(kept: Kept, test: Encoded, probs: np.ndarray, spec: ClassifierSpec, n: int = MOST_WRONG) -> list[dict]:
+    """The ``n`` misclassified test texts of lowest probability for their true class, each with the tokens
+    that pushed most towards the (wrong) decision."""
+    labels = spec.labels
+    decided = decide(probs, labels, spec.thresholds)
+    p_true = probs[np.arange(len(test.labels)), test.labels]
+    wrong = [i for i in np.argsort(p_true, kind="stable") if decided[i] != test.labels[i]][:n]
+    if not wrong:
+        return []
+    method, model = resolve_method("auto"), kept.model
+    embedding = token_embedding(model.backbone)
+
+    def forward(ids):  # the calibrated logits, as predict computes them
+        with kept.compute.autocast():
+            return model(ids, torch.ones_like(ids)) / spec.temperature
+
+    was_training = model.training
+    model.eval()
+    rows = []
+    for i in wrong:
+        e = explain_ids(forward, embedding, kept.encoder, kept.test_texts[i], test.ids[i], labels, int(decided[i]), method)
+        rows.append({"text": e.text, "label": labels[test.labels[i]], "predicted": e.label, "p_true": float(p_true[i]),
+                     "method": e.method, "top_tokens": e.top(3)})
+    model.train(was_training)
+    return rows
 
 
 def _shown_split(y: dict[str, np.ndarray]) -> str:

@@ -34,7 +34,7 @@ from ..reporting.report import build_report, render_markdown
 from ..runtime import Compute, check_compute, resolve_compute
 from .checkpoint import (CHECKPOINT, Checkpoint, PeriodicCheckpoints, RunSettings, load_checkpoint, remove_checkpoint,
                          save_checkpoint, saved_command)
-from .decisions import decide_run
+from .decisions import Kept, decide_run
 from .distributed import Distributed, Launch, regroup, restart_count, session
 from .loop import History, TrainConfig, TrainingStopped, fit
 
@@ -204,7 +204,8 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
             save_spec(out, spec)
             metrics, decisions = split_metrics(probs, enc, spec.labels, spec.thresholds), {}
         else:
-            spec, metrics, decisions = decide_run(out, spec, probs, enc, settings.decision)
+            spec, metrics, decisions = decide_run(out, spec, probs, enc, settings.decision,
+                                                  Kept(model, encoder, compute, list(splits.test.text)))
         report = build_report(name=out.name, command=settings.command, spec=spec.to_dict(),
                               train=train_cfg.to_dict(),
                               data={**asdict(data_cfg), "labels": splits.labels,

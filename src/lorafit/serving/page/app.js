@@ -55,8 +55,11 @@ async function loadInfo() {
     labels = info.labels;
     maxClientBatch = info.max_client_batch_size;
     const base = info.base_model.model + (info.base_model.random_init ? " (random weights)" : "");
+    const decides = Object.entries(info.thresholds || {}).map(([k, t]) => `${k} when P(${k}) ≥ ${t.toFixed(3)}`);
     $("model-info").textContent = `Classifier ${info.model_id} on ${base}: classes ${labels.join(", ")}; ` +
-      `up to ${info.max_input_length} tokens a message; lorafit ${info.version}.`;
+      `up to ${info.max_input_length} tokens a message; lorafit ${info.version}.` +
+      (info.temperature && info.temperature !== 1 ? ` Calibrated (temperature ${info.temperature.toFixed(3)}).` : "") +
+      (decides.length ? ` Decides ${decides.join(", ")}.` : "");
     $("key-row").hidden = !apiKey();
   } catch (e) {
     $("model-info").textContent = e.message;
@@ -99,11 +102,40 @@ async function classifyOne() {
     $("label").textContent = predictions[0].label;
     renderBars(predictions);
     $("result").hidden = false;
+    await explainOne(text);
   } catch (e) {
     $("latency").textContent = "";
     showError("error", e.message);
   } finally {
     $("classify").disabled = false;
+  }
+}
+
+// Each token on a background green (towards the decided class) or red (away), deeper for larger attributions.
+function renderTokens(explanation) {
+  const scale = Math.max(...explanation.tokens.map((t) => Math.abs(t.attribution)), 1e-12);
+  $("tokens").replaceChildren(...explanation.tokens.map((t) => {
+    const span = document.createElement("span");
+    span.className = "token";
+    span.textContent = t.token;
+    span.dataset.attribution = String(t.attribution);
+    span.title = `${t.attribution >= 0 ? "+" : ""}${t.attribution.toFixed(3)} towards ${explanation.label}`;
+    const alpha = (0.85 * Math.abs(t.attribution) / scale).toFixed(3);
+    span.style.backgroundColor = t.attribution >= 0 ? `rgba(26, 150, 65, ${alpha})` : `rgba(215, 48, 39, ${alpha})`;
+    return span;
+  }));
+}
+
+async function explainOne(text) {
+  $("why-status").textContent = "Explaining…";
+  $("tokens").replaceChildren();
+  try {
+    const explanation = await call("/explain", { inputs: text, model: model() });
+    renderTokens(explanation);
+    $("why-status").textContent = `Why ${explanation.label}: green tokens push towards it, red away ` +
+      `(${explanation.method}).`;
+  } catch (e) {
+    $("why-status").textContent = "No explanation: " + e.message;
   }
 }
 

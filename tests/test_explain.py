@@ -1,0 +1,101 @@
+"""Token attributions: integrated gradients are complete (they add up to the log-odds change from the
+baseline), occlusion is exact, and on a model trained where one planted word decides the label, that word
+gets the largest attribution."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from lorafit import BackboneSpec, ClassifierSpec, DataConfig, LoRAConfig, TrainConfig, train_run
+from lorafit.inference.explain import explain_texts, log_odds
+from lorafit.inference.predict import load_for_inference, predict_texts
+
+from conftest import WORDS, save_tiny
+from serve_fixtures import TEXTS, write_tiny_run
+
+pytest.importorskip("captum", reason="captum (lorafit[explain]) is in the test extra")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return write_tiny_run(tmp_path_factory.mktemp("explain"))
+
+
+def test_integrated_gradients_add_up_to_the_log_odds_change(tiny_run):
+    rows = {r["text"]: r for r in predict_texts(tiny_run, TEXTS, device="cpu", precision="fp32")}
+    explained = explain_texts(tiny_run, TEXTS, method="ig", device="cpu", precision="fp32")
+    for e in explained:
+        p = rows[e.text]["probabilities"][e.label]
+        assert e.label == rows[e.text]["label"]  # by default the class predict decides
+        assert e.log_odds == pytest.approx(math.log(p / (1 - p)), abs=1e-4)
+        change = e.log_odds - e.baseline_log_odds
+        assert abs(change) > 0.05  # a real change to account for, not a vacuous test
+        assert abs(sum(e.attributions) - change) <= 0.05 * abs(change)  # completeness, within 5 %
+        assert sum(e.attributions) - change == pytest.approx(e.delta, abs=1e-5)
+        assert len(e.tokens) == len(e.attributions) and "integrated gradients" in e.method
+
+
+def test_occlusion_is_the_log_odds_drop_without_each_token(tiny_run):
+    loaded = load_for_inference(tiny_run, "cpu", "fp32")
+    model, backbone, spec = loaded.model, loaded.backbone, loaded.spec
+    (e,) = explain_texts(tiny_run, [TEXTS[4]], method="occlusion", target="unsure", device="cpu", precision="fp32")
+    ids = backbone.encoder.encode([TEXTS[4]])[0]
+    k = spec.labels.index("unsure")
+
+    def f(x):
+        t = torch.tensor([x])
+        with torch.no_grad():
+            return float(log_odds(model(t, torch.ones_like(t)), k)[0])
+
+    assert e.label == "unsure" and e.log_odds == pytest.approx(f(ids), abs=1e-5)
+    for i in (0, 3, len(ids) - 1):
+        cut = list(ids)
+        cut[i] = backbone.encoder.pad_id
+        assert e.attributions[i] == pytest.approx(f(ids) - f(cut), abs=1e-5)
+    assert e.method.startswith("occlusion")
+
+
+PLANTED = "urgent"
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    """A tiny Llama with a word-level tokenizer (one word, one token), mean-pooled (no position is special),
+    trained on texts of random words where spam is exactly the texts holding the planted word, anywhere."""
+    root = tmp_path_factory.mktemp("planted")
+    model = save_tiny(root / "tiny-llama", bert=False)
+    filler = [w for w in WORDS if w != PLANTED]
+    rng = random.Random(0)
+    lines = []
+    for i in range(200):
+        words = rng.sample(filler, rng.randint(3, 6))
+        if i % 2:
+            words.insert(rng.randint(0, len(words)), PLANTED)
+        lines.append(f"{'spam' if i % 2 else 'ham'}\t{' '.join(words)}")
+    data = root / "planted.tsv"
+    data.write_text("\n".join(lines) + "\n")
+    spec = ClassifierSpec(BackboneSpec(f"hf:{model}"), LoRAConfig(rank=8), pooling="mean")
+    train_run(spec, DataConfig(data=str(data)), TrainConfig(epochs=8, batch_size=8, lr=1e-2, eval_every=1000),
+              root / "run", precision="fp32", progress=False)
+    return root / "run"
+
+
+@pytest.mark.parametrize("method", ["ig", "occlusion"])
+def test_the_planted_word_gets_the_largest_attribution(planted_run, method):
+    report = json.loads((planted_run / "report.json").read_text())
+    assert report["metrics"]["test"]["accuracy"] >= 0.9
+    rng = random.Random(1)
+    filler = [w for w in WORDS if w != PLANTED]
+    texts = []
+    for _ in range(6):
+        words = rng.sample(filler, 6)
+        words.insert(rng.randint(0, 6), PLANTED)
+        texts.append(" ".join(words))
+    for e in explain_texts(planted_run, texts, method=method, device="cpu", precision="fp32"):
+        assert e.label == "spam"
+        assert e.top(1)[0]["token"].strip() == PLANTED, (e.text, e.top(3))
