@@ -7,18 +7,17 @@ import json
 import random
 
 import pytest
+import torch
 
+from lorafit.backbones.gpt2 import GPTConfig
 from lorafit.cli import main
 
-from conftest import train_args, write_sms_like
+from conftest import TINY, hf_gpt2_config, train_args, write_bpe, write_sms_like
 
 
 @pytest.fixture(scope="module")
 def decided_run(tmp_path_factory):
     """A run on SMS-like data with 12 % of the labels flipped, so that validation has mistakes to calibrate on."""
-    from conftest import hf_gpt2_config, write_bpe, TINY
-    from lorafit.backbones.gpt2 import GPTConfig
-    import torch
     from transformers import GPT2LMHeadModel
 
     root = tmp_path_factory.mktemp("decided")
@@ -94,3 +93,18 @@ def test_a_bad_threshold_is_one_line(decided_run, capsys):
         main(["predict", "--run", str(decided_run), "hello", "--threshold", "eggs=0.5"])
     assert e.value.code == 2
     assert "threshold for 'eggs': not one of the labels ham, spam" in capsys.readouterr().err
+
+
+def test_the_hf_export_carries_the_temperature(decided_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lorafit.adapters.hf_format import export_hf
+    from lorafit.inference.predict import predict_texts
+
+    export_hf(decided_run, tmp_path / "hf")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    texts = ["WIN cash prize now!!! call 7", "see you at lunch later 3", "ok thanks, running late 12"]
+    for text, row in zip(texts, predict_texts(decided_run, texts, device="cpu", precision="fp32")):
+        with torch.no_grad():
+            probs = torch.softmax(model(**tok(text, return_tensors="pt")).logits[0], -1).tolist()
+        assert probs == pytest.approx([row["probabilities"][k] for k in ("ham", "spam")], abs=1e-4)

@@ -99,6 +99,7 @@ def to_transformers(run: str | Path, texts: list[str], where: str, transformers=
     transformers cannot hold exactly is refused in one line."""
     transformers = transformers or require_transformers(where)
     model, backbone, spec = load_classifier(run)
+    model.divide_logits(spec.temperature)  # the run's calibration, folded into the exported head
     layout = layout_of(spec)
     with torch.no_grad():  # batches of 32: memory stays small however many texts there are
         reference = torch.cat([model(*padded(backbone.encoder, texts[i:i + 32], where)).float()

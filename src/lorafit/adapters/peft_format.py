@@ -141,6 +141,7 @@ def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False, ve
     """
     layout = _exportable_layout(run)
     model, backbone, spec = load_run(run)
+    model.divide_logits(spec.temperature)  # the run's calibration, folded into the exported head
     base, gguf, local = _base(spec, backbone)
     tensors, fields = peft_tensors(model, spec, layout)
     config = {
