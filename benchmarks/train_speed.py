@@ -35,9 +35,9 @@ def peak_memory(device: str) -> dict:
 
 
 def load_data(args):
-    from lorafit import load_splits, load_tokenizer
+    from lorafit import DataConfig, load_splits, load_tokenizer
 
-    splits = load_splits(args.data, seed=42)
+    splits = load_splits(DataConfig(args.data), seed=42)
     enc = load_tokenizer(args.tokenizer)
     train = enc.encode_ordinary_batch(splits.train.text.tolist())
     test = enc.encode_ordinary_batch(splits.test.text.tolist())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorafit import LorafitError, load_splits, prepare_splits, read_table
+from lorafit import DataConfig, LorafitError, load_splits, prepare_splits, read_table
 from lorafit.errors import UsageError
 from lorafit.data.batching import collate, encode_texts, eval_order, train_order
 from lorafit.adapters.classifier import Classifier, pool
@@ -19,15 +19,15 @@ from conftest import SHARED_SMS, TINY
 
 @pytest.mark.skipif(not SHARED_SMS.is_file(), reason="../shared/data/sms_spam_collection is not present")
 def test_seed_split_sizes_on_the_real_file():
-    a = load_splits(SHARED_SMS, seed=42)
+    a = load_splits(DataConfig(SHARED_SMS), seed=42)
     assert (len(a.train), len(a.val), len(a.test)) == (1045, 149, 300)
     assert a.labels == ["ham", "spam"]
     for part in (a.train, a.val, a.test):
         assert set(part.label) == {"ham", "spam"}
-    b = load_splits(SHARED_SMS, seed=42)
+    b = load_splits(DataConfig(SHARED_SMS), seed=42)
     assert a.train.equals(b.train) and a.val.equals(b.val) and a.test.equals(b.test)
-    assert not a.train.equals(load_splits(SHARED_SMS, seed=7).train)
-    full = load_splits(SHARED_SMS, seed=42, balance=False)
+    assert not a.train.equals(load_splits(DataConfig(SHARED_SMS), seed=7).train)
+    full = load_splits(DataConfig(SHARED_SMS, balance=False), seed=42)
     assert len(full.train) + len(full.val) + len(full.test) == 5574
     # stratified: each split keeps the 6.5 : 1 ratio
     for part in (full.train, full.val, full.test):
@@ -55,13 +55,13 @@ def test_integer_labels_sort_numerically(tmp_path):
 def test_missing_columns_list_what_was_found(tmp_path):
     (tmp_path / "d.csv").write_text("message;category\nhello;ham\n")
     with pytest.raises(LorafitError, match=r"no column 'text', 'label'; columns found \(semicolon-separated text; "
-                                           r"another separator: --sep\): message, category \(choose with"):
+                                           r"another separator: sep\): message, category \(choose with"):
         read_table(tmp_path / "d.csv")
 
 
 @pytest.mark.parametrize("content,match", [
     (b"", "empty"),
-    (b"text,label\nok,a\n\xff\xfe bad,b\n", "not UTF-8 .*line 3; .*--encoding cp1252"),
+    (b"text,label\nok,a\n\xff\xfe bad,b\n", "not UTF-8 .*line 3; .*pass encoding cp1252"),
     (b"text,label\n  ,a\n ,b\n", "every text is empty"),
 ])
 def test_bad_files(tmp_path, content, match):
@@ -79,11 +79,11 @@ def test_blank_texts_are_skipped_and_counted(tmp_path):
 def test_single_class_and_unseen_labels(tmp_path):
     (tmp_path / "one.csv").write_text("text,label\n" + "".join(f"t{i},a\n" for i in range(10)))
     with pytest.raises(LorafitError, match="only one class"):
-        load_splits(tmp_path / "one.csv")
+        load_splits(DataConfig(tmp_path / "one.csv"))
     (tmp_path / "two.csv").write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(10)))
     (tmp_path / "val.csv").write_text("text,label\nx,a\ny,c\n")
     with pytest.raises(LorafitError, match="'c' were never seen in training"):
-        load_splits(tmp_path / "two.csv", val=tmp_path / "val.csv", test=tmp_path / "val.csv")
+        load_splits(DataConfig(tmp_path / "two.csv", val=tmp_path / "val.csv", test=tmp_path / "val.csv"))
 
 
 def test_truncation_warns_with_a_count(bpe_dir):
@@ -160,13 +160,13 @@ def test_parquet_files(tmp_path):
     pytest.importorskip("pyarrow")
     path = tmp_path / "d.parquet"
     _frame().to_parquet(path)
-    splits = load_splits(path, text_col="msg", label_col="y", seed=1)
+    splits = load_splits(DataConfig(path, text_col="msg", label_col="y"), seed=1)
     assert splits.labels == ["ham", "spam"] and len(splits.train) + len(splits.val) + len(splits.test) == 40
     with pytest.raises(LorafitError, match=r"d.parquet: no column 'text', 'label'; columns found: msg, y"):
         read_table(path)
     _frame(labels=("ham",)).to_parquet(path)
     with pytest.raises(LorafitError, match="only one class"):
-        load_splits(path, text_col="msg", label_col="y")
+        load_splits(DataConfig(path, text_col="msg", label_col="y"))
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(LorafitError, match="not a readable Parquet file"):
         read_table(tmp_path / "bad.parquet")
@@ -181,20 +181,20 @@ def test_hf_datasets_saved_to_disk(tmp_path):
     datasets.DatasetDict({"train": ds, "validation": ds.select(range(10)), "test": ds.select(range(10, 20))}
                          ).save_to_disk(tmp_path / "ds")
     src = f"hf:{tmp_path / 'ds'}"
-    splits = load_splits(src, text_col="msg", label_col="y", val_split="validation", test_split="test")
+    splits = load_splits(DataConfig(src, text_col="msg", label_col="y", val_split="validation", test_split="test"))
     assert splits.labels == ["ham", "spam"]  # ClassLabel ids became their names
     assert (len(splits.train), len(splits.val), len(splits.test)) == (40, 10, 10)
     assert set(splits.val["text"]) == set(frame["msg"][:10])
-    assert len(load_splits(src, text_col="msg", label_col="y").train) == 28  # one split: 70/10/20
+    assert len(load_splits(DataConfig(src, text_col="msg", label_col="y")).train) == 28  # one split: 70/10/20
     with pytest.raises(LorafitError, match=r"no split 'dev' \(splits: train, validation, test\)"):
-        load_splits(src, text_col="msg", label_col="y", split="dev")
+        load_splits(DataConfig(src, text_col="msg", label_col="y", split="dev"))
     with pytest.raises(LorafitError, match=r"\(train\): no column 'text'"):
-        load_splits(src)
+        load_splits(DataConfig(src))
     with pytest.raises(UsageError, match="go together"):
-        load_splits(src, text_col="msg", label_col="y", val_split="validation")
+        DataConfig(src, text_col="msg", label_col="y", val_split="validation")
     datasets.Dataset.from_pandas(_frame(labels=("ham",)), preserve_index=False).save_to_disk(tmp_path / "one")
     with pytest.raises(LorafitError, match="only one class"):
-        load_splits(f"hf:{tmp_path / 'one'}", text_col="msg", label_col="y")
+        load_splits(DataConfig(f"hf:{tmp_path / 'one'}", text_col="msg", label_col="y"))
 
 
 def test_hf_dataset_through_the_cli(tmp_path, request, capsys):

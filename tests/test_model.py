@@ -188,8 +188,11 @@ def test_tokenizer_from_both_file_layouts(tmp_path):
 
 
 def test_tokenizer_folder_without_files_is_refused(tmp_path):
-    with pytest.raises(LorafitError, match="--tokenizer"):
+    from lorafit.cli import flag
+
+    with pytest.raises(LorafitError, match="^tokenizer .*: expected a folder with encoder.json") as e:
         load_tokenizer(tmp_path)
+    assert e.value.render(flag).startswith(f"--tokenizer {tmp_path}: expected")
 
 
 def test_greedy_generation_matches_transformers(hf_gpt2_dir):

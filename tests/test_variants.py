@@ -243,12 +243,21 @@ def test_old_adapter_configs_load_and_bad_settings_are_named():
     assert (cfg.use_dora, cfg.init) == (False, "default")
     assert LoRAConfig.from_dict(LoRAConfig(use_dora=True, init="pissa").to_dict()) == LoRAConfig(use_dora=True,
                                                                                                    init="pissa")
-    with pytest.raises(UsageError, match="--init must be one of default, pissa, got 'olora'"):
+    from lorafit.cli import flag
+
+    # the library names fields, as a Python user writes them; the CLI names the flags that set them
+    with pytest.raises(UsageError, match="^init must be one of default, pissa, got 'olora'$") as e:
         LoRAConfig(init="olora")
-    with pytest.raises(UsageError, match="--lora-plus-ratio must be > 0"):
+    assert e.value.render(flag) == "--init must be one of default, pissa, got 'olora'"
+    with pytest.raises(UsageError, match="^lora_plus_ratio must be > 0, got 0$") as e:
         TrainConfig(lora_plus_ratio=0)
-    with pytest.raises(LorafitError, match="--init pissa: rank 8 exceeds the layer's size"):
+    assert e.value.render(flag) == "--lora-plus-ratio must be > 0, got 0"
+    with pytest.raises(UsageError, match=r"^rank must be >= 1, got 0; dropout must be in \[0, 1\), got 1.0$") as e:
+        LoRAConfig(rank=0, dropout=1.0)  # every problem at once
+    assert e.value.render(flag) == "--rank must be >= 1, got 0; --lora-dropout must be in [0, 1), got 1.0"
+    with pytest.raises(LorafitError, match="^init pissa: rank 8 exceeds the layer's size") as e:
         LoRALinear(nn.Linear(4, 6), LoRAConfig(rank=8, init="pissa"))
+    assert e.value.render(flag).startswith("--init pissa: --rank 8 exceeds the layer's size")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -26,13 +26,14 @@ from .backbones.tokenizer import load_tokenizer
 from .backbones.weights import load_gpt2
 from .data.batching import encode_frame, encode_texts
 from .data.datasets import DataConfig, Splits, load_splits, prepare_splits, read_table
-from .errors import LorafitError
+from .errors import FieldError, LorafitError, SettingError
 from .inference.evaluate import evaluate_run
 from .inference.predict import InferenceModel, load_for_inference, predict_proba, predict_texts
 from .reporting.metrics import classification_metrics
 from .runtime import Compute, resolve_compute
-from .training.loop import TrainConfig, fit
-from .training.run import train_run
+from .training.checkpoint import CheckpointPolicy, RunSettings
+from .training.loop import Hooks, TrainConfig, Trainer, fit
+from .training.run import resume_run, train_run
 
 try:
     __version__ = metadata.version("lorafit")

@@ -28,7 +28,7 @@ from .backbones.base import BackboneSpec
 from .backbones.generate import generate
 from .backbones.loader import load_backbone
 from .data.datasets import DataConfig, read_text
-from .errors import LorafitError, UsageError
+from .errors import FieldError, LorafitError, UsageError
 from .inference.evaluate import evaluate_run
 from .inference.predict import predict_texts
 from .reporting.calibration import DecisionConfig
@@ -37,13 +37,26 @@ from .reporting.loggers import LOGGERS, LoggerConfig
 from .runtime import PRECISIONS
 from .serving.config import ServeConfig
 from .serving.server import serve
-from .training.checkpoint import RunSettings
+from .training.checkpoint import CheckpointPolicy, RunSettings
 from .training.loop import SCHEDULES, TrainConfig
 from .training.distributed import Launch, launched_by_torchrun
 from .training.run import resume_or_start, resume_run, train_run
 
 
 EXPORT_FORMATS = ("peft", "hf", "onnx")
+# The library names settings by their fields; a message the CLI prints names the flag that sets each one.
+FLAGS = {
+    "dropout": "--lora-dropout", "use_rslora": "--rslora", "use_dora": "--dora", "head_bias=False": "--no-head-bias",
+    "header": "--no-header", "balance": "--no-balance", "names": "--logger", "backend": "--dist-backend",
+    "timeout_s": "--dist-timeout", "png": "--out-png", "runs": "--run", "export_hf": "--format hf",
+    "export_peft": "--format peft",
+}
+
+
+def flag(field: str) -> str:
+    """The flag that sets ``field``: the table's, else the field's own name as a flag (``save_every`` ->
+    ``--save-every``)."""
+    return FLAGS.get(field) or "--" + field.replace("_", "-")
 
 
 def _model_args(p: argparse.ArgumentParser, default: str = "gpt2-small") -> None:
@@ -149,7 +162,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted or killed run from its last checkpoint (its own settings are used); "
                         "auto: --out's run if it holds a checkpoint of this same command, else start (the default "
                         "under torchrun)")
-    r = RunSettings()
+    r = CheckpointPolicy()
     g.add_argument("--save-every", type=int, default=r.save_every, metavar="STEPS",
                    help="optimiser steps between checkpoints (0: off); one is also written at each epoch end")
     g.add_argument("--save-every-minutes", type=float, default=r.save_every_minutes, metavar="M",
@@ -287,18 +300,22 @@ def cmd_train(args) -> None:
         _print_summary(resume_run(resume, progress=not args.quiet, loggers=loggers if names else None, launch=launch))
         return
     spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args), head_bias=args.head_bias)
+    settings = RunSettings(command, args.device, args.precision,
+                           CheckpointPolicy(args.save_every, args.save_every_minutes), loggers, _decision_config(args))
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        grad_accum=args.grad_accum, schedule=args.schedule, warmup_steps=args.warmup_steps,
                        clip_grad=args.clip_grad or None, eval_every=args.eval_every, eval_batches=args.eval_batches,
                        class_weights=args.class_weights, seed=args.seed, lora_plus_ratio=args.lora_plus_ratio)
-    dcfg = DataConfig(data=args.data, val=args.val, test=args.test, text_col=args.text_col,
-                      label_col=args.label_col, balance=not args.no_balance, encoding=args.encoding,
-                      header=not args.no_header, sep=args.sep, split=args.split, val_split=args.val_split,
-                      test_split=args.test_split)
-    _print_summary(train_run(spec, dcfg, tcfg, out, device=args.device, precision=args.precision,
-                             overwrite=args.overwrite, command=command, progress=not args.quiet,
-                             save_every=args.save_every, save_every_minutes=args.save_every_minutes, loggers=loggers,
-                             launch=launch, decision=_decision_config(args)))
+    _print_summary(train_run(spec, _data_config(args), tcfg, out, settings, overwrite=args.overwrite,
+                             progress=not args.quiet, launch=launch))
+
+
+def _data_config(args) -> DataConfig:
+    """--data and the flags that say how to read it (train's also name val/test files or splits)."""
+    splits = {k: getattr(args, k, None) for k in ("val", "test", "val_split", "test_split")}
+    return DataConfig(data=args.data, text_col=args.text_col, label_col=args.label_col,
+                      balance=not getattr(args, "no_balance", False), encoding=args.encoding,
+                      header=not args.no_header, sep=args.sep, split=args.split, **splits)
 
 
 def _decision_config(args) -> DecisionConfig:
@@ -318,9 +335,8 @@ def _print_summary(result) -> None:
 
 
 def cmd_eval(args) -> None:
-    result = evaluate_run(args.run, args.data, text_col=args.text_col, label_col=args.label_col, device=args.device,
-                          precision=args.precision, batch_size=args.batch_size, encoding=args.encoding,
-                          header=not args.no_header, sep=args.sep, split=args.split)
+    result = evaluate_run(args.run, _data_config(args) if args.data else None, device=args.device,
+                          precision=args.precision, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -462,9 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     except LorafitError as e:
         if args.debug:
             raise
+        message = e.render(flag) if isinstance(e, FieldError) else str(e)
         if isinstance(e, UsageError):
-            parser.exit(2, f"lorafit {args.command}: error: {e}\n")
-        print(f"lorafit: error: {e}", file=sys.stderr)
+            parser.exit(2, f"lorafit {args.command}: error: {message}\n")
+        print(f"lorafit: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("lorafit: interrupted", file=sys.stderr)

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import LorafitError, WriteError
+from .errors import FieldError, LorafitError, WriteError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -71,7 +71,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     """
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise LorafitError(f"--out {path}: already exists and is not empty; pass --overwrite to replace it")
+        raise FieldError("{out} {}: already exists and is not empty; pass {overwrite} to replace it", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
     try:

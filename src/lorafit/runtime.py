@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .errors import LorafitError
+from .errors import FieldError
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -39,9 +39,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise LorafitError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N, mps)") from e
+        raise FieldError("{device} {!r}: not a device (auto, cpu, cuda, cuda:N, mps)", name) from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise LorafitError(f"--device {name}: CUDA is not available on this machine")
+        raise FieldError("{device} {}: CUDA is not available on this machine", name)
     return device
 
 
@@ -102,9 +102,9 @@ def bf16_matmul_pays(width: int = 768) -> bool:
 def check_precision(precision: str, device: torch.device) -> None:
     """Refuse a precision the device cannot run, before any work (``auto`` is decided by :func:`resolve_compute`)."""
     if precision not in PRECISIONS:
-        raise LorafitError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise FieldError("{precision} must be one of {}, got {!r}", ", ".join(PRECISIONS), precision)
     if precision == "bf16" and device.type not in ("cuda", "cpu"):
-        raise LorafitError(f"--precision bf16 is supported on cpu and cuda, not {device.type}")
+        raise FieldError("{precision} bf16 is supported on cpu and cuda, not {}", device.type)
 
 
 def choose_autocast_dtype(precision: str, device: torch.device, width: int = 768) -> torch.dtype | None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LorafitError, UsageError
+from ..errors import FieldError, LorafitError, SettingError
 
 # Short names for common target sets; anything else is a module-name pattern (see `matches`).
 TARGET_ALIASES: dict[str, tuple[str, ...]] = {
@@ -51,17 +51,17 @@ class LoRAConfig:
         self.targets = tuple(self.targets)
         problems = []
         if self.rank < 1:
-            problems.append(f"--rank must be >= 1, got {self.rank}")
+            problems.append(SettingError("{rank} must be >= 1, got {}", self.rank))
         if self.alpha <= 0:
-            problems.append(f"--alpha must be > 0, got {self.alpha}")
+            problems.append(SettingError("{alpha} must be > 0, got {}", self.alpha))
         if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+            problems.append(SettingError("{dropout} must be in [0, 1), got {}", self.dropout))
         if not self.targets:
-            problems.append("--targets must name at least one module pattern")
+            problems.append(SettingError("{targets} must name at least one module pattern"))
         if self.init not in INITS:
-            problems.append(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+            problems.append(SettingError("{init} must be one of {}, got {!r}", ", ".join(INITS), self.init))
         if problems:
-            raise UsageError("; ".join(problems))
+            raise SettingError.joined(problems)
 
     @property
     def scaling(self) -> float:
@@ -153,7 +153,7 @@ class LoRALinear(nn.Module):
         ``W + s (B A - B0 A0)`` is the base at step 0 and the base weight itself is never rewritten."""
         w = self.base.weight.detach().float()  # (out, in)
         if self.rank > min(w.shape):
-            raise LorafitError(f"--init pissa: rank {self.rank} exceeds the layer's size {tuple(w.shape)}")
+            raise FieldError("{init} pissa: {rank} {} exceeds the layer's size {}", self.rank, tuple(w.shape))
         if initialise:
             u, sv, vh = torch.linalg.svd(w, full_matrices=False)
             root = (sv[: self.rank] / self.scaling).sqrt()  # (r,)

@@ -26,7 +26,7 @@ import torch
 from ..backbones.base import BackboneSpec
 from ..backbones.hf import float32, require_transformers
 from ..backbones.weights import HUB_REPOS
-from ..errors import LorafitError
+from ..errors import FieldError, LorafitError
 from ..files import (atomic_dir, load_safetensors, read_json, safetensors_metadata, save_safetensors, write_json,
                      write_text)
 from .classifier import Classifier
@@ -63,15 +63,15 @@ def _base(spec: ClassifierSpec, backbone) -> tuple[str, str | None, str]:
         ident = str(local.resolve()) if local.is_dir() else ident
         return ident, spec.backbone.gguf_file, ident
     if spec.backbone.random_init:
-        raise LorafitError(f"--run: the base is --random-init {model}, which transformers cannot load; "
-                           "use --format hf (a merged model with every weight)")
+        raise FieldError("{run}: the base is {random_init} {}, which transformers cannot load; use {export_hf} "
+                         "(a merged model with every weight)", model)
     if model in HUB_REPOS:
         return HUB_REPOS[model], None, str(backbone.directory)
     path = Path(model).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return str(path.resolve()), None, str(path.resolve())
-    raise LorafitError(f"--run: the base {model} is not in Hugging Face layout, so PEFT cannot load it; "
-                       "use --format hf (a merged model with every weight)")
+    raise FieldError("{run}: the base {} is not in Hugging Face layout, so PEFT cannot load it; use {export_hf} "
+                     "(a merged model with every weight)", model)
 
 
 def _compress(values: dict[str, object], layout: Layout, full: bool) -> dict[str, object]:
@@ -165,14 +165,14 @@ def _exportable_layout(run: str | Path) -> Layout:
     the base model is loaded."""
     folder = Path(run)
     if is_merged(folder):
-        raise LorafitError(f"--run {run}: a merged model has no adapter left to export; use --format hf")
+        raise FieldError("{run} {}: a merged model has no adapter left to export; use {export_hf}", run)
     spec = read_spec(folder)
     if spec.lora.use_dora:
-        raise LorafitError(f"--run {run}: a DoRA adapter; export to PEFT covers plain LoRA only for now "
-                           "(--format hf writes the merged model)")
+        raise FieldError("{run} {}: a DoRA adapter; export to PEFT covers plain LoRA only for now ({export_hf} "
+                         "writes the merged model)", run)
     if spec.lora.init == "pissa":
-        raise LorafitError(f"--run {run}: a PiSSA adapter (its update is B A - B0 A0, not PEFT's form); "
-                           "--format hf writes the merged model")
+        raise FieldError("{run} {}: a PiSSA adapter (its update is B A - B0 A0, not PEFT's form); {export_hf} "
+                         "writes the merged model", run)
     return layout_of(spec)
 
 
@@ -191,7 +191,7 @@ def _verify(folder: Path, model, backbone, spec, local: str, gguf: str | None, t
     """Load ``folder`` as the user would (transformers + PEFT) and compare with lorafit on ``texts``."""
     import peft
 
-    transformers = require_transformers("--format peft")
+    transformers = require_transformers("{export_peft}")
     id2label, label2id = label_maps(spec.labels)
     kwargs = {"gguf_file": gguf} if gguf else {}
     with warnings.catch_warnings():

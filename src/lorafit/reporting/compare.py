@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LorafitError
+from ..errors import FieldError, LorafitError
 from ..files import read_json
 from .plots import plot_validation_curves
 from .report import percent
@@ -76,5 +76,5 @@ def compare_runs(directories: list[str | Path], png: str | Path) -> str:
     try:
         plot_validation_curves({r.name: r.curve for r in runs}, Path(png))
     except OSError as e:
-        raise LorafitError(f"--out-png {png}: cannot write ({e.strerror or e})") from e
+        raise FieldError("{png} {}: cannot write ({})", png, e.strerror or e) from e
     return format_table(runs)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from ..errors import LorafitError, UsageError
+from ..errors import FieldError, SettingError
 
 CSV_COLUMNS = ("event", "step", "epoch", "examples_seen", "loss", "lr", "val_loss", "val_accuracy", "val_examples",
                "seconds")  # the fields of fit's records; train, eval and epoch rows leave the others empty
@@ -51,11 +51,11 @@ class LoggerConfig:
         self.names = tuple(dict.fromkeys(self.names))
         unknown = [n for n in self.names if n not in LOGGERS]
         if unknown:
-            raise UsageError(f"--logger must be {', '.join(LOGGERS)} (or a comma list), got {', '.join(unknown)}")
+            raise SettingError("{names} must be {} (or a comma list), got {}", ", ".join(LOGGERS), ", ".join(unknown))
         for name in self.names:
             module = EXTRAS.get(name)
             if module and importlib.util.find_spec(module) is None:
-                raise UsageError(f"--logger {name} needs the {module} package: pip install 'lorafit[{name}]'")
+                raise SettingError("{names} {} needs the {} package: pip install 'lorafit[{}]'", name, module, name)
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -111,7 +111,7 @@ class TensorBoardLogger:
 
         log_dir = out / "tensorboard"
         if kept is None:
-            shutil.rmtree(log_dir, ignore_errors=True)  # an --overwrite'n run starts a fresh timeline
+            shutil.rmtree(log_dir, ignore_errors=True)  # an overwritten run starts a fresh timeline
         # on resume, TensorBoard hides the events after the checkpoint's last record: they are logged again
         purge = max((r["step"] for r in kept), default=0) + 1 if kept is not None else None
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
@@ -154,7 +154,7 @@ class MlflowLogger:
                 self.log(record)
         except Exception as e:  # MLflow raises its own and the store's exceptions; all mean "cannot track"
             self.env.close()
-            raise LorafitError(f"--mlflow-uri {cfg.mlflow_uri}: cannot start an MLflow run ({e})") from e
+            raise FieldError("{mlflow_uri} {}: cannot start an MLflow run ({})", cfg.mlflow_uri, e) from e
 
     def log(self, record: dict) -> None:
         from mlflow.entities import Metric

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import SettingError, UsageError
 
 TRUNCATION_DIRECTIONS = ("right", "left")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # an adapter's name: what requests send as "model"
@@ -48,18 +48,18 @@ class ServeConfig:
     def __post_init__(self) -> None:
         self.runs = (self.runs,) if isinstance(self.runs, (str, Path)) else tuple(map(str, self.runs))
         if not self.runs and not self.runs_dir:
-            raise UsageError("nothing to serve: give --run DIR (or NAME=DIR, repeated) or --runs-dir DIR")
-        for flag in ("max_batch_size", "max_client_batch", "max_concurrent", "max_request_bytes"):
-            if getattr(self, flag) < 1:
-                raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(self, flag)}")
+            raise SettingError("nothing to serve: give {runs} DIR (or NAME=DIR, repeated) or {runs_dir} DIR")
+        for name in ("max_batch_size", "max_client_batch", "max_concurrent", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise SettingError("{%s} must be at least 1, got {}" % name, getattr(self, name))
         if self.max_input_tokens is not None and self.max_input_tokens < 1:
-            raise UsageError(f"--max-input-tokens must be at least 1, got {self.max_input_tokens}")
+            raise SettingError("{max_input_tokens} must be at least 1, got {}", self.max_input_tokens)
         if self.max_wait_ms < 0:
-            raise UsageError(f"--max-wait-ms must be 0 or more, got {self.max_wait_ms}")
+            raise SettingError("{max_wait_ms} must be 0 or more, got {}", self.max_wait_ms)
         if not 0 <= self.port <= 65535:
-            raise UsageError(f"--port must be between 0 and 65535, got {self.port}")
+            raise SettingError("{port} must be between 0 and 65535, got {}", self.port)
         if self.api_key is not None and not self.api_key.strip():
-            raise UsageError("--api-key is empty")
+            raise SettingError("{api_key} is empty")
 
     def named_runs(self) -> dict[str, Path]:
         """Every run to serve by name, in order (--run first, then --runs-dir's subfolders sorted): the first is the default."""

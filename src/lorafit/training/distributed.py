@@ -24,7 +24,7 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..data.batching import Encoded, eval_order, lengths_of
-from ..errors import LorafitError, UsageError
+from ..errors import FieldError, LorafitError, SettingError
 from ..inference.predict import predict_proba
 from ..runtime import Compute
 
@@ -61,7 +61,7 @@ class Distributed:
     local_rank: int = 0
     local_world: int = 1
     backend: str | None = None  # None: no process group
-    per_rank_batch: int = 0  # texts per micro-batch on each rank (the run's --batch-size)
+    per_rank_batch: int = 0  # texts per micro-batch on each rank (the run's batch_size)
     ddp: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -173,13 +173,13 @@ class Distributed:
 LOCAL = Distributed()
 
 
-def regroup(grad_accum: int, saved_world: int, world: int, where: str) -> int:
-    """The per-rank ``grad_accum`` that keeps a resumed run's global batch (so its math) unchanged."""
+def regroup(grad_accum: int, saved_world: int, world: int, run) -> int:
+    """The per-rank ``grad_accum`` that keeps the global batch (so the math) of the resumed ``run`` unchanged."""
     per_step = grad_accum * saved_world
     if per_step % world:
-        raise LorafitError(f"{where}: its optimiser step takes {per_step} batches ({saved_world} process(es) x "
-                           f"grad-accum {grad_accum}), which {world} processes cannot share evenly; "
-                           f"resume with a number of processes that divides {per_step}")
+        raise FieldError("{resume} {}: its optimiser step takes {} batches ({} process(es) x {grad_accum} {}), which "
+                         "{} processes cannot share evenly; resume with a number of processes that divides {}",
+                         run, per_step, saved_world, grad_accum, world, per_step)
     return per_step // world
 
 
@@ -204,11 +204,11 @@ def is_peer_failure(e: BaseException) -> bool:
 
 def choose_backend(requested: str, device: torch.device) -> str:
     if requested not in BACKENDS:
-        raise UsageError(f"--dist-backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+        raise SettingError("{backend} must be one of {}, got {!r}", ", ".join(BACKENDS), requested)
     if device.type not in ("cpu", "cuda"):
-        raise LorafitError(f"--device {device}: torchrun training runs on cpu or cuda, not {device.type}")
+        raise FieldError("{device} {}: torchrun training runs on cpu or cuda, not {}", device, device.type)
     if requested == "nccl" and device.type != "cuda":
-        raise LorafitError("--dist-backend nccl needs CUDA devices; this process trains on the cpu (use gloo)")
+        raise FieldError("{backend} nccl needs CUDA devices; this process trains on the cpu (use gloo)")
     if requested == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     return requested
@@ -259,7 +259,7 @@ def session(device: torch.device, launch: Launch, per_rank_batch: int,
         yield Distributed(per_rank_batch=per_rank_batch), device
         return
     if launch.timeout_s <= 0:
-        raise UsageError(f"--dist-timeout must be > 0 seconds, got {launch.timeout_s:g}")
+        raise SettingError("{timeout_s} must be > 0 seconds, got {:g}", launch.timeout_s)
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank = _env_int("LOCAL_RANK")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -283,7 +283,7 @@ def session(device: torch.device, launch: Launch, per_rank_batch: int,
         d._collective(tdist.all_gather_object, plans, plan)
         if len(set(plans)) > 1:
             raise LorafitError(f"the processes disagree on what to do ({' / '.join(sorted(set(plans)))}): "
-                               "--out must be on a file system that every machine of the job sees")
+                               "the run directory must be on a file system that every machine of the job sees")
         # collectives outside the training loop (DDP's set-up, evaluation) fail the same way
         with warnings.catch_warnings(), peer_failures_as_lost():
             if not d.is_main:
