@@ -7,7 +7,6 @@ Each step inside is a public function of its own module.
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import threading
 import time
@@ -28,7 +27,7 @@ from ..data.datasets import SPLIT_NAMES, DataConfig, Splits, load_splits
 from ..errors import FieldError, LorafitError, WriteError
 from ..files import remove_temp_files, write_json, write_text
 from ..inference.evaluate import predict_splits
-from ..reporting.loggers import LoggerConfig, flatten, open_loggers
+from ..reporting.loggers import METRICS, LoggerConfig, flatten, open_loggers
 from ..reporting.plots import plot_accuracy, plot_confusion, plot_loss
 from ..reporting.report import build_report, render_markdown
 from ..runtime import Compute, check_compute, resolve_compute
@@ -38,7 +37,6 @@ from .distributed import Distributed, Launch, regroup, restart_count, session
 from .decisions import decide_run
 from .loop import History, Hooks, TrainConfig, TrainingStopped, TrainState, fit
 
-METRICS = "metrics.jsonl"
 RUN_MARKERS = (ADAPTER_CONFIG, "report.json", METRICS, CHECKPOINT)
 
 
@@ -224,10 +222,8 @@ class _Training:
         kept = resume.state.history.records() if resume else None
         hparams = _hparams(plan.spec, plan.train, plan.settings.precision)
         with (open_loggers(plan.settings.loggers, out, hparams, kept=kept) if writer
-              else contextlib.nullcontext(None)) as track, \
-                _metrics_file(out, kept, writer) as metrics_file, stop_on_signals() as stop_requested:
-            hooks = Hooks(on_best=lambda rec: save_adapter(out, model, plan.spec),
-                          log=lambda rec: (append_metrics(metrics_file, rec), track(rec)), on_step=checkpoints,
+              else contextlib.nullcontext(None)) as track, stop_on_signals() as stop_requested:
+            hooks = Hooks(on_best=lambda rec: save_adapter(out, model, plan.spec), log=track, on_step=checkpoints,
                           stop_requested=stop_requested) if writer else Hooks(stop_requested=stop_requested)
             try:
                 return fit(model, enc["train"], enc["val"], plan.train, pad_id=pad_id, labels=self.splits.labels,
@@ -264,19 +260,6 @@ class _Training:
                             distributed=self.dist.describe(), extra=decisions)
 
 
-@contextlib.contextmanager
-def _metrics_file(out: Path, kept: list[dict] | None, writer: bool):
-    """metrics.jsonl opened for appending (None on ranks that write nothing). On resume, the steps after the
-    checkpoint are replayed: the file is first cut back to the checkpoint's records, so none is logged twice."""
-    if not writer:
-        yield None
-        return
-    if kept is not None:
-        write_text(out / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
-    with open(out / METRICS, "ab", buffering=0) as f:
-        yield f
-
-
 def _hparams(spec: ClassifierSpec, train_cfg: TrainConfig, precision: str) -> dict:
     """The run's settings as the trackers record them (flat names)."""
     return flatten({"model": spec.backbone.model, "random_init": spec.backbone.random_init,
@@ -294,14 +277,6 @@ def what_survives(out: Path, saved_step: int | None) -> str:
         return "nothing was saved yet"
     then = f"; make room, then: lorafit train --resume {out}" if saved_step is not None else ""
     return f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} intact{then}"
-
-
-def append_metrics(file, record: dict) -> None:
-    """One JSON line, written at once (unbuffered: a failed write leaves nothing pending to flush)."""
-    try:
-        file.write((json.dumps(record) + "\n").encode())
-    except OSError as e:
-        raise WriteError(file.name, e.strerror or str(e)) from e
 
 
 def write_report(out: Path, report: dict, history: History) -> None:
