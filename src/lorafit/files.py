@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -148,3 +149,10 @@ def _reading_safetensors(path: str | os.PathLike) -> Iterator[None]:
         yield
     except (SafetensorError, OSError, ValueError) as e:
         raise LorafitError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
+
+
+def from_known_fields(cls, saved: dict):
+    """The dataclass ``cls`` from a saved dict, its keys that ``cls`` does not have left out (a file written
+    by another version of lorafit)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in saved.items() if k in names})

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..backbones.base import Backbone, BackboneSpec
+from ..backbones.base import Backbone
 from .classifier import Classifier
 from .peft_format import is_peft_adapter, load_peft
 from .storage import ADAPTER_CONFIG, MERGED_CONFIG, ClassifierSpec, load_run
 
 
-def load_classifier(directory: str | Path, backbone_spec: BackboneSpec | None = None) -> tuple[Classifier, Backbone, ClassifierSpec]:
-    """What ``eval``, ``predict``, ``merge`` and ``export`` read; ``backbone_spec`` replaces a lorafit adapter's base."""
+def load_classifier(directory: str | Path) -> tuple[Classifier, Backbone, ClassifierSpec]:
+    """What ``eval``, ``predict``, ``merge`` and ``export`` read."""
     d = Path(directory)
     lorafit = (d / ADAPTER_CONFIG).is_file() or (d / MERGED_CONFIG).is_file()
     if not lorafit and is_peft_adapter(d):
         return load_peft(d)
-    return load_run(d, backbone_spec)
+    return load_run(d)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FieldError, LorafitError, SettingError
+from ..files import from_known_fields
 
 # Short names for common target sets; anything else is a module-name pattern (see `matches`).
 TARGET_ALIASES: dict[str, tuple[str, ...]] = {
@@ -75,8 +76,7 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoRAConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return from_known_fields(cls, d)
 
 
 class LoRAFunction(torch.autograd.Function):

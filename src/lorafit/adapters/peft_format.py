@@ -129,10 +129,10 @@ def user_lines(base: str, gguf: str | None, labels: list[str], pad_id: int, adap
             f"model = PeftModel.from_pretrained(model, {adapter!r}).eval()")
 
 
-def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False, verify: bool = True) -> float | None:
+def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False) -> float | None:
     """Write a lorafit run's adapter as a PEFT SEQ_CLS LoRA adapter folder.
 
-    With transformers and PEFT installed (``verify``), the written folder is loaded by them and must give
+    With transformers and PEFT installed, the written folder is loaded by them and must give
     lorafit's probabilities within 1e-5 on sample texts before it is moved into place; returns the largest
     difference seen (None when not verified).
     """
@@ -155,7 +155,7 @@ def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False, ve
         save_safetensors(tmp / PEFT_WEIGHTS, tensors, metadata=metadata)
         write_json(tmp / PEFT_CONFIG, config)
         write_text(tmp / "README.md", _readme(spec, layout, user_lines(base, gguf, spec.labels, pad, str(out))))
-        if verify and _importable("transformers", "peft"):
+        if _importable("transformers", "peft"):
             diff = _verify(tmp, model, backbone, spec, local, gguf, sample_texts(run), str(out))
     return diff
 

@@ -172,14 +172,14 @@ def is_merged(directory: Path) -> bool:
     return (directory / MERGED_CONFIG).is_file() and not (directory / ADAPTER_CONFIG).is_file()
 
 
-def load_run(directory: str | Path, backbone_spec: BackboneSpec | None = None) -> tuple[Classifier, Backbone, ClassifierSpec]:
-    """A saved lorafit run, adapter or merged folder -> the classifier, rebuilt on its base (or on ``backbone_spec``)."""
+def load_run(directory: str | Path) -> tuple[Classifier, Backbone, ClassifierSpec]:
+    """A saved lorafit run, adapter or merged folder -> the classifier, rebuilt on its base."""
     directory = Path(directory)
     if is_merged(directory):
         return load_merged(directory)
     saved = read_spec(directory)
     model, backbone, spec = build_classifier(
-        ClassifierSpec(backbone_spec or saved.backbone, saved.lora, saved.labels, saved.pooling,
+        ClassifierSpec(saved.backbone, saved.lora, saved.labels, saved.pooling,
                        head_bias=saved.head_bias), initialise=False)
     load_adapter_into(model, spec, directory)
     model.eval()

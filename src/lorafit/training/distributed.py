@@ -61,7 +61,6 @@ class Distributed:
     local_rank: int = 0
     local_world: int = 1
     backend: str | None = None  # None: no process group
-    per_rank_batch: int = 0  # texts per micro-batch on each rank (the run's batch_size)
     ddp: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -76,7 +75,7 @@ class Distributed:
         """What report.json records about the launch (None for a plain one-process run)."""
         if not self.active:
             return None
-        return {"world_size": self.world, "backend": self.backend, "per_rank_batch": self.per_rank_batch}
+        return {"world_size": self.world, "backend": self.backend}
 
     # -- training --------------------------------------------------------------------------------------
     def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -248,15 +247,14 @@ def attempt_store(rank: int, world: int, timeout_s: float) -> tdist.Store:
 
 
 @contextlib.contextmanager
-def session(device: torch.device, launch: Launch, per_rank_batch: int,
-            plan: str) -> Iterator[tuple[Distributed, torch.device]]:
+def session(device: torch.device, launch: Launch, plan: str) -> Iterator[tuple[Distributed, torch.device]]:
     """Join torchrun's process group for the duration of a run; a plain process gets a one-process one.
 
     CPU processes share the cores: each takes ``cores // processes on this node`` threads. ``plan`` (what
     this rank is about to do: start a run, resume one) must be the same on every rank.
     """
     if not launched_by_torchrun():
-        yield Distributed(per_rank_batch=per_rank_batch), device
+        yield Distributed(), device
         return
     if launch.timeout_s <= 0:
         raise SettingError("{timeout_s} must be > 0 seconds, got {:g}", launch.timeout_s)
@@ -277,7 +275,7 @@ def session(device: torch.device, launch: Launch, per_rank_batch: int,
                                  device_id=device if chosen == "nccl" else None)
     except (RuntimeError, ValueError) as e:
         raise LorafitError(f"cannot join the torchrun process group ({chosen}): {str(e).splitlines()[0]}") from e
-    d = Distributed(rank, world, local_rank, local_world, chosen, per_rank_batch)
+    d = Distributed(rank, world, local_rank, local_world, chosen)
     try:
         plans = [None] * world
         d._collective(tdist.all_gather_object, plans, plan)

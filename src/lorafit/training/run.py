@@ -78,7 +78,7 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
     """
     out, settings = Path(out), settings or RunSettings()
     dev = check_compute(settings.device, settings.precision)  # bad settings fail before any work
-    with session(dev, launch, train_cfg.batch_size, "start a new run") as (dist, dev):
+    with session(dev, launch, "start a new run") as (dist, dev):
         splits = dist.main_first(lambda: load_splits(data_cfg, seed=train_cfg.seed))
         if dist.is_main:
             prepare_run_dir(out, overwrite)
@@ -107,7 +107,7 @@ def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig 
     plan = ckpt.plan
     splits = Splits.load(out, plan.spec.labels)
     dev = check_compute(plan.settings.device, plan.settings.precision)
-    with session(dev, launch, plan.train.batch_size, f"resume {out.resolve()}") as (dist, dev):
+    with session(dev, launch, f"resume {out.resolve()}") as (dist, dev):
         if dist.is_main:
             remove_temp_files(out)  # a kill during a write leaves its temporary file
         train_cfg = replace(plan.train, grad_accum=regroup(plan.train.grad_accum, plan.world_size, dist.world, out))
