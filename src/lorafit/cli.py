@@ -17,13 +17,12 @@ import torch
 
 from . import __version__
 from .adapters.accounting import count_parameters, format_counts
-from .adapters.classifier import Classifier
 from .adapters.hf_format import export_hf
 from .adapters.onnx_format import QUANTIZE, export_onnx
-from .adapters.loading import load_classifier
-from .adapters.lora import INITS, LoRAConfig, freeze_for_lora, inject_lora
+from .adapters.loading import merge_run
+from .adapters.lora import INITS, LoRAConfig
 from .adapters.peft_format import export_peft
-from .adapters.storage import MERGED_CONFIG, ClassifierSpec, save_merged
+from .adapters.storage import MERGED_CONFIG, ClassifierSpec, add_head, add_lora
 from .backbones.base import BackboneSpec
 from .backbones.generate import generate
 from .backbones.loader import load_backbone
@@ -34,13 +33,13 @@ from .inference.predict import predict_texts
 from .reporting.calibration import DecisionConfig
 from .reporting.compare import compare_runs
 from .reporting.loggers import LOGGERS, LoggerConfig
-from .runtime import PRECISIONS
+from .runtime import PRECISIONS, seeded
 from .serving.config import ServeConfig
 from .serving.server import serve
 from .training.checkpoint import CheckpointPolicy, RunSettings
 from .training.loop import SCHEDULES, TrainConfig
 from .training.distributed import Launch, launched_by_torchrun
-from .training.run import resume_or_start, resume_run, train_run
+from .training.run import default_run_dir, resume_run, run_to_resume, train_run
 
 
 EXPORT_FORMATS = ("peft", "hf", "onnx")
@@ -287,17 +286,14 @@ def _lora_config(args):
 
 
 def cmd_train(args) -> None:
-    names = tuple(n.strip() for v in args.logger or () for n in v.split(",") if n.strip())
-    loggers = LoggerConfig(names, args.mlflow_uri)
+    loggers = LoggerConfig(tuple(args.logger or ()), args.mlflow_uri)
     launch = Launch(args.dist_backend, args.dist_timeout)
-    name = Path(args.model.removeprefix("hf:")).name or "model"
-    out = Path(args.out or f"runs/{name}-r{args.rank}-s{args.seed}")
+    out = Path(args.out) if args.out else default_run_dir(args.model, args.rank, args.seed)
     command = "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
-    resume = args.resume or ("auto" if launched_by_torchrun() else None)
-    if resume == "auto":
-        resume = out if resume_or_start(out, command, args.overwrite) else None
+    resume = run_to_resume(args.resume, out, command, args.overwrite)
     if resume:
-        _print_summary(resume_run(resume, progress=not args.quiet, loggers=loggers if names else None, launch=launch))
+        _print_summary(resume_run(resume, progress=not args.quiet, loggers=loggers if args.logger else None,
+                                  launch=launch))
         return
     spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args), head_bias=args.head_bias)
     settings = RunSettings(command, args.device, args.precision,
@@ -369,23 +365,21 @@ def cmd_serve(args) -> None:
                       max_wait_ms=args.max_wait_ms, max_client_batch=args.max_client_batch,
                       max_input_tokens=args.max_input_tokens, max_concurrent=args.max_concurrent,
                       device=args.device, precision=args.precision,
-                      api_key=args.api_key or os.environ.get("LORAFIT_API_KEY") or None,
+                      api_key=args.api_key,
                       max_request_bytes=args.max_request_bytes))
 
 
 def cmd_inspect(args) -> None:
     backbone = load_backbone(_backbone_spec(args), need_tokenizer=False)  # parameters only: no texts to encode
     model = backbone.module
-    torch.manual_seed(args.seed)
-    replaced = inject_lora(model, _lora_config(args))
-    freeze_for_lora(model)
-    print(model)
-    print(f"\nLoRA injected into {len(replaced)} layers; every other parameter is frozen.\n")
-    print(format_counts(count_parameters(model), "Parameters after LoRA injection and freezing"))
-    old_head = getattr(model, "out_head", None)
-    model.out_head = None  # the classification head takes the LM head's place
-    clf = Classifier(model, backbone.hidden_size, args.num_classes, backbone.default_pooling, args.head_bias)
-    freeze_for_lora(clf, trainable=(clf.head,))
+    with seeded(args.seed):
+        replaced = add_lora(backbone, _lora_config(args))
+        print(model)
+        print(f"\nLoRA injected into {len(replaced)} layers; every other parameter is frozen.\n")
+        print(format_counts(count_parameters(model), "Parameters after LoRA injection and freezing"))
+        old_head = getattr(model, "out_head", None)
+        model.out_head = None  # the classification head takes the LM head's place
+        clf = add_head(backbone, args.num_classes, head_bias=args.head_bias)
     before = old_head if old_head is not None else "none (the backbone was loaded without its LM head)"
     print(f"\nhead before: {before}\nhead after:  {clf.head}  (trainable)\n")
     print(format_counts(count_parameters(clf), f"Parameters with the {args.num_classes}-class head"))
@@ -398,10 +392,7 @@ def cmd_compare(args) -> None:
 
 def cmd_merge(args) -> None:
     out = Path(args.out)
-    if (out / MERGED_CONFIG).exists() and not args.overwrite:
-        raise LorafitError(f"--out {out}: already holds a merged model; pass --overwrite to replace it")
-    model, backbone, spec = load_classifier(args.run)
-    save_merged(out, model, spec, backbone)
+    merge_run(args.run, out, overwrite=args.overwrite)
     print(f"merged classifier written to {out}/ (model.safetensors, {MERGED_CONFIG}); "
           f"use it like a run: lorafit predict --run {out} ...")
 

@@ -71,8 +71,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     An existing non-empty ``path`` is refused unless ``overwrite``.
     """
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FieldError("{out} {}: already exists and is not empty; pass {overwrite} to replace it", path)
+    refuse_nonempty(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
     try:
@@ -88,6 +87,12 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def refuse_nonempty(path: Path, overwrite: bool) -> None:
+    """An existing non-empty ``path`` is refused unless ``overwrite``: checked before any work."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FieldError("{out} {}: already exists and is not empty; pass {overwrite} to replace it", path)
 
 
 def _umask() -> int:

@@ -7,7 +7,8 @@ from pathlib import Path
 from ..backbones.base import Backbone
 from .classifier import Classifier
 from .peft_format import is_peft_adapter, load_peft
-from .storage import ADAPTER_CONFIG, MERGED_CONFIG, ClassifierSpec, load_run
+from ..files import refuse_nonempty
+from .storage import ADAPTER_CONFIG, MERGED_CONFIG, ClassifierSpec, load_run, save_merged
 
 
 def load_classifier(directory: str | Path) -> tuple[Classifier, Backbone, ClassifierSpec]:
@@ -17,3 +18,11 @@ def load_classifier(directory: str | Path) -> tuple[Classifier, Backbone, Classi
     if not lorafit and is_peft_adapter(d):
         return load_peft(d)
     return load_run(d)
+
+
+def merge_run(run: str | Path, out: str | Path, *, overwrite: bool = False) -> None:
+    """What ``lorafit merge`` does: ``run``'s classifier with its update folded into the base, saved as a plain
+    classifier in ``out`` (refused before loading if ``out`` holds something and not ``overwrite``)."""
+    refuse_nonempty(Path(out), overwrite)
+    model, backbone, spec = load_classifier(run)
+    save_merged(out, model, spec, backbone, overwrite=overwrite)

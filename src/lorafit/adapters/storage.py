@@ -20,9 +20,10 @@ from torch import nn
 from ..backbones.base import Backbone, BackboneSpec
 from ..backbones.loader import backbone_skeleton, load_backbone
 from ..errors import LorafitError
-from ..files import load_safetensors, save_safetensors, write_json
+from ..files import atomic_dir, load_safetensors, save_safetensors, write_json
+from ..runtime import seeded
 from .classifier import Classifier
-from .lora import LoRAConfig, freeze_for_lora, inject_lora, lora_layers, unwrap_merged
+from .lora import LoRAConfig, freeze_for_lora, inject_lora, lora_layers, merged
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
@@ -87,11 +88,24 @@ def build_classifier(spec: ClassifierSpec, seed: int = 42,
     backbone = load_backbone(spec.backbone, lm_head=False)
     spec = dataclasses.replace(spec, architecture=backbone.architecture, fingerprint=weight_fingerprint(backbone.module),
                                pooling=spec.pooling or backbone.default_pooling)
-    torch.manual_seed(seed)  # LoRA A and the head start from the same values for the same seed
-    inject_lora(backbone.module, spec.lora, initialise)
-    model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling, spec.head_bias)
+    with seeded(seed):  # LoRA A and the head start from the same values for the same seed
+        add_lora(backbone, spec.lora, initialise)
+        return add_head(backbone, spec.num_classes, spec.pooling, spec.head_bias), backbone, spec
+
+
+def add_lora(backbone: Backbone, cfg: LoRAConfig, initialise: bool = True) -> list[str]:
+    """Inject LoRA into the backbone's targeted linears and freeze everything else; the replaced names."""
+    replaced = inject_lora(backbone.module, cfg, initialise)
+    freeze_for_lora(backbone.module)
+    return replaced
+
+
+def add_head(backbone: Backbone, num_classes: int, pooling: str | None = None, head_bias: bool = True) -> Classifier:
+    """The classifier over ``backbone`` (which must have no LM head), its new head the one more trainable part."""
+    model = Classifier(backbone.module, backbone.hidden_size, num_classes, pooling or backbone.default_pooling,
+                       head_bias)
     freeze_for_lora(model, trainable=(model.head,))
-    return model, backbone, spec
+    return model
 
 
 def adapter_state(model: Classifier) -> dict[str, torch.Tensor]:
@@ -186,13 +200,30 @@ def load_run(directory: str | Path) -> tuple[Classifier, Backbone, ClassifierSpe
     return model, backbone, dataclasses.replace(spec, temperature=saved.temperature, thresholds=saved.thresholds)
 
 
-def save_merged(directory: str | Path, model: Classifier, spec: ClassifierSpec, backbone: Backbone) -> None:
-    """Fold every LoRA update into its base weight and save a plain classifier (no LoRA layers left)."""
-    directory = Path(directory)
-    unwrap_merged(model)
-    save_safetensors(directory / MERGED_WEIGHTS, model.state_dict(), metadata={"format": "lorafit-merged"})
-    backbone.save_assets(directory)
-    write_json(directory / MERGED_CONFIG, {**spec.to_dict(), "format": "lorafit-merged"})
+def save_merged(directory: str | Path, model: Classifier, spec: ClassifierSpec, backbone: Backbone, *,
+                overwrite: bool = False) -> None:
+    """Fold every LoRA update into its base weight and save a plain classifier (no LoRA layers left) as one
+    folder, written whole or not at all; a folder already there is replaced only with ``overwrite``.
+    ``model`` itself keeps its LoRA layers (merged while the weights are written)."""
+    with atomic_dir(directory, overwrite) as tmp, merged(model):
+        save_safetensors(tmp / MERGED_WEIGHTS, plain_state(model), metadata={"format": "lorafit-merged"})
+        backbone.save_assets(tmp)
+        write_json(tmp / MERGED_CONFIG, {**spec.to_dict(), "format": "lorafit-merged"})
+
+
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state as if every LoRALinear were its base layer: ``x.base.weight`` is saved as ``x.weight``,
+    LoRA's own tensors are left out (merge first, for the update to be in the base)."""
+    layers = lora_layers(model)
+    state = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        parent, _, last = owner.rpartition(".")
+        if last == "base" and parent in layers:
+            state[f"{parent}.{leaf}"] = value
+        elif owner not in layers:
+            state[key] = value
+    return state
 
 
 def load_merged(directory: str | Path) -> tuple[Classifier, Backbone, ClassifierSpec]:

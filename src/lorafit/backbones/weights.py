@@ -21,6 +21,7 @@ from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError  # .er
 from huggingface_hub.utils import logging as hub_logging
 
 from ..errors import FieldError, LorafitError
+from ..runtime import seeded
 from ..files import iter_safetensors, read_json
 from .gpt2 import PRESETS, GPTConfig, GPTModel
 
@@ -268,8 +269,8 @@ def load_gpt2(source: str, *, random_init: bool = False, n_heads: int | None = N
     if random_init:
         if source not in PRESETS:
             raise FieldError("{random_init} needs a preset ({}), got {!r}", ", ".join(PRESETS), source)
-        torch.manual_seed(seed)
-        return LoadedModel(GPTModel(PRESETS[source], lm_head), None)
+        with seeded(seed):
+            return LoadedModel(GPTModel(PRESETS[source], lm_head), None)
     if source in PRESETS:
         directory = hub_download(source)
         return LoadedModel(load_hf_directory(directory, lm_head), directory)

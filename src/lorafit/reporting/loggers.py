@@ -50,11 +50,11 @@ METRICS = "metrics.jsonl"
 class LoggerConfig:
     """Which trackers a run feeds, and where MLflow writes."""
 
-    names: tuple[str, ...] = ()  # any of csv, tensorboard, mlflow
+    names: tuple[str, ...] = ()  # any of csv, tensorboard, mlflow (each may be a comma list: "csv,mlflow")
     mlflow_uri: str = "./mlruns"  # a folder (MLflow's file store) or a tracking URI (sqlite:///..., http://...)
 
     def __post_init__(self) -> None:
-        self.names = tuple(dict.fromkeys(self.names))
+        self.names = tuple(dict.fromkeys(n.strip() for v in self.names for n in v.split(",") if n.strip()))
         unknown = [n for n in self.names if n not in LOGGERS]
         if unknown:
             raise SettingError("{names} must be {} (or a comma list), got {}", ", ".join(LOGGERS), ", ".join(unknown))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from ..errors import SettingError, UsageError
 
 TRUNCATION_DIRECTIONS = ("right", "left")
+API_KEY_ENV = "LORAFIT_API_KEY"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # an adapter's name: what requests send as "model"
 RUN_FILES = ("adapter.json", "classifier.json")  # what makes a folder a run (adapter or merged model)
 
@@ -42,10 +44,12 @@ class ServeConfig:
     max_concurrent: int = 512  # requests admitted (queued or running) before 429
     device: str = "auto"
     precision: str = "auto"
-    api_key: str | None = None  # required as `Authorization: Bearer KEY` on every route but /health
+    api_key: str | None = None  # required as `Authorization: Bearer KEY` on every route but /health; None: $LORAFIT_API_KEY
     max_request_bytes: int = 1 << 20  # larger bodies get 413 before they are read
 
     def __post_init__(self) -> None:
+        if self.api_key is None:  # from the environment: a key given so stays out of the process list
+            self.api_key = os.environ.get(API_KEY_ENV) or None
         self.runs = (self.runs,) if isinstance(self.runs, (str, Path)) else tuple(map(str, self.runs))
         if not self.runs and not self.runs_dir:
             raise SettingError("nothing to serve: give {runs} DIR (or NAME=DIR, repeated) or {runs_dir} DIR")

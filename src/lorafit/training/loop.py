@@ -6,10 +6,11 @@ call it directly; everything the CLI adds (files, reports, checkpoints) happens 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -220,8 +221,6 @@ class Trainer:
         self.state = state or TrainState()
         if self.state.optimizer is not None:
             self.optimizer.load_state_dict(self.state.optimizer)
-        if self.state.rng is not None:
-            set_rng_state(self.state.rng, device)
         self.history = self.state.history
         self.weight = class_weight_tensor(train.labels, len(labels)).to(device) if cfg.class_weights == "auto" else None
         self.lengths = lengths_of(train)
@@ -229,7 +228,6 @@ class Trainer:
         self.per_step = cfg.grad_accum * dist.world  # batches of one optimiser step, all ranks together
         self.total_steps = cfg.epochs * -(-n_batches // self.per_step)
         self.hooks, self.progress = hooks, progress
-        self.boundary_rng = rng_state(device)  # the RNG at the start of the optimiser step in progress
         self.base_seconds, self.start, self.aside_seconds = self.history.train_seconds, time.perf_counter(), 0.0
 
     def training_seconds(self) -> float:
@@ -251,15 +249,28 @@ class Trainer:
                           rng_state(self.device))
 
     def run(self) -> History:
-        try:
-            with peer_failures_as_lost():
-                while self.state.epoch < self.cfg.epochs:
-                    self.epoch(self.state.epoch)
-        except PeerLost as e:
-            set_rng_state(self.boundary_rng, self.device)  # parameters are those of the last whole step
-            raise TrainingStopped("{}", str(e), state=self.snapshot()) from e
+        with self.own_generator():
+            try:
+                with peer_failures_as_lost():
+                    while self.state.epoch < self.cfg.epochs:
+                        self.epoch(self.state.epoch)
+            except PeerLost as e:
+                set_rng_state(self.boundary_rng, self.device)  # parameters are those of the last whole step
+                raise TrainingStopped("{}", str(e), state=self.snapshot()) from e
         self.history.train_seconds = self.training_seconds()
         return self.history
+
+    @contextlib.contextmanager
+    def own_generator(self) -> Iterator[None]:
+        """Dropout draws from the device's global generator: training forks it (the caller's is restored
+        afterwards) and starts it from the seed, or from the checkpoint's state on resume."""
+        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+            if self.state.rng is None:
+                torch.manual_seed(self.cfg.seed)
+            else:
+                set_rng_state(self.state.rng, self.device)
+            self.boundary_rng = rng_state(self.device)  # the RNG at the start of the optimiser step in progress
+            yield
 
     def epoch(self, epoch: int) -> None:
         cfg, state = self.cfg, self.state

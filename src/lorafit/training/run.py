@@ -33,7 +33,7 @@ from ..reporting.report import build_report, render_markdown
 from ..runtime import Compute, check_compute, resolve_compute
 from .checkpoint import (CHECKPOINT, Checkpoint, PeriodicCheckpoints, RunPlan, RunSettings, load_checkpoint,
                          remove_checkpoint, save_checkpoint, saved_command)
-from .distributed import Distributed, Launch, regroup, restart_count, session
+from .distributed import Distributed, Launch, launched_by_torchrun, regroup, restart_count, session
 from .decisions import decide_run
 from .loop import History, Hooks, TrainConfig, TrainingStopped, TrainState, fit
 
@@ -114,6 +114,20 @@ def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig 
         settings = plan.settings if loggers is None else replace(plan.settings, loggers=loggers)
         plan = replace(plan, train=train_cfg, settings=settings, world_size=dist.world)
         return _Training(out, plan, splits, dist, dev, ckpt).run(progress)
+
+
+def default_run_dir(model: str, rank: int, seed: int) -> Path:
+    """Where a run goes when no directory is named: runs/<model>-r<rank>-s<seed>."""
+    return Path("runs") / f"{Path(model.removeprefix('hf:')).name or 'model'}-r{rank}-s{seed}"
+
+
+def run_to_resume(resume: str | Path | None, out: Path, command: str, overwrite: bool) -> Path | None:
+    """The run ``lorafit train`` continues, or None to start one in ``out``: ``resume`` itself, or with
+    ``auto`` (the default under torchrun) ``out`` when :func:`resume_or_start` says so."""
+    resume = resume or ("auto" if launched_by_torchrun() else None)
+    if resume != "auto":
+        return Path(resume) if resume else None
+    return out if resume_or_start(out, command, overwrite) else None
 
 
 def resume_or_start(out: Path, command: str, overwrite: bool) -> bool:
