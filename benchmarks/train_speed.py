@@ -71,7 +71,7 @@ def run_lorafit(args, precision: str, dora: bool = False) -> dict:
     metrics, eval_rate = evaluate_model(model, pad, {"test": Encoded(test, ytest, 0)}, ["ham", "spam"], compute,
                                         batch_size=32)
     return {"seconds": history.train_seconds, "examples": history.train_examples, "tokens": history.train_tokens,
-            "linear_rows": history.train_tokens,  # the blocks skip padding outside attention (lorafit.packing)
+            "linear_rows": history.train_tokens,  # the blocks skip padding outside attention (lorafit.backbones.packing)
             "eval_examples_per_s": eval_rate, "precision": "bf16 autocast" if compute.autocast_dtype else "fp32"}
 
 

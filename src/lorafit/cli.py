@@ -22,7 +22,8 @@ from .adapters.onnx_format import QUANTIZE, export_onnx
 from .adapters.loading import merge_run
 from .adapters.lora import INITS, LoRAConfig
 from .adapters.peft_format import export_peft
-from .adapters.storage import MERGED_CONFIG, ClassifierSpec, add_head, add_lora
+from .adapters.build import add_head, add_lora
+from .adapters.storage import MERGED_CONFIG, ClassifierSpec
 from .backbones.base import BackboneSpec
 from .backbones.generate import generate
 from .backbones.loader import load_backbone

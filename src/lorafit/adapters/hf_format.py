@@ -23,7 +23,7 @@ from ..files import atomic_dir, read_json, write_json, write_text
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps, layout_of,
                         padded, sample_texts)
 from .loading import load_classifier
-from .lora import unwrap_merged
+from .lora import merge_and_unload
 
 
 def _config(transformers, backbone, layout: Layout):
@@ -40,7 +40,7 @@ def _config(transformers, backbone, layout: Layout):
 def _state(model, layout: Layout) -> dict[str, torch.Tensor]:
     """transformers' state dict for the merged classifier."""
     score, base_changes = head_for_transformers(model, layout)
-    unwrap_merged(model)
+    merge_and_unload(model)
     backbone = model.backbone
     if layout.kind == "llama":
         sd = {f"model.{k}": v for k, v in backbone.model.state_dict().items()}

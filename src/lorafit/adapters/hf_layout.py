@@ -126,7 +126,7 @@ def label_maps(labels: list[str]) -> tuple[dict[int, str], dict[str, int]]:
 def sample_texts(directory, n: int = 13) -> list[str]:
     """Texts to compare predictions on: a few fixed ones, plus the first ``n`` of the run's own test split
     where it has one."""
-    texts = ["Hello", "WINNER!! Claim your prize now", "see you at lunch later? ok thanks"]
+    texts = ["Hello", "A longer sentence, with punctuation; and digits: 1, 22, 333!", "Accents too: café, naïve"]
     test = Path(directory) / "test.csv"
     if test.is_file():
         texts += read_table(test)["text"].head(n).tolist()

@@ -8,7 +8,8 @@ from ..backbones.base import Backbone
 from .classifier import Classifier
 from .peft_format import is_peft_adapter, load_peft
 from ..files import refuse_nonempty
-from .storage import ADAPTER_CONFIG, MERGED_CONFIG, ClassifierSpec, load_run, save_merged
+from .build import rebuild_classifier
+from .storage import ADAPTER_CONFIG, MERGED_CONFIG, ClassifierSpec, save_merged
 
 
 def load_classifier(directory: str | Path) -> tuple[Classifier, Backbone, ClassifierSpec]:
@@ -17,7 +18,7 @@ def load_classifier(directory: str | Path) -> tuple[Classifier, Backbone, Classi
     lorafit = (d / ADAPTER_CONFIG).is_file() or (d / MERGED_CONFIG).is_file()
     if not lorafit and is_peft_adapter(d):
         return load_peft(d)
-    return load_run(d)
+    return rebuild_classifier(d)
 
 
 def merge_run(run: str | Path, out: str | Path, *, overwrite: bool = False) -> None:

@@ -336,13 +336,20 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> None:
             m.to(dtype)
 
 
-def set_merged(model: nn.Module, merged: bool) -> None:
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight (:meth:`LoRALinear.merge`), to predict at the base's cost."""
     for m in lora_layers(model).values():
-        m.merge() if merged else m.unmerge()
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Take every LoRA update back out of its base weight (:meth:`LoRALinear.unmerge`), to train on."""
+    for m in lora_layers(model).values():
+        m.unmerge()
 
 
 @contextlib.contextmanager
-def merged(model: nn.Module):
+def lora_merged(model: nn.Module):
     """LoRA folded into the base inside the block (inference at the base's cost); unmerged again after."""
     layers = [m for m in lora_layers(model).values() if not m.merged]
     for m in layers:
@@ -354,7 +361,7 @@ def merged(model: nn.Module):
             m.unmerge()
 
 
-def unwrap_merged(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by its base layer with the update folded in: a plain model for deployment."""
     for name, m in lora_layers(model).items():
         m.merge()

@@ -27,8 +27,9 @@ from ..files import load_safetensors
 from ..runtime import Compute, resolve_compute
 from .classifier import pool
 from .loading import load_classifier
-from .lora import LoRAConfig, store_frozen_linears, unwrap_merged
-from .storage import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, read_spec, weight_fingerprint
+from .lora import LoRAConfig, store_frozen_linears, merge_and_unload
+from .build import weight_fingerprint
+from .storage import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, read_spec
 
 LORA_KEYS = ("lora_A", "lora_B", "lora_magnitude", "pissa_A0", "pissa_B0")
 
@@ -285,7 +286,7 @@ def open_base(name: str, directory: str | Path, device: str, precision: str) -> 
         base.prepare()
         return base, base.load_adapter(name, directory)
     model, backbone, spec = load_classifier(directory)
-    unwrap_merged(model)
+    merge_and_unload(model)
     base = SharedBase(backbone, model.pooling, spec.fingerprint, resolve_compute(device, precision, backbone.hidden_size),
                       alone=str(directory))
     base.prepare()

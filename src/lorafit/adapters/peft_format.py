@@ -33,7 +33,8 @@ from .classifier import Classifier
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps,
                         layout_of, padded, sample_texts)
 from .lora import LoRAConfig, lora_layers
-from .storage import ClassifierSpec, build_classifier, is_merged, load_run, read_spec
+from .build import build_classifier, rebuild_classifier
+from .storage import ClassifierSpec, is_merged, read_spec
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -137,7 +138,7 @@ def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False) ->
     difference seen (None when not verified).
     """
     layout = _exportable_layout(run)
-    model, backbone, spec = load_run(run)
+    model, backbone, spec = rebuild_classifier(run)
     base, gguf, local = _base(spec, backbone)
     tensors, fields = peft_tensors(model, spec, layout)
     config = {

@@ -8,8 +8,6 @@ the update into the base and writes a plain classifier that needs neither LoRA n
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +16,11 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone, BackboneSpec
-from ..backbones.loader import backbone_skeleton, load_backbone
+from ..backbones.loader import backbone_skeleton
 from ..errors import LorafitError
 from ..files import atomic_dir, load_safetensors, save_safetensors, write_json
-from ..runtime import seeded
 from .classifier import Classifier
-from .lora import LoRAConfig, freeze_for_lora, inject_lora, lora_layers, merged
+from .lora import LoRAConfig, lora_layers, lora_merged
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
@@ -64,48 +61,6 @@ class ClassifierSpec:
         return cls(BackboneSpec.from_dict(d["backbone"]), LoRAConfig.from_dict(d["lora"]), list(d["labels"]),
                    d.get("pooling"), d.get("architecture", {}), d.get("fingerprint", ""), d.get("head_bias", True),
                    float(d.get("temperature", 1.0)), {str(k): float(v) for k, v in d.get("thresholds", {}).items()})
-
-
-def weight_fingerprint(module: nn.Module) -> str:
-    """A cheap identity for base weights: a hash of the first values of every tensor, rounded to bf16
-    so that storing the frozen base in another precision keeps the same fingerprint."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        if t.is_floating_point():
-            h.update(name.encode())
-            h.update(t.detach().reshape(-1)[:8].to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def build_classifier(spec: ClassifierSpec, seed: int = 42,
-                     initialise: bool = True) -> tuple[Classifier, Backbone, ClassifierSpec]:
-    """Load the base, inject LoRA, add the head, freeze: the model ready to train (or, with
-    ``initialise=False``, to load an adapter into without PiSSA's SVD).
-
-    Returns the spec completed with what the loaded base told (architecture, weight fingerprint,
-    pooling): what :func:`save_adapter` writes. ``spec`` itself is left as it was.
-    """
-    backbone = load_backbone(spec.backbone, lm_head=False)
-    spec = dataclasses.replace(spec, architecture=backbone.architecture, fingerprint=weight_fingerprint(backbone.module),
-                               pooling=spec.pooling or backbone.default_pooling)
-    with seeded(seed):  # LoRA A and the head start from the same values for the same seed
-        add_lora(backbone, spec.lora, initialise)
-        return add_head(backbone, spec.num_classes, spec.pooling, spec.head_bias), backbone, spec
-
-
-def add_lora(backbone: Backbone, cfg: LoRAConfig, initialise: bool = True) -> list[str]:
-    """Inject LoRA into the backbone's targeted linears and freeze everything else; the replaced names."""
-    replaced = inject_lora(backbone.module, cfg, initialise)
-    freeze_for_lora(backbone.module)
-    return replaced
-
-
-def add_head(backbone: Backbone, num_classes: int, pooling: str | None = None, head_bias: bool = True) -> Classifier:
-    """The classifier over ``backbone`` (which must have no LM head), its new head the one more trainable part."""
-    model = Classifier(backbone.module, backbone.hidden_size, num_classes, pooling or backbone.default_pooling,
-                       head_bias)
-    freeze_for_lora(model, trainable=(model.head,))
-    return model
 
 
 def adapter_state(model: Classifier) -> dict[str, torch.Tensor]:
@@ -186,26 +141,12 @@ def is_merged(directory: Path) -> bool:
     return (directory / MERGED_CONFIG).is_file() and not (directory / ADAPTER_CONFIG).is_file()
 
 
-def load_run(directory: str | Path) -> tuple[Classifier, Backbone, ClassifierSpec]:
-    """A saved lorafit run, adapter or merged folder -> the classifier, rebuilt on its base."""
-    directory = Path(directory)
-    if is_merged(directory):
-        return load_merged(directory)
-    saved = read_spec(directory)
-    model, backbone, spec = build_classifier(
-        ClassifierSpec(saved.backbone, saved.lora, saved.labels, saved.pooling,
-                       head_bias=saved.head_bias), initialise=False)
-    load_adapter_into(model, spec, directory)
-    model.eval()
-    return model, backbone, dataclasses.replace(spec, temperature=saved.temperature, thresholds=saved.thresholds)
-
-
 def save_merged(directory: str | Path, model: Classifier, spec: ClassifierSpec, backbone: Backbone, *,
                 overwrite: bool = False) -> None:
     """Fold every LoRA update into its base weight and save a plain classifier (no LoRA layers left) as one
     folder, written whole or not at all; a folder already there is replaced only with ``overwrite``.
     ``model`` itself keeps its LoRA layers (merged while the weights are written)."""
-    with atomic_dir(directory, overwrite) as tmp, merged(model):
+    with atomic_dir(directory, overwrite) as tmp, lora_merged(model):
         save_safetensors(tmp / MERGED_WEIGHTS, plain_state(model), metadata={"format": "lorafit-merged"})
         backbone.save_assets(tmp)
         write_json(tmp / MERGED_CONFIG, {**spec.to_dict(), "format": "lorafit-merged"})

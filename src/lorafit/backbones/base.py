@@ -72,7 +72,7 @@ class Backbone:
     hidden_size: int
     context_length: int
     architecture: dict  # what must match for an adapter to load (shapes, not weights)
-    default_pooling: str = "last"  # "last" real token for decoders, "first" ([CLS]) for encoders
+    default_pooling: str = "last"  # "last" real token for decoders, "first" ([CLS]) for bidirectional models
     directory: Path | None = None
 
     def save_assets(self, directory: Path) -> None:

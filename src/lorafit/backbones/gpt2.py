@@ -203,7 +203,7 @@ class GPTModel(nn.Module):
         """Final-normed hidden states (B, T, D): what both the LM head and a classifier read.
 
         Batches are right-padded (``attention_mask`` 1 on real tokens, or None for no padding); the
-        blocks run on the real tokens only (see :mod:`lorafit.packing`), and attention is causal, so
+        blocks run on the real tokens only (see :mod:`lorafit.backbones.packing`), and attention is causal, so
         padding changes nothing a real token computes. With ``at`` (B,), only the state at position
         ``at[b]`` of each row is returned (B, D), and the last block runs its feed-forward and output
         projection for those rows alone: a classifier reading one position per sequence skips most

@@ -16,8 +16,8 @@ from ..errors import FieldError, LorafitError
 from .base import Backbone, BackboneSpec
 from .llama import LlamaDecoder, supports
 
-# Bidirectional encoders read their [CLS] token; every other model (decoders) its last real token.
-ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert", "xlm-roberta",
+# Bidirectional models (BERT and kin) read their [CLS] token; every other model (decoders) its last real token.
+BIDIRECTIONAL_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert", "xlm-roberta",
                  "camembert", "mpnet", "modernbert"}
 
 
@@ -104,9 +104,9 @@ def _backbone(model: nn.Module, tokenizer, where: str) -> Backbone:
     hidden = getattr(cfg, "hidden_size", None) or cfg.d_model
     arch = {"kind": "hf", "model_type": cfg.model_type, "hidden_size": hidden,
             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "vocab_size": cfg.vocab_size}
-    encoder = cfg.model_type in ENCODER_TYPES
-    return Backbone(HFBackbone(model, tokenizer, causal=not encoder), HFEncoder(tokenizer), hidden, context, arch,
-                    "first" if encoder else "last")
+    bidirectional = cfg.model_type in BIDIRECTIONAL_TYPES
+    return Backbone(HFBackbone(model, tokenizer, causal=not bidirectional), HFEncoder(tokenizer), hidden, context,
+                    arch, "first" if bidirectional else "last")
 
 
 def native(model: nn.Module) -> nn.Module:

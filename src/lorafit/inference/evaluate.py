@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters.lora import merged
+from ..adapters.lora import lora_merged
 from ..data.batching import Encoded, encode_frame
 from ..data.datasets import SPLIT_NAMES, DataConfig, Splits
 from ..reporting.calibration import decide
@@ -23,7 +23,7 @@ def predict_splits(model, pad_id: int, data: dict[str, Encoded], compute: Comput
     ``predict``: :func:`predict_proba` or a function with its signature (a sharded one under torchrun).
     """
     probs, n, seconds = {}, 0, 0.0
-    with merged(model):
+    with lora_merged(model):
         for split, enc in data.items():
             t0 = time.perf_counter()
             probs[split] = predict(model, enc, pad_id, batch_size=batch_size, compute=compute)

@@ -10,7 +10,7 @@ import torch
 
 from ..adapters.classifier import Classifier
 from ..adapters.loading import load_classifier
-from ..adapters.lora import set_merged, store_frozen_linears
+from ..adapters.lora import merge_lora, store_frozen_linears
 from ..adapters.storage import ClassifierSpec
 from ..backbones.base import Backbone
 from ..data.batching import Encoded, encode_texts, eval_order, iterate, lengths_of
@@ -70,7 +70,7 @@ def load_for_inference(run: str | Path, device: str = "auto", precision: str = "
     model, backbone, spec = load_classifier(run)
     compute = resolve_compute(device, precision, backbone.hidden_size)
     model.divide_logits(spec.temperature)  # calibrated probabilities from here on (see reporting.calibration)
-    set_merged(model, True)
+    merge_lora(model)
     if compute.autocast_dtype is not None:  # the merged weights in the compute precision: no casts per batch
         store_frozen_linears(model, compute.autocast_dtype)
     return InferenceModel(model.to(compute.device), backbone, spec, compute)

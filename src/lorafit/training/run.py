@@ -19,8 +19,9 @@ import torch
 from ..adapters.accounting import count_parameters
 from ..adapters.classifier import Classifier
 from ..adapters.lora import store_frozen_linears
-from ..adapters.storage import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, adapter_state, build_classifier,
-                                check_compatible, load_adapter_into, save_adapter)
+from ..adapters.build import build_classifier
+from ..adapters.storage import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, adapter_state, check_compatible,
+                                load_adapter_into, save_adapter)
 from ..backbones.base import Backbone
 from ..data.batching import encode_frame
 from ..data.datasets import SPLIT_NAMES, DataConfig, Splits, load_splits
