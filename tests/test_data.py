@@ -105,7 +105,10 @@ def test_batches_pad_to_their_own_longest_and_bucket():
     real = lengths.sum()
     assert padded - real < 0.5 * (plain - real)  # bucketing removes most of the padding
     assert [b.tolist() for b in order] == [b.tolist() for b in train_order(lengths, 4, np.random.default_rng(0), bucket=4)]
-    assert all(np.all(np.diff(lengths[b]) >= 0) for b in eval_order(lengths, 4))
+    evaluation = eval_order(lengths, 4)
+    assert sorted(np.concatenate(evaluation).tolist()) == list(range(len(lengths)))
+    fewest = sum(4 * chunk.max() for chunk in np.sort(lengths).reshape(-1, 4))  # the least padding batches of 4 allow
+    assert sum(len(b) * lengths[b].max() for b in evaluation) == fewest
 
 
 def test_prediction_never_depends_on_padding():

@@ -4,7 +4,6 @@ through the CLI."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -195,10 +194,12 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_variant_trains_resumes_merges_and_predicts(variant, tmp_path, hf_gpt2_dir, capsys, monkeypatch):
+def test_every_variant_trains_resumes_merges_and_predicts(variant, tmp_path, hf_gpt2_dir, capsys):
     from safetensors.torch import load_file
 
-    import lorafit.training.run as run
+    from lorafit import train_run
+    from lorafit.cli import build_parser, train_configs
+    from lorafit.training.loop import TrainingStopped
 
     sms_file = write_sms_like(tmp_path / "sms.txt", n=80)  # 7 batches an epoch: enough to stop after 5 steps
 
@@ -206,15 +207,13 @@ def test_every_variant_trains_resumes_merges_and_predicts(variant, tmp_path, hf_
     reference = tmp_path / "reference"
     assert main(train_args(hf_gpt2_dir, sms_file, reference, *args)) == 0
 
-    @contextlib.contextmanager
-    def stop_after_five_steps():
-        calls = iter(range(10 ** 6))
-        yield lambda: next(calls) >= 5
-
     out = tmp_path / "interrupted"
-    with monkeypatch.context() as m:
-        m.setattr(run, "stop_on_signals", stop_after_five_steps)
-        assert main(train_args(hf_gpt2_dir, sms_file, out, *args)) == 130
+    spec, data_cfg, train_cfg, settings = train_configs(build_parser().parse_args(train_args(hf_gpt2_dir, sms_file,
+                                                                                               out, *args)))
+    calls = iter(range(10 ** 6))
+    with pytest.raises(TrainingStopped, match="interrupted at step") as stopped:
+        train_run(spec, data_cfg, train_cfg, out, settings, progress=False, stop=lambda: next(calls) >= 5)
+    assert stopped.value.exit_code == 130
     assert (out / CHECKPOINT).exists()
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     a, b = load_file(reference / "adapter.safetensors"), load_file(out / "adapter.safetensors")

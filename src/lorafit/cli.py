@@ -287,24 +287,31 @@ def _lora_config(args):
 
 
 def cmd_train(args) -> None:
-    loggers = LoggerConfig(tuple(args.logger or ()), args.mlflow_uri)
     launch = Launch(args.dist_backend, args.dist_timeout)
     out = Path(args.out) if args.out else default_run_dir(args.model, args.rank, args.seed)
     command = "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
     resume = run_to_resume(args.resume, out, command, args.overwrite)
     if resume:
-        _print_summary(resume_run(resume, progress=not args.quiet, loggers=loggers if args.logger else None,
-                                  launch=launch))
+        loggers = LoggerConfig(tuple(args.logger), args.mlflow_uri) if args.logger else None
+        _print_summary(resume_run(resume, progress=not args.quiet, loggers=loggers, launch=launch))
         return
+    spec, data_cfg, train_cfg, settings = train_configs(args, command)
+    _print_summary(train_run(spec, data_cfg, train_cfg, out, settings, overwrite=args.overwrite,
+                             progress=not args.quiet, launch=launch))
+
+
+def train_configs(args, command: str = "") -> tuple[ClassifierSpec, DataConfig, TrainConfig, RunSettings]:
+    """``lorafit train``'s flags as the library's configs (what :func:`train_run` takes)."""
     spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args), head_bias=args.head_bias)
+    loggers = LoggerConfig(tuple(args.logger or ()), args.mlflow_uri)
     settings = RunSettings(command, args.device, args.precision,
                            CheckpointPolicy(args.save_every, args.save_every_minutes), loggers, _decision_config(args))
-    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                       grad_accum=args.grad_accum, schedule=args.schedule, warmup_steps=args.warmup_steps,
-                       clip_grad=args.clip_grad or None, eval_every=args.eval_every, eval_batches=args.eval_batches,
-                       class_weights=args.class_weights, seed=args.seed, lora_plus_ratio=args.lora_plus_ratio)
-    _print_summary(train_run(spec, _data_config(args), tcfg, out, settings, overwrite=args.overwrite,
-                             progress=not args.quiet, launch=launch))
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                            grad_accum=args.grad_accum, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                            clip_grad=args.clip_grad or None, eval_every=args.eval_every,
+                            eval_batches=args.eval_batches, class_weights=args.class_weights, seed=args.seed,
+                            lora_plus_ratio=args.lora_plus_ratio)
+    return spec, _data_config(args), train_cfg, settings
 
 
 def _data_config(args) -> DataConfig:

@@ -68,13 +68,14 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
 
 def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, out: str | Path,
               settings: RunSettings | None = None, *, overwrite: bool = False, progress: bool = True,
-              launch: Launch = Launch()) -> RunResult:
+              launch: Launch = Launch(), stop: Callable[[], bool] | None = None) -> RunResult:
     """Everything ``lorafit train`` does: split, build, train, keep the best adapter, report, plot.
 
     ``settings``: the device and precision, the checkpoint policy (a checkpoint every ``save_every``
     optimiser steps, every ``save_every_minutes`` and at each epoch end) and the trackers that receive every
     metrics record besides metrics.jsonl. SIGINT / SIGTERM (and a diverging loss) stop training at the next
-    optimiser step and write a checkpoint too; :func:`resume_run` continues from it to the same adapter.
+    optimiser step and write a checkpoint too, as does ``stop()`` turning true (a time budget, a notebook's
+    button); :func:`resume_run` continues from it to the same adapter.
     Under torchrun every process trains its share and rank 0 alone writes ``out``.
     """
     out, settings = Path(out), settings or RunSettings()
@@ -91,7 +92,7 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
             settings.decision.positive_class(splits.labels)  # a wrong positive class fails before training
         spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed))
         plan = RunPlan(spec, data_cfg, train_cfg, settings, splits.skipped_empty, dist.world)
-        return _Training(out, plan, splits, dist, dev, None).run(progress)
+        return _Training(out, plan, splits, dist, dev, None, stop).run(progress)
 
 
 def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig | None = None,
@@ -177,8 +178,9 @@ class _Training:
     """
 
     def __init__(self, out: Path, plan: RunPlan, splits: Splits, dist: Distributed, device: torch.device,
-                 resume: Checkpoint | None):
+                 resume: Checkpoint | None, stop: Callable[[], bool] | None = None):
         self.out, self.plan, self.splits, self.dist, self.device, self.resume = out, plan, splits, dist, device, resume
+        self.stop = stop or (lambda: False)
         self.writer = dist.is_main  # rank 0 alone writes the run directory, shows progress and feeds the trackers
 
     def run(self, progress: bool) -> RunResult:
@@ -237,7 +239,8 @@ class _Training:
         kept = resume.state.history.records() if resume else None
         hparams = _hparams(plan.spec, plan.train, plan.settings.precision)
         with (open_loggers(plan.settings.loggers, out, hparams, kept=kept) if writer
-              else contextlib.nullcontext(None)) as track, stop_on_signals() as stop_requested:
+              else contextlib.nullcontext(None)) as track, stop_on_signals() as signalled:
+            stop_requested = lambda: signalled() or self.stop()  # noqa: E731
             hooks = Hooks(on_best=lambda rec: save_adapter(out, model, plan.spec), log=track, on_step=checkpoints,
                           stop_requested=stop_requested) if writer else Hooks(stop_requested=stop_requested)
             try:
