@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SettingError, UsageError
+from ..errors import SettingError
 
 TRUNCATION_DIRECTIONS = ("right", "left")
 API_KEY_ENV = "LORAFIT_API_KEY"
@@ -16,10 +16,13 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # an adapter's name: what
 RUN_FILES = ("adapter.json", "classifier.json")  # what makes a folder a run (adapter or merged model)
 
 
-def check_name(name: str, where: str) -> str:
+def check_name(name: str, field: str, source: str | None = None) -> str:
+    """``name`` if it can name an adapter; else refused, naming the setting (``field``, and ``source`` when
+    the name came from a folder or item rather than the setting itself)."""
     if not NAME.fullmatch(name):
-        raise UsageError(f"{where}: adapter name {name!r} must be letters, digits, '.', '_' or '-' "
-                         f"(at most 64, not starting with a symbol)")
+        where = "{%s}" % field + (" {}" if source is not None else "")
+        raise SettingError(where + ": adapter name {!r} must be letters, digits, '.', '_' or '-' (at most 64, not "
+                           "starting with a symbol)", *((source,) if source is not None else ()), name)
     return name
 
 
@@ -28,7 +31,7 @@ def named_run(item: str) -> tuple[str, Path]:
     name, sep, path = item.partition("=")
     if not sep or "/" in name or not name:
         name, path = Path(item.rstrip("/")).name or item, item
-    return check_name(name, f"--run {item}"), Path(path)
+    return check_name(name, "runs", item), Path(path)
 
 
 @dataclass
@@ -66,20 +69,21 @@ class ServeConfig:
             raise SettingError("{api_key} is empty")
 
     def named_runs(self) -> dict[str, Path]:
-        """Every run to serve by name, in order (--run first, then --runs-dir's subfolders sorted): the first is the default."""
+        """Every run to serve by name, in order (``runs`` first, then ``runs_dir``'s subfolders sorted): the first is
+        the default."""
         out: dict[str, Path] = {}
         pairs = [named_run(r) for r in self.runs]
         if self.runs_dir:
             folder = Path(self.runs_dir)
             if not folder.is_dir():
-                raise UsageError(f"--runs-dir {folder}: not a folder")
+                raise SettingError("{runs_dir} {}: not a folder", folder)
             found = sorted(d for d in folder.iterdir() if any((d / f).is_file() for f in RUN_FILES))
             if not found:
-                raise UsageError(f"--runs-dir {folder}: no run in it (subfolders with {' or '.join(RUN_FILES)})")
-            pairs += [(check_name(d.name, f"--runs-dir {folder}"), d) for d in found]
+                raise SettingError("{runs_dir} {}: no run in it (subfolders with {})", folder, " or ".join(RUN_FILES))
+            pairs += [(check_name(d.name, "runs_dir", folder), d) for d in found]
         for name, path in pairs:
             if name in out:
-                raise UsageError(f"two runs are named {name!r} ({out[name]} and {path}): name them, --run NAME=DIR")
+                raise SettingError("two runs are named {!r} ({} and {}): name them, {runs} NAME=DIR", name, out[name], path)
             out[name] = path
         return out
 
