@@ -49,7 +49,7 @@ FLAGS = {
     "dropout": "--lora-dropout", "use_rslora": "--rslora", "use_dora": "--dora", "head_bias=False": "--no-head-bias",
     "header": "--no-header", "balance": "--no-balance", "names": "--logger", "backend": "--dist-backend",
     "timeout_s": "--dist-timeout", "png": "--out-png", "runs": "--run", "export_hf": "--format hf",
-    "export_peft": "--format peft",
+    "export_peft": "--format peft", "positive": "--positive-class",
 }
 
 

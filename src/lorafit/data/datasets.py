@@ -186,8 +186,8 @@ def _read_delimited(path: Path, content: str, fmt: TableFormat, header: bool, co
         if fmt.sep == "\t" and not set(columns) & set(df.columns) and _looks_headerless(content):
             return read(header=None, names=[columns[1], columns[0]])  # the SMS Spam Collection: label<TAB>text
     except (ValueError, pd.errors.ParserError) as e:
-        raise LorafitError(f"{path}: cannot be read as {fmt.describe()} ({str(e).strip().splitlines()[0]}); quote "
-                           f"texts that hold the separator, or pass --sep") from e
+        raise FieldError("{}: cannot be read as {} ({}); quote texts that hold the separator, or pass {sep}", path,
+                         fmt.describe(), str(e).strip().splitlines()[0]) from e
     unnamed = [c for c in df.columns[:1] if str(c).startswith("Unnamed: 0")]
     return df.drop(columns=unnamed)
 

@@ -105,7 +105,8 @@ def plot_reliability(before: dict, after: dict, ece: tuple[float, float], temper
                      path: Path) -> None:
     """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling;
     the diagonal is perfect calibration, bar widths follow the bins, marker areas their counts."""
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(6, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig = Figure(figsize=(6, 6.4))
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
     edges = np.asarray(before["edges"])
     mids = (edges[:-1] + edges[1:]) / 2
@@ -132,7 +133,7 @@ def plot_pr(curves: dict[str, dict], points: dict[str, tuple[float, float]], rul
             path: Path) -> None:
     """Precision against recall, one line per curve; ``points``: curve name -> (recall, precision) of the
     operating threshold ``rule`` on it, a star in the curve's colour."""
-    fig, ax = plt.subplots(figsize=(6, 4.6))
+    fig, ax = _subplots((6, 4.6))
     for i, (name, c) in enumerate(curves.items()):
         ax.step(np.r_[0.0, c["recall"]], np.r_[1.0, c["precision"]], where="post", color=f"C{i}", label=name)
         if name in points:
@@ -152,7 +153,7 @@ def plot_roc(curves: dict[str, dict], points: dict[str, tuple[float, float]], ru
              path: Path) -> None:
     """True- against false-positive rate, one line per curve (``name`` -> curve with its ``auc``);
     ``points``: curve name -> (fpr, tpr) of the operating threshold ``rule``, a star in the curve's colour."""
-    fig, ax = plt.subplots(figsize=(6, 4.6))
+    fig, ax = _subplots((6, 4.6))
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
     for i, (name, c) in enumerate(curves.items()):
         ax.plot(c["fpr"], c["tpr"], color=f"C{i}", label=f"{name} (AUC {c['auc']:.4f})")
