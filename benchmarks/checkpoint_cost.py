@@ -25,7 +25,7 @@ from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, TrainConfig, build
 from lorafit.adapters.storage import adapter_state
 from lorafit.data.datasets import DataConfig
 from lorafit.runtime import cpu_name
-from lorafit.training.checkpoint import CHECKPOINT, RunSettings, load_checkpoint, save_checkpoint
+from lorafit.training.checkpoint import CHECKPOINT, RunPlan, load_checkpoint, save_checkpoint
 from lorafit.training.loop import History, TrainState, make_optimizer, rng_state
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     def lorafit_save():
-        save_checkpoint(out, model, spec, DataConfig(), cfg, state, RunSettings())
+        save_checkpoint(out, model, RunPlan(spec, DataConfig(), cfg), state)
 
     def nanogpt_save():  # nanoGPT train.py: checkpoint = {'model': ..., 'optimizer': ..., ...}; torch.save(...)
         torch.save({"model": adapter_state(model), "optimizer": state.optimizer, "rng": state.rng,

@@ -52,7 +52,7 @@ REFERENCE, GOAL = "lorafit-fp32", "ort-int8"
 def write_run(root: Path, args) -> Path:
     """``--base`` (GPT-2 small's shape with random weights, or a pretrained ``hf:`` model), LoRA rank 8 with
     B ~ N(0, 0.02), the head fitted by logistic regression on ``--head-texts`` training messages."""
-    from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, load_splits, save_adapter
+    from lorafit import BackboneSpec, ClassifierSpec, DataConfig, LoRAConfig, build_classifier, load_splits, save_adapter
     from lorafit.adapters.lora import lora_layers
 
     gpt2 = args.base == "gpt2-small"
@@ -65,7 +65,7 @@ def write_run(root: Path, args) -> Path:
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.02)
-    splits = load_splits(args.data, seed=42)
+    splits = load_splits(DataConfig(args.data), seed=42)
     n = args.head_texts or len(splits.train)
     fit_head(model, backbone, splits.train.text.tolist()[:n], splits.encode_labels(splits.train, "train")[:n])
     run = root / "run"
@@ -275,7 +275,7 @@ class Worker:
 
 def prepare(args, work: Path) -> None:
     """The run, its transformers export, the ONNX models and the texts; kept in ``work`` for the next run."""
-    from lorafit import load_splits
+    from lorafit import DataConfig, load_splits
     from lorafit.adapters.hf_format import export_hf
     from lorafit.adapters.loading import load_classifier
 
@@ -285,7 +285,7 @@ def prepare(args, work: Path) -> None:
         export_hf(work / "run", work / "hf")
     if any(s in ORT for s in args.systems) and not (work / "onnx-int8").exists():
         subprocess.run([args.ort_python, __file__, "--prepare-onnx", "--work", str(work)], check=True)
-    test = load_splits(args.data, seed=42).test
+    test = load_splits(DataConfig(args.data), seed=42).test
     _, backbone, spec = load_classifier(work / "run")
     lengths = [len(x) for x in backbone.encoder.encode(test.text.tolist())]
     short = next(t for t, n in zip(test.text, lengths) if n == 20)

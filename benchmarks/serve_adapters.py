@@ -186,10 +186,10 @@ def lorafit_cmd(runs: list[str], port: int, precision: str) -> list[str]:
 
 def run(args) -> None:
     """The comparison, printed as a table with the goals of issue 23."""
-    from lorafit import load_splits
+    from lorafit import DataConfig, load_splits
 
     n = args.adapters
-    texts = load_splits(args.data, seed=42).test["text"].tolist()
+    texts = load_splits(DataConfig(args.data), seed=42).test["text"].tolist()
     with tempfile.TemporaryDirectory() as tmp:
         m = write_adapters(Path(tmp), Path(args.tokenizer), n)
         named = [f"a{k}={m['runs'][k]}" for k in range(n)]

@@ -220,9 +220,9 @@ def main() -> None:
     if args.adapters:
         return serve_adapters.run(args)
 
-    from lorafit import load_splits, load_tokenizer
+    from lorafit import DataConfig, load_splits, load_tokenizer
 
-    texts = load_splits(args.data, seed=42).test["text"].tolist()
+    texts = load_splits(DataConfig(args.data), seed=42).test["text"].tolist()
     enc = load_tokenizer(args.tokenizer)
     short = next(t for t in texts if len(enc.encode_ordinary(t)) == 20)
     with tempfile.TemporaryDirectory() as tmp:

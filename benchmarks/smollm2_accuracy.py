@@ -33,14 +33,15 @@ VARIANTS = {  # name -> (LoRAConfig changes, TrainConfig changes) over rank 8, a
 
 
 def run_lorafit(args) -> dict:
-    from lorafit import BackboneSpec, ClassifierSpec, DataConfig, LoRAConfig, TrainConfig, train_run
+    from lorafit import BackboneSpec, ClassifierSpec, DataConfig, LoRAConfig, RunSettings, TrainConfig, train_run
 
     lora, train = VARIANTS[args.variant]
     spec = ClassifierSpec(backbone=BackboneSpec(model=f"hf:{args.model_dir}", gguf_file=args.gguf),
                           lora=LoRAConfig(rank=8, alpha=16, **lora))
     result = train_run(spec, DataConfig(data=args.data),
-                       TrainConfig(epochs=1, batch_size=8, lr=5e-4, seed=42, **train), args.out, overwrite=True,
-                       progress=False, command=f"python benchmarks/smollm2_accuracy.py --variant {args.variant}")
+                       TrainConfig(epochs=1, batch_size=8, lr=5e-4, seed=42, **train), args.out,
+                       RunSettings(command=f"python benchmarks/smollm2_accuracy.py --variant {args.variant}"),
+                       overwrite=True, progress=False)
     r = result.report
     return {"val": r["metrics"]["val"]["accuracy"], "test": r["metrics"]["test"]["accuracy"],
             "seconds": r["speed"]["train_seconds"], "precision": r["speed"]["precision"],
@@ -52,9 +53,9 @@ def run_peft(args) -> dict:
     import peft
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lorafit import load_splits
+    from lorafit import DataConfig, load_splits
 
-    splits = load_splits(args.data, seed=42)
+    splits = load_splits(DataConfig(args.data), seed=42)
     tok = AutoTokenizer.from_pretrained(args.model_dir, gguf_file=args.gguf)
     tok.pad_token = tok.pad_token or tok.eos_token
     torch.manual_seed(42)

@@ -59,7 +59,7 @@ def main() -> None:
         spec = ClassifierSpec(backbone=BackboneSpec(model=f"hf:{args.model_dir}", gguf_file=args.gguf),
                               lora=LoRAConfig(rank=8, alpha=16), head_bias=False)
         train_run(spec, DataConfig(data=args.data), TrainConfig(epochs=1, batch_size=8, lr=5e-4, seed=42), run,
-                  overwrite=True, progress=False, command="python benchmarks/smollm2_export.py")
+                  RunSettings(command="python benchmarks/smollm2_export.py"), overwrite=True, progress=False)
     t0 = time.perf_counter()
     diff = export_peft(run, run / "peft", overwrite=True)
     print(f"export: {time.perf_counter() - t0:.1f} s (checked on sample texts: {diff:.1e})", flush=True)

@@ -35,9 +35,9 @@ def peak_memory(device: str) -> dict:
 
 
 def load_data(args):
-    from lorafit import load_splits, load_tokenizer
+    from lorafit import DataConfig, load_splits, load_tokenizer
 
-    splits = load_splits(args.data, seed=42)
+    splits = load_splits(DataConfig(args.data), seed=42)
     enc = load_tokenizer(args.tokenizer)
     train = enc.encode_ordinary_batch(splits.train.text.tolist())
     test = enc.encode_ordinary_batch(splits.test.text.tolist())
@@ -71,7 +71,7 @@ def run_lorafit(args, precision: str, dora: bool = False) -> dict:
     metrics, eval_rate = evaluate_model(model, pad, {"test": Encoded(test, ytest, 0)}, ["ham", "spam"], compute,
                                         batch_size=32)
     return {"seconds": history.train_seconds, "examples": history.train_examples, "tokens": history.train_tokens,
-            "linear_rows": history.train_tokens,  # the blocks skip padding outside attention (lorafit.packing)
+            "linear_rows": history.train_tokens,  # the blocks skip padding outside attention (lorafit.backbones.packing)
             "eval_examples_per_s": eval_rate, "precision": "bf16 autocast" if compute.autocast_dtype else "fp32"}
 
 

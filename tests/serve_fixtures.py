@@ -9,7 +9,8 @@ import torch
 
 from conftest import TINY, hf_gpt2_config, write_bpe
 from lorafit.adapters.lora import LoRAConfig, lora_layers
-from lorafit.adapters.storage import ClassifierSpec, build_classifier, save_adapter
+from lorafit.adapters.build import build_classifier
+from lorafit.adapters.storage import ClassifierSpec, save_adapter
 from lorafit.backbones.base import BackboneSpec
 from lorafit.backbones.gpt2 import GPTConfig
 

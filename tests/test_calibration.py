@@ -134,8 +134,12 @@ def test_threshold_overrides():
 def test_decision_flags_are_checked():
     with pytest.raises(UsageError, match="not both"):
         DecisionConfig(target_precision=0.9, target_recall=0.9)
-    with pytest.raises(UsageError, match=r"--target-precision must be in \(0, 1\]"):
+    from lorafit.cli import flag
+
+    with pytest.raises(UsageError, match=r"^target_precision must be in \(0, 1\]") as e:
         DecisionConfig(target_precision=99)
-    with pytest.raises(UsageError, match="need --positive-class"):
+    assert e.value.render(flag).startswith("--target-precision must be in (0, 1]")
+    with pytest.raises(UsageError, match="need positive") as e:
         DecisionConfig(target_recall=0.9).positive_class(["a", "b", "c"])
+    assert "--target-precision/--target-recall with 3 classes need --positive-class" in e.value.render(flag)
     assert DecisionConfig(target_recall=0.9).positive_class(["ham", "spam"]) == "spam"

@@ -27,17 +27,17 @@ STEPS = 21
 
 CHILD = """
 import os, signal, sys, time
-import lorafit.files, lorafit.training.run as run
+import lorafit.files, lorafit.reporting.loggers as loggers
 from lorafit.cli import main
 %s
 sys.exit(main(sys.argv[1:]))
 """
 SLOW_STEPS = """
-log = run.append_metrics
-def slow_log(file, record):  # a tiny model trains too fast for a kill to land at a chosen step
+log = loggers.JsonlLogger.log
+def slow_log(self, record):  # a tiny model trains too fast for a kill to land at a chosen step
     time.sleep(0.03)
-    log(file, record)
-run.append_metrics = slow_log
+    log(self, record)
+loggers.JsonlLogger.log = slow_log
 """
 DIE_MID_WRITE = """
 real, saves = lorafit.files.save_file, []

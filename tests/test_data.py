@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorafit import LorafitError, load_splits, prepare_splits, read_table
+from lorafit import DataConfig, LorafitError, load_splits, prepare_splits, read_table
 from lorafit.errors import UsageError
 from lorafit.data.batching import collate, encode_texts, eval_order, train_order
 from lorafit.adapters.classifier import Classifier, pool
@@ -19,15 +19,15 @@ from conftest import SHARED_SMS, TINY
 
 @pytest.mark.skipif(not SHARED_SMS.is_file(), reason="../shared/data/sms_spam_collection is not present")
 def test_seed_split_sizes_on_the_real_file():
-    a = load_splits(SHARED_SMS, seed=42)
+    a = load_splits(DataConfig(SHARED_SMS), seed=42)
     assert (len(a.train), len(a.val), len(a.test)) == (1045, 149, 300)
     assert a.labels == ["ham", "spam"]
     for part in (a.train, a.val, a.test):
         assert set(part.label) == {"ham", "spam"}
-    b = load_splits(SHARED_SMS, seed=42)
+    b = load_splits(DataConfig(SHARED_SMS), seed=42)
     assert a.train.equals(b.train) and a.val.equals(b.val) and a.test.equals(b.test)
-    assert not a.train.equals(load_splits(SHARED_SMS, seed=7).train)
-    full = load_splits(SHARED_SMS, seed=42, balance=False)
+    assert not a.train.equals(load_splits(DataConfig(SHARED_SMS), seed=7).train)
+    full = load_splits(DataConfig(SHARED_SMS, balance=False), seed=42)
     assert len(full.train) + len(full.val) + len(full.test) == 5574
     # stratified: each split keeps the 6.5 : 1 ratio
     for part in (full.train, full.val, full.test):
@@ -55,13 +55,13 @@ def test_integer_labels_sort_numerically(tmp_path):
 def test_missing_columns_list_what_was_found(tmp_path):
     (tmp_path / "d.csv").write_text("message;category\nhello;ham\n")
     with pytest.raises(LorafitError, match=r"no column 'text', 'label'; columns found \(semicolon-separated text; "
-                                           r"another separator: --sep\): message, category \(choose with"):
+                                           r"another separator: sep\): message, category \(choose with"):
         read_table(tmp_path / "d.csv")
 
 
 @pytest.mark.parametrize("content,match", [
     (b"", "empty"),
-    (b"text,label\nok,a\n\xff\xfe bad,b\n", "not UTF-8 .*line 3; .*--encoding cp1252"),
+    (b"text,label\nok,a\n\xff\xfe bad,b\n", "not UTF-8 .*line 3; .*pass encoding cp1252"),
     (b"text,label\n  ,a\n ,b\n", "every text is empty"),
 ])
 def test_bad_files(tmp_path, content, match):
@@ -79,11 +79,11 @@ def test_blank_texts_are_skipped_and_counted(tmp_path):
 def test_single_class_and_unseen_labels(tmp_path):
     (tmp_path / "one.csv").write_text("text,label\n" + "".join(f"t{i},a\n" for i in range(10)))
     with pytest.raises(LorafitError, match="only one class"):
-        load_splits(tmp_path / "one.csv")
+        load_splits(DataConfig(tmp_path / "one.csv"))
     (tmp_path / "two.csv").write_text("text,label\n" + "".join(f"t{i},{'ab'[i % 2]}\n" for i in range(10)))
     (tmp_path / "val.csv").write_text("text,label\nx,a\ny,c\n")
     with pytest.raises(LorafitError, match="'c' were never seen in training"):
-        load_splits(tmp_path / "two.csv", val=tmp_path / "val.csv", test=tmp_path / "val.csv")
+        load_splits(DataConfig(tmp_path / "two.csv", val=tmp_path / "val.csv", test=tmp_path / "val.csv"))
 
 
 def test_truncation_warns_with_a_count(bpe_dir):
@@ -105,7 +105,10 @@ def test_batches_pad_to_their_own_longest_and_bucket():
     real = lengths.sum()
     assert padded - real < 0.5 * (plain - real)  # bucketing removes most of the padding
     assert [b.tolist() for b in order] == [b.tolist() for b in train_order(lengths, 4, np.random.default_rng(0), bucket=4)]
-    assert all(np.all(np.diff(lengths[b]) >= 0) for b in eval_order(lengths, 4))
+    evaluation = eval_order(lengths, 4)
+    assert sorted(np.concatenate(evaluation).tolist()) == list(range(len(lengths)))
+    fewest = sum(4 * chunk.max() for chunk in np.sort(lengths).reshape(-1, 4))  # the least padding batches of 4 allow
+    assert sum(len(b) * lengths[b].max() for b in evaluation) == fewest
 
 
 def test_prediction_never_depends_on_padding():
@@ -160,13 +163,13 @@ def test_parquet_files(tmp_path):
     pytest.importorskip("pyarrow")
     path = tmp_path / "d.parquet"
     _frame().to_parquet(path)
-    splits = load_splits(path, text_col="msg", label_col="y", seed=1)
+    splits = load_splits(DataConfig(path, text_col="msg", label_col="y"), seed=1)
     assert splits.labels == ["ham", "spam"] and len(splits.train) + len(splits.val) + len(splits.test) == 40
     with pytest.raises(LorafitError, match=r"d.parquet: no column 'text', 'label'; columns found: msg, y"):
         read_table(path)
     _frame(labels=("ham",)).to_parquet(path)
     with pytest.raises(LorafitError, match="only one class"):
-        load_splits(path, text_col="msg", label_col="y")
+        load_splits(DataConfig(path, text_col="msg", label_col="y"))
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(LorafitError, match="not a readable Parquet file"):
         read_table(tmp_path / "bad.parquet")
@@ -181,20 +184,20 @@ def test_hf_datasets_saved_to_disk(tmp_path):
     datasets.DatasetDict({"train": ds, "validation": ds.select(range(10)), "test": ds.select(range(10, 20))}
                          ).save_to_disk(tmp_path / "ds")
     src = f"hf:{tmp_path / 'ds'}"
-    splits = load_splits(src, text_col="msg", label_col="y", val_split="validation", test_split="test")
+    splits = load_splits(DataConfig(src, text_col="msg", label_col="y", val_split="validation", test_split="test"))
     assert splits.labels == ["ham", "spam"]  # ClassLabel ids became their names
     assert (len(splits.train), len(splits.val), len(splits.test)) == (40, 10, 10)
     assert set(splits.val["text"]) == set(frame["msg"][:10])
-    assert len(load_splits(src, text_col="msg", label_col="y").train) == 28  # one split: 70/10/20
+    assert len(load_splits(DataConfig(src, text_col="msg", label_col="y")).train) == 28  # one split: 70/10/20
     with pytest.raises(LorafitError, match=r"no split 'dev' \(splits: train, validation, test\)"):
-        load_splits(src, text_col="msg", label_col="y", split="dev")
+        load_splits(DataConfig(src, text_col="msg", label_col="y", split="dev"))
     with pytest.raises(LorafitError, match=r"\(train\): no column 'text'"):
-        load_splits(src)
+        load_splits(DataConfig(src))
     with pytest.raises(UsageError, match="go together"):
-        load_splits(src, text_col="msg", label_col="y", val_split="validation")
+        DataConfig(src, text_col="msg", label_col="y", val_split="validation")
     datasets.Dataset.from_pandas(_frame(labels=("ham",)), preserve_index=False).save_to_disk(tmp_path / "one")
     with pytest.raises(LorafitError, match="only one class"):
-        load_splits(f"hf:{tmp_path / 'one'}", text_col="msg", label_col="y")
+        load_splits(DataConfig(f"hf:{tmp_path / 'one'}", text_col="msg", label_col="y"))
 
 
 def test_hf_dataset_through_the_cli(tmp_path, request, capsys):
@@ -245,7 +248,7 @@ def test_a_bad_sep_is_a_usage_error():
 
     assert parse_sep("semicolon") == ";" and parse_sep("\\t") == "\t" and parse_sep("TAB") == "\t"
     for bad in ("", ";;", '"', "\n"):
-        with pytest.raises(UsageError, match="--sep .*one character"):
+        with pytest.raises(UsageError, match="^sep .*one character"):
             parse_sep(bad)
 
 
@@ -259,7 +262,7 @@ def test_byte_order_marks_name_the_encoding(tmp_path, encoding):
 
 def test_latin1_is_refused_with_the_flag_and_read_with_it(tmp_path):
     (tmp_path / "d.csv").write_bytes("text,label\ncafé,ham\nWIN,spam\n".encode("latin-1"))
-    with pytest.raises(LorafitError, match=r"d.csv: not UTF-8 text \(bad byte at line 2; .*--encoding cp1252\)$"):
+    with pytest.raises(LorafitError, match=r"d.csv: not UTF-8 text \(bad byte at line 2; .*pass encoding cp1252\)$"):
         read_table(tmp_path / "d.csv")
     assert read_table(tmp_path / "d.csv", encoding="latin-1").text[0] == "café"
 
@@ -270,7 +273,7 @@ def test_pandas_index_column_is_dropped(tmp_path):
     pd.DataFrame({"text": ["a", "b", "c"], "label": ["x", "y", "x"]}).to_csv(tmp_path / "d.csv")  # index=True
     assert list(read_table(tmp_path / "d.csv").columns) == ["text", "label"]
     (tmp_path / "e.csv").write_text(",msg\n0,hello\n")
-    with pytest.raises(LorafitError, match=r"columns found \(comma-separated text; another separator: --sep\): msg "):
+    with pytest.raises(LorafitError, match=r"columns found \(comma-separated text; another separator: sep\): msg "):
         read_table(tmp_path / "e.csv")
 
 

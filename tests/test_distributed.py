@@ -200,9 +200,10 @@ def test_interrupted_torchrun_resumes_to_the_uninterrupted_adapter(files, refere
 
 
 def test_another_world_size_resumes_only_when_it_divides_the_step():
-    assert regroup(1, 2, 1, "--resume r") == 2 and regroup(2, 2, 4, "--resume r") == 1
-    with pytest.raises(LorafitError, match="which 3 processes cannot share evenly"):
-        regroup(1, 2, 3, "--resume r")
+    assert regroup(1, 2, 1, "r") == 2 and regroup(2, 2, 4, "r") == 1
+    with pytest.raises(LorafitError, match="resume r: its optimiser step takes 2 batches .* which 3 processes "
+                                           "cannot share evenly"):
+        regroup(1, 2, 3, "r")
 
 
 def test_elastic_restart_after_a_killed_worker_ends_on_the_uninterrupted_adapter(files, reference, tmp_path):

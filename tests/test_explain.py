@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from lorafit import BackboneSpec, ClassifierSpec, DataConfig, LoRAConfig, TrainConfig, train_run
+from lorafit import BackboneSpec, ClassifierSpec, DataConfig, LoRAConfig, RunSettings, TrainConfig, train_run
 from lorafit.inference.explain import explain_texts, log_odds
 from lorafit.inference.predict import load_for_inference, predict_texts
 
@@ -80,7 +80,7 @@ def planted_run(tmp_path_factory):
     data.write_text("\n".join(lines) + "\n")
     spec = ClassifierSpec(BackboneSpec(f"hf:{model}"), LoRAConfig(rank=8), pooling="mean")
     train_run(spec, DataConfig(data=str(data)), TrainConfig(epochs=6, batch_size=8, lr=1e-2, eval_every=1000),
-              root / "run", precision="fp32", progress=False)
+              root / "run", RunSettings(precision="fp32"), progress=False)
     return root / "run"
 
 

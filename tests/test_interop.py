@@ -184,8 +184,11 @@ def test_random_init_base_exports_to_hf_only(tmp_path, bpe_dir, capsys):
     assert spec.backbone.random_init
     from lorafit.adapters.peft_format import _base
 
-    with pytest.raises(LorafitError, match="--format hf"):
+    from lorafit.cli import flag
+
+    with pytest.raises(LorafitError, match="use export_hf") as e:
         _base(spec, None)
+    assert "base is --random-init gpt2-small" in e.value.render(flag) and "use --format hf" in e.value.render(flag)
 
 
 def test_no_head_bias_removes_only_the_bias(hf_gpt2_dir):

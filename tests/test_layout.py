@@ -72,3 +72,32 @@ def test_readme_api_example_runs_as_written(tmp_path, monkeypatch, hf_gpt2_dir):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert {p.name for p in (tmp_path / "runs" / "notebook").iterdir()} == {"adapter.safetensors", "adapter.json"}
+
+
+def test_importing_lorafit_has_no_side_effects():
+    """``import lorafit`` loads neither pandas nor matplotlib and sets no environment variable; every name
+    of its API then resolves."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; before = dict(os.environ); import lorafit; "
+            "print(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules), dict(os.environ) == before); "
+            "print(all(getattr(lorafit, n) is not None for n in lorafit.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["[] True", "True"]
+
+
+def test_building_a_classifier_leaves_the_global_generator_alone(hf_gpt2_dir):
+    """LoRA and the head start from the seed's values, drawn without reseeding what the caller draws next."""
+    import torch
+
+    from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier
+
+    spec = ClassifierSpec(BackboneSpec(str(hf_gpt2_dir)), LoRAConfig(rank=2))
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    a, _, _ = build_classifier(spec, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(999)
+    b, _, _ = build_classifier(spec, seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

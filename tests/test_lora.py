@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorafit import (Classifier, ClassifierSpec, GPTModel, LoRAConfig, LoRALinear, LorafitError, PRESETS,
-                     build_classifier, count_parameters, freeze_for_lora, inject_lora, set_merged)
+                     build_classifier, count_parameters, freeze_for_lora, inject_lora, merge_lora, unmerge_lora)
 from lorafit.adapters.loading import load_classifier
 from lorafit.adapters.storage import load_adapter_into, save_adapter
 from lorafit.backbones.base import BackboneSpec
@@ -136,10 +136,10 @@ def test_merge_unmerge_restore_and_merged_equals_unmerged():
     weights = {n: m.base.weight.detach().clone() for n, m in lora_layers(model).items()}
     ids = torch.randint(0, 300, (2, 10))
     unmerged = model(ids)
-    set_merged(model, True)
-    set_merged(model, True)  # idempotent
+    merge_lora(model)
+    merge_lora(model)  # idempotent
     torch.testing.assert_close(model(ids), unmerged, atol=1e-5, rtol=0)
-    set_merged(model, False)
+    unmerge_lora(model)
     for n, m in lora_layers(model).items():
         torch.testing.assert_close(m.base.weight, weights[n], atol=1e-6, rtol=0)
     assert not any(m.merged for m in lora_layers(model).values())
@@ -283,8 +283,8 @@ def test_frozen_base_in_bf16_merges_and_unmerges_exactly():
     ids = torch.randint(0, 300, (2, 10))
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         unmerged = model(ids).float()
-        set_merged(model, True)
+        merge_lora(model)
         merged = model(ids).float()
-    set_merged(model, False)
+    unmerge_lora(model)
     assert all(torch.equal(m.base.weight, weights[n]) for n, m in layers.items())
     torch.testing.assert_close(merged, unmerged, atol=0.1, rtol=0.05)  # bf16 rounding of W + BA only

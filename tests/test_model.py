@@ -37,17 +37,19 @@ def assert_same_logits_as_hf(model: GPTModel, hf_model) -> None:
         torch.testing.assert_close(model(ids[:1]), hf_model(input_ids=ids[:1]).logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name,total", [("gpt2-small", 163_037_184)])
-def test_preset_parameter_count_without_download(name, total):
+# transformers' GPT2Model of OpenAI's four sizes, counted once (its embeddings are tied to the LM head, which the
+# book's GPTModel keeps as a separate vocab x width matrix)
+HF_GPT2_PARAMETERS = {"gpt2-small": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
+                      "gpt2-xl": 1_557_611_200}
+
+
+@pytest.mark.parametrize("name", list(HF_GPT2_PARAMETERS))
+def test_presets_are_openai_sizes_counted_without_download(name):
     with torch.device("meta"):
         model = GPTModel(PRESETS[name])
-    assert count_parameters(model).total == total
-
-
-def test_presets_have_openai_shapes():
-    assert {k: (c.emb_dim, c.n_layers, c.n_heads) for k, c in PRESETS.items()} == {
-        "gpt2-small": (768, 12, 12), "gpt2-medium": (1024, 24, 16),
-        "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}
+    cfg = PRESETS[name]
+    assert count_parameters(model).total == HF_GPT2_PARAMETERS[name] + cfg.vocab_size * cfg.emb_dim
+    assert cfg.emb_dim % cfg.n_heads == 0 and cfg.emb_dim // cfg.n_heads == 64  # OpenAI's head width, every size
 
 
 def test_hf_directory_logits_match_transformers(hf_gpt2_dir):
@@ -188,8 +190,11 @@ def test_tokenizer_from_both_file_layouts(tmp_path):
 
 
 def test_tokenizer_folder_without_files_is_refused(tmp_path):
-    with pytest.raises(LorafitError, match="--tokenizer"):
+    from lorafit.cli import flag
+
+    with pytest.raises(LorafitError, match="^tokenizer .*: expected a folder with encoder.json") as e:
         load_tokenizer(tmp_path)
+    assert e.value.render(flag).startswith(f"--tokenizer {tmp_path}: expected")
 
 
 def test_greedy_generation_matches_transformers(hf_gpt2_dir):

@@ -158,14 +158,14 @@ def test_a_full_queue_gets_429_and_the_next_request_is_answered(run_dir, referen
     with make_client(run_dir, max_concurrent=1, max_wait_ms=0) as c:
         gate, entered = threading.Event(), threading.Event()
         batcher = c.app.state.batcher
-        run = batcher._run
+        run = batcher.run_batch
 
         def slow(ids, adapters):
             entered.set()
             gate.wait(10)
             return run(ids, adapters)
 
-        batcher._run = slow
+        batcher.run_batch = slow
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(c.post, "/predict", json={"inputs": TEXTS[0]})
             assert entered.wait(10)
@@ -174,7 +174,7 @@ def test_a_full_queue_gets_429_and_the_next_request_is_answered(run_dir, referen
             assert "--max-concurrent 1" in r.json()["error"]
             gate.set()
             assert_matches(first.result(10).json(), reference[TEXTS[0]])
-        batcher._run = run
+        batcher.run_batch = run
         assert_matches(c.post("/predict", json={"inputs": TEXTS[1]}).json(), reference[TEXTS[1]])
 
 
@@ -186,18 +186,18 @@ def test_an_internal_failure_is_500_without_traceback_logged_on_the_server(run_d
     log.disabled = False  # a logging.config.dictConfig elsewhere in the session may have disabled it
     log.addHandler(logged)
     with make_client(run_dir) as c:
-        served_forward = c.app.state.batcher._run
+        served_forward = c.app.state.batcher.run_batch
 
         def broken(ids, adapters):
             raise RuntimeError("secret internal detail")
 
-        c.app.state.batcher._run = broken
+        c.app.state.batcher.run_batch = broken
         r = c.post("/predict", json={"inputs": TEXTS[0]})
         assert r.status_code == 500 and r.json()["error_type"] == "Backend"
         assert "secret" not in r.text and "Traceback" not in r.text
         log.removeHandler(logged)
         assert any("secret internal detail" in str(rec.exc_info[1]) for rec in logged.records if rec.exc_info)
-        c.app.state.batcher._run = served_forward
+        c.app.state.batcher.run_batch = served_forward
         assert_matches(c.post("/predict", json={"inputs": TEXTS[0]}).json(), reference[TEXTS[0]])
 
 

@@ -183,14 +183,14 @@ def test_adapters_are_added_and_removed_without_a_restart_and_no_request_is_lost
         assert c.post("/admin/models", json={"name": "mood", "path": str(runs["topic"])}, headers=key).status_code == 409
         # a request for "mood" held in the queue while "mood" is removed is still answered, by "mood"
         batcher, gate, entered = c.app.state.batcher, threading.Event(), threading.Event()
-        run = batcher._run
+        run = batcher.run_batch
 
         def held(ids, adapters):
             entered.set()
             gate.wait(10)
             return run(ids, adapters)
 
-        batcher._run = held
+        batcher.run_batch = held
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(c.post, "/predict", json={"inputs": TEXTS[1], "model": "spam"}, headers=key)
             assert entered.wait(10)
@@ -201,7 +201,7 @@ def test_adapters_are_added_and_removed_without_a_restart_and_no_request_is_lost
             gate.set()
             close(first.result(10).json(), reference["spam"][TEXTS[1]])
             close(queued.result(10).json(), reference["mood"][TEXTS[3]])
-        batcher._run = run
+        batcher.run_batch = run
         assert c.post("/predict", json={"inputs": "hi", "model": "mood"}, headers=key).status_code == 404
         assert [m["id"] for m in c.get("/v1/models", headers=key).json()["data"]] == ["spam"]
         assert 'lorafit_model_loaded{model="mood"}' not in c.get("/metrics", headers=key).text

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lorafit.cli import main
-from lorafit.data.datasets import encode_labels, load_splits, read_table
+from lorafit.data.datasets import DataConfig, encode_labels, load_splits, read_table
 from lorafit.errors import LorafitError
 from lorafit.inference.predict import predict_texts
 from lorafit.reporting.metrics import best_f1_threshold, multilabel_metrics
@@ -46,7 +46,7 @@ def test_multi_label_cells_and_columns_read_to_the_same_label_sets(tmp_path):
         read_table(tmp_path / "c.csv", label_col="x,y", multi_label=True)
     with pytest.raises(LorafitError, match="need --multi-label"):
         read_table(tmp_path / "c.csv", label_col="x,y")
-    splits = load_splits(tmp_path / "a.csv", multi_label=True)
+    splits = load_splits(DataConfig(str(tmp_path / "a.csv"), multi_label=True))
     assert splits.labels == ["late", "money"] and sum(map(len, (splits.train, splits.val, splits.test))) == 160
 
 

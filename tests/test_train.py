@@ -120,17 +120,21 @@ def test_bf16_autocast_training_learns(tmp_path, hf_gpt2_dir, sms_file):
 
 
 @pytest.mark.parametrize("preset", [None, "512"])
-def test_importing_lorafit_caps_onednn_kernel_caches_unless_the_user_set_them(preset):
-    """oneDNN's caches must be capped before its first bf16 kernel, so on import; a user's value wins."""
+def test_resolving_compute_caps_onednn_kernel_caches_unless_the_user_set_them(preset):
+    """oneDNN's caches must be capped before its first bf16 kernel: resolve_compute does it (importing lorafit
+    changes no environment variable); a user's value wins."""
     import os
     import subprocess
     import sys
 
-    from lorafit.runtime import ONEDNN_CACHE_CAPACITY
+    from lorafit.runtime import ONEDNN_CACHE_CAPACITY, ONEDNN_CACHES
 
-    names = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-    env = {k: v for k, v in os.environ.items() if k not in names}
-    env.update({k: preset for k in names} if preset else {})
-    code = "import os, lorafit; print(*(os.environ[k] for k in %r))" % (names,)
+    env = {k: v for k, v in os.environ.items() if k not in ONEDNN_CACHES}
+    env.update({k: preset for k in ONEDNN_CACHES} if preset else {})
+    code = ("import os, lorafit; from lorafit.runtime import resolve_compute; "
+            "print(*(os.environ.get(k, '-') for k in %r)); resolve_compute('cpu', 'fp32'); "
+            "print(*(os.environ[k] for k in %r))" % (ONEDNN_CACHES, ONEDNN_CACHES))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == [preset or ONEDNN_CACHE_CAPACITY] * 2
+    on_import, resolved = out.splitlines()
+    assert on_import.split() == [preset or "-"] * 2
+    assert resolved.split() == [preset or ONEDNN_CACHE_CAPACITY] * 2

@@ -4,7 +4,6 @@ through the CLI."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -195,10 +194,12 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_variant_trains_resumes_merges_and_predicts(variant, tmp_path, hf_gpt2_dir, capsys, monkeypatch):
+def test_every_variant_trains_resumes_merges_and_predicts(variant, tmp_path, hf_gpt2_dir, capsys):
     from safetensors.torch import load_file
 
-    import lorafit.training.run as run
+    from lorafit import train_run
+    from lorafit.cli import build_parser, train_configs
+    from lorafit.training.loop import TrainingStopped
 
     sms_file = write_sms_like(tmp_path / "sms.txt", n=80)  # 7 batches an epoch: enough to stop after 5 steps
 
@@ -206,15 +207,13 @@ def test_every_variant_trains_resumes_merges_and_predicts(variant, tmp_path, hf_
     reference = tmp_path / "reference"
     assert main(train_args(hf_gpt2_dir, sms_file, reference, *args)) == 0
 
-    @contextlib.contextmanager
-    def stop_after_five_steps():
-        calls = iter(range(10 ** 6))
-        yield lambda: next(calls) >= 5
-
     out = tmp_path / "interrupted"
-    with monkeypatch.context() as m:
-        m.setattr(run, "stop_on_signals", stop_after_five_steps)
-        assert main(train_args(hf_gpt2_dir, sms_file, out, *args)) == 130
+    spec, data_cfg, train_cfg, settings = train_configs(build_parser().parse_args(train_args(hf_gpt2_dir, sms_file,
+                                                                                               out, *args)))
+    calls = iter(range(10 ** 6))
+    with pytest.raises(TrainingStopped, match="interrupted at step") as stopped:
+        train_run(spec, data_cfg, train_cfg, out, settings, progress=False, stop=lambda: next(calls) >= 5)
+    assert stopped.value.exit_code == 130
     assert (out / CHECKPOINT).exists()
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     a, b = load_file(reference / "adapter.safetensors"), load_file(out / "adapter.safetensors")
@@ -243,12 +242,21 @@ def test_old_adapter_configs_load_and_bad_settings_are_named():
     assert (cfg.use_dora, cfg.init) == (False, "default")
     assert LoRAConfig.from_dict(LoRAConfig(use_dora=True, init="pissa").to_dict()) == LoRAConfig(use_dora=True,
                                                                                                    init="pissa")
-    with pytest.raises(UsageError, match="--init must be one of default, pissa, got 'olora'"):
+    from lorafit.cli import flag
+
+    # the library names fields, as a Python user writes them; the CLI names the flags that set them
+    with pytest.raises(UsageError, match="^init must be one of default, pissa, got 'olora'$") as e:
         LoRAConfig(init="olora")
-    with pytest.raises(UsageError, match="--lora-plus-ratio must be > 0"):
+    assert e.value.render(flag) == "--init must be one of default, pissa, got 'olora'"
+    with pytest.raises(UsageError, match="^lora_plus_ratio must be > 0, got 0$") as e:
         TrainConfig(lora_plus_ratio=0)
-    with pytest.raises(LorafitError, match="--init pissa: rank 8 exceeds the layer's size"):
+    assert e.value.render(flag) == "--lora-plus-ratio must be > 0, got 0"
+    with pytest.raises(UsageError, match=r"^rank must be >= 1, got 0; dropout must be in \[0, 1\), got 1.0$") as e:
+        LoRAConfig(rank=0, dropout=1.0)  # every problem at once
+    assert e.value.render(flag) == "--rank must be >= 1, got 0; --lora-dropout must be in [0, 1), got 1.0"
+    with pytest.raises(LorafitError, match="^init pissa: rank 8 exceeds the layer's size") as e:
         LoRALinear(nn.Linear(4, 6), LoRAConfig(rank=8, init="pissa"))
+    assert e.value.render(flag).startswith("--init pissa: --rank 8 exceeds the layer's size")
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -11,31 +11,51 @@ README.md walks through the rest: data, ``fit``, ``predict_proba``, ``save_adapt
 follow the data's way through the program: backbones and data -> adapters -> inference -> training.
 """
 
+import importlib
 from importlib import metadata
 
-from .adapters.accounting import ParamCounts, count_parameters, format_counts
-from .adapters.classifier import Classifier, pool
-from .adapters.lora import LoRAConfig, LoRALinear, freeze_for_lora, inject_lora, merged, set_merged, unwrap_merged
-from .adapters.loading import load_classifier
-from .adapters.storage import ClassifierSpec, build_classifier, load_merged, save_adapter, save_merged
-from .backbones.base import Backbone, BackboneModule, BackboneSpec, Encoder
-from .backbones.generate import generate
-from .backbones.gpt2 import PRESETS, GPTConfig, GPTModel
-from .backbones.loader import load_backbone
-from .backbones.tokenizer import load_tokenizer
-from .backbones.weights import load_gpt2
-from .data.batching import encode_frame, encode_texts
-from .data.datasets import DataConfig, Splits, load_splits, prepare_splits, read_table
-from .errors import LorafitError
-from .inference.evaluate import evaluate_run
-from .inference.predict import InferenceModel, load_for_inference, predict_proba, predict_texts
-from .reporting.metrics import classification_metrics
-from .runtime import Compute, resolve_compute
-from .training.loop import TrainConfig, fit
-from .training.run import train_run
+# The public API by module, imported on first use: ``import lorafit`` loads neither pandas nor matplotlib.
+_API = {
+    "adapters.accounting": ("ParamCounts", "count_parameters", "format_counts"),
+    "adapters.classifier": ("Classifier", "pool"),
+    "adapters.lora": ("LoRAConfig", "LoRALinear", "freeze_for_lora", "inject_lora", "lora_merged", "merge_and_unload",
+                      "merge_lora", "unmerge_lora"),
+    "adapters.loading": ("load_classifier", "merge_run"),
+    "adapters.build": ("add_head", "add_lora", "build_classifier", "rebuild_classifier"),
+    "adapters.storage": ("ClassifierSpec", "load_merged", "save_adapter", "save_merged"),
+    "backbones.base": ("Backbone", "BackboneModule", "BackboneSpec", "Encoder"),
+    "backbones.generate": ("generate",),
+    "backbones.gpt2": ("PRESETS", "GPTConfig", "GPTModel"),
+    "backbones.loader": ("load_backbone",),
+    "backbones.tokenizer": ("load_tokenizer",),
+    "backbones.weights": ("load_gpt2",),
+    "data.batching": ("encode_frame", "encode_texts"),
+    "data.datasets": ("DataConfig", "Splits", "load_splits", "prepare_splits", "read_table"),
+    "errors": ("FieldError", "LorafitError", "SettingError"),
+    "inference.evaluate": ("evaluate_run",),
+    "inference.predict": ("InferenceModel", "load_for_inference", "predict_proba", "predict_texts"),
+    "reporting.metrics": ("classification_metrics",),
+    "runtime": ("Compute", "resolve_compute"),
+    "training.checkpoint": ("CheckpointPolicy", "RunSettings"),
+    "training.loop": ("Hooks", "TrainConfig", "Trainer", "fit"),
+    "training.run": ("resume_run", "train_run"),
+}
+_MODULE_OF = {name: module for module, names in _API.items() for name in names}
 
 try:
     __version__ = metadata.version("lorafit")
 except metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
-__all__ = [name for name in dir() if not name.startswith("_") and name != "metadata"]
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'lorafit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

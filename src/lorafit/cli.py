@@ -17,34 +17,47 @@ import torch
 
 from . import __version__
 from .adapters.accounting import count_parameters, format_counts
-from .adapters.classifier import Classifier
 from .adapters.hf_format import export_hf
 from .adapters.onnx_format import QUANTIZE, export_onnx
-from .adapters.loading import load_classifier
-from .adapters.lora import INITS, LoRAConfig, freeze_for_lora, inject_lora
+from .adapters.loading import merge_run
+from .adapters.lora import INITS, LoRAConfig
 from .adapters.peft_format import export_peft
-from .adapters.storage import MERGED_CONFIG, ClassifierSpec, save_merged
+from .adapters.build import add_head, add_lora
+from .adapters.storage import MERGED_CONFIG, ClassifierSpec
 from .backbones.base import BackboneSpec
 from .backbones.generate import generate
 from .backbones.loader import load_backbone
 from .data.datasets import DataConfig, read_text
-from .errors import LorafitError, UsageError
+from .errors import FieldError, LorafitError, UsageError
 from .inference.evaluate import evaluate_run
 from .inference.explain import IG_STEPS, METHODS as EXPLAIN_METHODS, explain_texts
 from .inference.predict import predict_texts
 from .reporting.calibration import DecisionConfig
 from .reporting.compare import compare_runs
 from .reporting.loggers import LOGGERS, LoggerConfig
-from .runtime import INFERENCE_PRECISIONS, PRECISIONS
+from .runtime import INFERENCE_PRECISIONS, PRECISIONS, seeded
 from .serving.config import ServeConfig
 from .serving.server import serve
-from .training.checkpoint import RunSettings
+from .training.checkpoint import CheckpointPolicy, RunSettings
 from .training.loop import SCHEDULES, TrainConfig
 from .training.distributed import Launch, launched_by_torchrun
-from .training.run import resume_or_start, resume_run, train_run
+from .training.run import default_run_dir, resume_run, run_to_resume, train_run
 
 
 EXPORT_FORMATS = ("peft", "hf", "onnx")
+# The library names settings by their fields; a message the CLI prints names the flag that sets each one.
+FLAGS = {
+    "dropout": "--lora-dropout", "use_rslora": "--rslora", "use_dora": "--dora", "head_bias=False": "--no-head-bias",
+    "header": "--no-header", "balance": "--no-balance", "names": "--logger", "backend": "--dist-backend",
+    "timeout_s": "--dist-timeout", "png": "--out-png", "runs": "--run", "export_hf": "--format hf",
+    "export_peft": "--format peft", "positive": "--positive-class",
+}
+
+
+def flag(field: str) -> str:
+    """The flag that sets ``field``: the table's, else the field's own name as a flag (``save_every`` ->
+    ``--save-every``)."""
+    return FLAGS.get(field) or "--" + field.replace("_", "-")
 
 
 def _model_args(p: argparse.ArgumentParser, default: str = "gpt2-small") -> None:
@@ -159,7 +172,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted or killed run from its last checkpoint (its own settings are used); "
                         "auto: --out's run if it holds a checkpoint of this same command, else start (the default "
                         "under torchrun)")
-    r = RunSettings()
+    r = CheckpointPolicy()
     g.add_argument("--save-every", type=int, default=r.save_every, metavar="STEPS",
                    help="optimiser steps between checkpoints (0: off); one is also written at each epoch end")
     g.add_argument("--save-every-minutes", type=float, default=r.save_every_minutes, metavar="M",
@@ -293,31 +306,40 @@ def _lora_config(args):
 
 
 def cmd_train(args) -> None:
-    names = tuple(n.strip() for v in args.logger or () for n in v.split(",") if n.strip())
-    loggers = LoggerConfig(names, args.mlflow_uri)
     launch = Launch(args.dist_backend, args.dist_timeout)
-    name = Path(args.model.removeprefix("hf:")).name or "model"
-    out = Path(args.out or f"runs/{name}-r{args.rank}-s{args.seed}")
+    out = Path(args.out) if args.out else default_run_dir(args.model, args.rank, args.seed)
     command = "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
-    resume = args.resume or ("auto" if launched_by_torchrun() else None)
-    if resume == "auto":
-        resume = out if resume_or_start(out, command, args.overwrite) else None
+    resume = run_to_resume(args.resume, out, command, args.overwrite)
     if resume:
-        _print_summary(resume_run(resume, progress=not args.quiet, loggers=loggers if names else None, launch=launch))
+        loggers = LoggerConfig(tuple(args.logger), args.mlflow_uri) if args.logger else None
+        _print_summary(resume_run(resume, progress=not args.quiet, loggers=loggers, launch=launch))
         return
+    spec, data_cfg, train_cfg, settings = train_configs(args, command)
+    _print_summary(train_run(spec, data_cfg, train_cfg, out, settings, overwrite=args.overwrite,
+                             progress=not args.quiet, launch=launch))
+
+
+def train_configs(args, command: str = "") -> tuple[ClassifierSpec, DataConfig, TrainConfig, RunSettings]:
+    """``lorafit train``'s flags as the library's configs (what :func:`train_run` takes)."""
     spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args), head_bias=args.head_bias)
-    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                       grad_accum=args.grad_accum, schedule=args.schedule, warmup_steps=args.warmup_steps,
-                       clip_grad=args.clip_grad or None, eval_every=args.eval_every, eval_batches=args.eval_batches,
-                       class_weights=args.class_weights, seed=args.seed, lora_plus_ratio=args.lora_plus_ratio)
-    dcfg = DataConfig(data=args.data, val=args.val, test=args.test, text_col=args.text_col,
-                      label_col=args.label_col, balance=not args.no_balance, encoding=args.encoding,
-                      header=not args.no_header, sep=args.sep, split=args.split, val_split=args.val_split,
-                      test_split=args.test_split, multi_label=args.multi_label)
-    _print_summary(train_run(spec, dcfg, tcfg, out, device=args.device, precision=args.precision,
-                             overwrite=args.overwrite, command=command, progress=not args.quiet,
-                             save_every=args.save_every, save_every_minutes=args.save_every_minutes, loggers=loggers,
-                             launch=launch, decision=_decision_config(args)))
+    loggers = LoggerConfig(tuple(args.logger or ()), args.mlflow_uri)
+    settings = RunSettings(command, args.device, args.precision,
+                           CheckpointPolicy(args.save_every, args.save_every_minutes), loggers, _decision_config(args))
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                            grad_accum=args.grad_accum, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                            clip_grad=args.clip_grad or None, eval_every=args.eval_every,
+                            eval_batches=args.eval_batches, class_weights=args.class_weights, seed=args.seed,
+                            lora_plus_ratio=args.lora_plus_ratio)
+    return spec, _data_config(args), train_cfg, settings
+
+
+def _data_config(args) -> DataConfig:
+    """--data and the flags that say how to read it (train's also name val/test files or splits)."""
+    splits = {k: getattr(args, k, None) for k in ("val", "test", "val_split", "test_split")}
+    return DataConfig(data=args.data, text_col=args.text_col, label_col=args.label_col,
+                      balance=not getattr(args, "no_balance", False), encoding=args.encoding,
+                      header=not args.no_header, sep=args.sep, split=args.split,
+                      multi_label=getattr(args, "multi_label", False), **splits)
 
 
 def _decision_config(args) -> DecisionConfig:
@@ -337,9 +359,8 @@ def _print_summary(result) -> None:
 
 
 def cmd_eval(args) -> None:
-    result = evaluate_run(args.run, args.data, text_col=args.text_col, label_col=args.label_col, device=args.device,
-                          precision=args.precision, batch_size=args.batch_size, encoding=args.encoding,
-                          header=not args.no_header, sep=args.sep, split=args.split)
+    result = evaluate_run(args.run, _data_config(args) if args.data else None, device=args.device,
+                          precision=args.precision, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -391,23 +412,21 @@ def cmd_serve(args) -> None:
                       max_wait_ms=args.max_wait_ms, max_client_batch=args.max_client_batch,
                       max_input_tokens=args.max_input_tokens, max_concurrent=args.max_concurrent,
                       device=args.device, precision=args.precision,
-                      api_key=args.api_key or os.environ.get("LORAFIT_API_KEY") or None,
+                      api_key=args.api_key,
                       max_request_bytes=args.max_request_bytes))
 
 
 def cmd_inspect(args) -> None:
     backbone = load_backbone(_backbone_spec(args), need_tokenizer=False)  # parameters only: no texts to encode
     model = backbone.module
-    torch.manual_seed(args.seed)
-    replaced = inject_lora(model, _lora_config(args))
-    freeze_for_lora(model)
-    print(model)
-    print(f"\nLoRA injected into {len(replaced)} layers; every other parameter is frozen.\n")
-    print(format_counts(count_parameters(model), "Parameters after LoRA injection and freezing"))
-    old_head = getattr(model, "out_head", None)
-    model.out_head = None  # the classification head takes the LM head's place
-    clf = Classifier(model, backbone.hidden_size, args.num_classes, backbone.default_pooling, args.head_bias)
-    freeze_for_lora(clf, trainable=(clf.head,))
+    with seeded(args.seed):
+        replaced = add_lora(backbone, _lora_config(args))
+        print(model)
+        print(f"\nLoRA injected into {len(replaced)} layers; every other parameter is frozen.\n")
+        print(format_counts(count_parameters(model), "Parameters after LoRA injection and freezing"))
+        old_head = getattr(model, "out_head", None)
+        model.out_head = None  # the classification head takes the LM head's place
+        clf = add_head(backbone, args.num_classes, head_bias=args.head_bias)
     before = old_head if old_head is not None else "none (the backbone was loaded without its LM head)"
     print(f"\nhead before: {before}\nhead after:  {clf.head}  (trainable)\n")
     print(format_counts(count_parameters(clf), f"Parameters with the {args.num_classes}-class head"))
@@ -420,10 +439,7 @@ def cmd_compare(args) -> None:
 
 def cmd_merge(args) -> None:
     out = Path(args.out)
-    if (out / MERGED_CONFIG).exists() and not args.overwrite:
-        raise LorafitError(f"--out {out}: already holds a merged model; pass --overwrite to replace it")
-    model, backbone, spec = load_classifier(args.run)
-    save_merged(out, model, spec, backbone)
+    merge_run(args.run, out, overwrite=args.overwrite)
     print(f"merged classifier written to {out}/ (model.safetensors, {MERGED_CONFIG}); "
           f"use it like a run: lorafit predict --run {out} ...")
 
@@ -500,9 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     except LorafitError as e:
         if args.debug:
             raise
+        message = e.render(flag) if isinstance(e, FieldError) else str(e)
         if isinstance(e, UsageError):
-            parser.exit(2, f"lorafit {args.command}: error: {e}\n")
-        print(f"lorafit: error: {e}", file=sys.stderr)
+            parser.exit(2, f"lorafit {args.command}: error: {message}\n")
+        print(f"lorafit: error: {message}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("lorafit: interrupted", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import LorafitError, WriteError
+from .errors import FieldError, LorafitError, WriteError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -70,8 +71,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     An existing non-empty ``path`` is refused unless ``overwrite``.
     """
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise LorafitError(f"--out {path}: already exists and is not empty; pass --overwrite to replace it")
+    refuse_nonempty(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent))
     try:
@@ -87,6 +87,12 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def refuse_nonempty(path: Path, overwrite: bool) -> None:
+    """An existing non-empty ``path`` is refused unless ``overwrite``: checked before any work."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FieldError("{out} {}: already exists and is not empty; pass {overwrite} to replace it", path)
 
 
 def _umask() -> int:
@@ -148,3 +154,10 @@ def _reading_safetensors(path: str | os.PathLike) -> Iterator[None]:
         yield
     except (SafetensorError, OSError, ValueError) as e:
         raise LorafitError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
+
+
+def from_known_fields(cls, saved: dict):
+    """The dataclass ``cls`` from a saved dict, its keys that ``cls`` does not have left out (a file written
+    by another version of lorafit)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in saved.items() if k in names})

@@ -11,11 +11,11 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from .errors import LorafitError
+from .errors import FieldError
 
 PRECISIONS = ("auto", "bf16", "fp32")
 INFERENCE_PRECISIONS = PRECISIONS + ("int8",)  # int8: frozen linears quantised (lorafit.backbones.int8), no training
@@ -24,10 +24,16 @@ INFERENCE_PRECISIONS = PRECISIONS + ("int8",)  # int8: frozen linears quantised 
 # it meets, in two caches of 1,024 entries (oneDNN's own and PyTorch's ideep LRU). Length-bucketed batches make
 # nearly every batch a new shape, so the caches only grow: about 0.5 GB of peak RSS training GPT-2 small. A few
 # dozen entries hold a step's shapes and cost no speed (README, "bf16 on a bf16-fast CPU"). They are read when
-# the first kernel is built, hence here, on import; a user's own setting wins.
+# the first bf16 kernel is built (fp32 work before it, such as loading and building the model, does not
+# fix them; measured), so resolve_compute sets them, before anything computes in bf16; a user's own setting wins.
 ONEDNN_CACHE_CAPACITY = "32"
-for _name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-    os.environ.setdefault(_name, ONEDNN_CACHE_CAPACITY)
+ONEDNN_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def cap_onednn_caches() -> None:
+    """Cap oneDNN's kernel caches (see above) unless the user set them."""
+    for name in ONEDNN_CACHES:
+        os.environ.setdefault(name, ONEDNN_CACHE_CAPACITY)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -40,9 +46,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise LorafitError(f"--device {name!r}: not a device (auto, cpu, cuda, cuda:N, mps)") from e
+        raise FieldError("{device} {!r}: not a device (auto, cpu, cuda, cuda:N, mps)", name) from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise LorafitError(f"--device {name}: CUDA is not available on this machine")
+        raise FieldError("{device} {}: CUDA is not available on this machine", name)
     return device
 
 
@@ -104,14 +110,14 @@ def check_precision(precision: str, device: torch.device, inference: bool = Fals
     """Refuse a precision the device cannot run, before any work (``auto`` is decided by :func:`resolve_compute`).
     ``inference``: for predicting, evaluating and serving, where int8 is one more choice."""
     if precision == "int8" and not inference:
-        raise LorafitError("--precision int8 is for inference (predict, eval, serve); train in auto, bf16 or fp32")
+        raise FieldError("{precision} int8 is for inference (predict, eval, serve); train in auto, bf16 or fp32")
     allowed = INFERENCE_PRECISIONS if inference else PRECISIONS
     if precision not in allowed:
-        raise LorafitError(f"--precision must be one of {', '.join(allowed)}, got {precision!r}")
+        raise FieldError("{precision} must be one of {}, got {!r}", ", ".join(allowed), precision)
     if precision == "int8" and device.type != "cpu":
-        raise LorafitError(f"--precision int8 runs on the cpu, not {device.type}")
+        raise FieldError("{precision} int8 runs on the cpu, not {}", device.type)
     if precision == "bf16" and device.type not in ("cuda", "cpu"):
-        raise LorafitError(f"--precision bf16 is supported on cpu and cuda, not {device.type}")
+        raise FieldError("{precision} bf16 is supported on cpu and cuda, not {}", device.type)
 
 
 def choose_autocast_dtype(precision: str, device: torch.device, width: int = 768) -> torch.dtype | None:
@@ -185,6 +191,7 @@ def resolve_compute(device: str | torch.device = "auto", precision: str = "auto"
     """Resolve ``device`` and ``precision`` for a model of hidden size ``width``, and tune the backend
     for variable-length batches. Called once per run, when the model is built. ``agree``: makes every
     process of a torchrun job use the same choice (``auto`` times the CPU: rank 0's result for all)."""
+    cap_onednn_caches()  # before the first bf16 kernel, which choosing "auto" may run
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dtype = choose_autocast_dtype(precision, dev, width)
     if agree is not None:
@@ -194,6 +201,15 @@ def resolve_compute(device: str | torch.device = "auto", precision: str = "auto"
         # change length almost every step: the flash and memory-efficient kernels need no such warm-up.
         torch.backends.cuda.enable_cudnn_sdp(False)
     return Compute(dev, dtype)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Random draws inside the block (weight initialisation) start from ``seed``; the global generator is
+    left as it was, so building a model never reseeds what the caller draws next."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def peak_memory_mb(device: torch.device) -> dict:

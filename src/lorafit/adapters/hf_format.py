@@ -18,12 +18,12 @@ import torch
 
 from ..backbones.hf import float32, require_transformers
 from ..backbones.weights import lorafit_to_hf
-from ..errors import LorafitError
+from ..errors import FieldError, LorafitError
 from ..files import atomic_dir, read_json, write_json, write_text
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps, layout_of,
                         padded, sample_texts)
 from .loading import load_classifier
-from .lora import unwrap_merged
+from .lora import merge_and_unload
 from .storage import ClassifierSpec
 
 
@@ -41,7 +41,7 @@ def _config(transformers, backbone, layout: Layout):
 def _state(model, layout: Layout) -> dict[str, torch.Tensor]:
     """transformers' state dict for the merged classifier."""
     score, base_changes = head_for_transformers(model, layout)
-    unwrap_merged(model)
+    merge_and_unload(model)
     backbone = model.backbone
     if layout.kind == "llama":
         sd = {f"model.{k}": v for k, v in backbone.model.state_dict().items()}
@@ -61,8 +61,8 @@ def _tokenizer(transformers, backbone, layout: Layout):
     if not files and backbone.directory is not None and (Path(backbone.directory) / "vocab.json").is_file():
         files = (Path(backbone.directory) / "vocab.json", Path(backbone.directory) / "merges.txt")
     if not files:
-        raise LorafitError("--format hf: the GPT-2 tokenizer's files (vocab.json + merges.txt or encoder.json + "
-                           "vocab.bpe) are not known for this run; train with --tokenizer DIR")
+        raise FieldError("{export_hf}: the GPT-2 tokenizer's files (vocab.json + merges.txt or encoder.json + "
+                         "vocab.bpe) are not known for this run; train with {tokenizer} DIR")
     pad = backbone.encoder.decode([backbone.encoder.pad_id])
     # the two files positionally: transformers 4.x names them vocab_file / merges_file, 5.x vocab / merges
     return transformers.GPT2Tokenizer(str(files[0]), str(files[1]), unk_token=pad, bos_token=pad, eos_token=pad,

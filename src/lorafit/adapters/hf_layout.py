@@ -19,7 +19,7 @@ import torch
 
 from ..data.batching import Encoded, collate
 from ..data.datasets import read_table
-from ..errors import LorafitError
+from ..errors import FieldError, LorafitError
 from .classifier import Classifier
 from .storage import ClassifierSpec
 
@@ -106,14 +106,14 @@ def head_for_transformers(model: Classifier, layout: Layout) -> tuple[torch.Tens
     if bias is None or not bias.detach().any():
         return weight, {}
     if layout.kind != "gpt2":
-        raise LorafitError(f"the head has a bias, which {layout.architecture}'s score cannot hold; "
-                           "train with --no-head-bias to export this model")
+        raise FieldError("the head has a bias, which {}'s score cannot hold; train with {head_bias=False} to export "
+                         "this model", layout.architecture)
     b = bias.detach().double()  # (C,)
     w = weight.double()
     delta = torch.linalg.pinv(w) @ b  # (D,)
     if (w @ delta - b).abs().max() > 1e-6 * max(1.0, b.abs().max().item()):
-        raise LorafitError("the head's bias cannot be folded into GPT-2's final LayerNorm (its weight rows are "
-                           "linearly dependent); train with --no-head-bias to export this model")
+        raise FieldError("the head's bias cannot be folded into GPT-2's final LayerNorm (its weight rows are "
+                         "linearly dependent); train with {head_bias=False} to export this model")
     norm = model.backbone.final_norm
     shift = (norm.shift.detach().double() + delta).float()
     return weight, {"transformer.ln_f.weight": norm.scale.detach().float(), "transformer.ln_f.bias": shift}
@@ -126,7 +126,7 @@ def label_maps(labels: list[str]) -> tuple[dict[int, str], dict[str, int]]:
 def sample_texts(directory, n: int = 13) -> list[str]:
     """Texts to compare predictions on: a few fixed ones, plus the first ``n`` of the run's own test split
     where it has one."""
-    texts = ["Hello", "WINNER!! Claim your prize now", "see you at lunch later? ok thanks"]
+    texts = ["Hello", "A longer sentence, with punctuation; and digits: 1, 22, 333!", "Accents too: café, naïve"]
     test = Path(directory) / "test.csv"
     if test.is_file():
         texts += read_table(test, multi_label=True)["text"].head(n).tolist()  # texts only: any label set will do

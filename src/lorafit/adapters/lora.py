@@ -16,13 +16,14 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import LorafitError, UsageError
+from ..errors import FieldError, LorafitError, SettingError
+from ..files import from_known_fields
 
 # Short names for common target sets; anything else is a module-name pattern (see `matches`).
 TARGET_ALIASES: dict[str, tuple[str, ...]] = {
@@ -51,17 +52,17 @@ class LoRAConfig:
         self.targets = tuple(self.targets)
         problems = []
         if self.rank < 1:
-            problems.append(f"--rank must be >= 1, got {self.rank}")
+            problems.append(SettingError("{rank} must be >= 1, got {}", self.rank))
         if self.alpha <= 0:
-            problems.append(f"--alpha must be > 0, got {self.alpha}")
+            problems.append(SettingError("{alpha} must be > 0, got {}", self.alpha))
         if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+            problems.append(SettingError("{dropout} must be in [0, 1), got {}", self.dropout))
         if not self.targets:
-            problems.append("--targets must name at least one module pattern")
+            problems.append(SettingError("{targets} must name at least one module pattern"))
         if self.init not in INITS:
-            problems.append(f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+            problems.append(SettingError("{init} must be one of {}, got {!r}", ", ".join(INITS), self.init))
         if problems:
-            raise UsageError("; ".join(problems))
+            raise SettingError.joined(problems)
 
     @property
     def scaling(self) -> float:
@@ -75,8 +76,7 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoRAConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return from_known_fields(cls, d)
 
 
 class LoRAFunction(torch.autograd.Function):
@@ -153,7 +153,7 @@ class LoRALinear(nn.Module):
         ``W + s (B A - B0 A0)`` is the base at step 0 and the base weight itself is never rewritten."""
         w = self.base.weight.detach().float()  # (out, in)
         if self.rank > min(w.shape):
-            raise LorafitError(f"--init pissa: rank {self.rank} exceeds the layer's size {tuple(w.shape)}")
+            raise FieldError("{init} pissa: {rank} {} exceeds the layer's size {}", self.rank, tuple(w.shape))
         if initialise:
             u, sv, vh = torch.linalg.svd(w, full_matrices=False)
             root = (sv[: self.rank] / self.scaling).sqrt()  # (r,)
@@ -336,13 +336,20 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> None:
             m.to(dtype)
 
 
-def set_merged(model: nn.Module, merged: bool) -> None:
+def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight (:meth:`LoRALinear.merge`), to predict at the base's cost."""
     for m in lora_layers(model).values():
-        m.merge() if merged else m.unmerge()
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Take every LoRA update back out of its base weight (:meth:`LoRALinear.unmerge`), to train on."""
+    for m in lora_layers(model).values():
+        m.unmerge()
 
 
 @contextlib.contextmanager
-def merged(model: nn.Module):
+def lora_merged(model: nn.Module):
     """LoRA folded into the base inside the block (inference at the base's cost); unmerged again after."""
     layers = [m for m in lora_layers(model).values() if not m.merged]
     for m in layers:
@@ -354,7 +361,7 @@ def merged(model: nn.Module):
             m.unmerge()
 
 
-def unwrap_merged(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear by its base layer with the update folded in: a plain model for deployment."""
     for name, m in lora_layers(model).items():
         m.merge()

@@ -29,8 +29,9 @@ from ..runtime import Compute, choose_autocast_dtype
 from .classifier import pool
 from .hf_layout import sample_texts
 from .loading import load_classifier
-from .lora import LoRAConfig, store_frozen_linears, unwrap_merged
-from .storage import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, read_spec, weight_fingerprint
+from .lora import LoRAConfig, merge_and_unload, store_frozen_linears
+from .build import weight_fingerprint
+from .storage import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, read_spec
 
 LORA_KEYS = ("lora_A", "lora_B", "lora_magnitude", "pissa_A0", "pissa_B0")
 
@@ -321,7 +322,7 @@ def _open(name: str, directory: Path, device: str, precision: str) -> tuple[Shar
         base.prepare()
         return base, base.load_adapter(name, directory)
     model, backbone, spec = load_classifier(directory)
-    unwrap_merged(model)
+    merge_and_unload(model)
     base = SharedBase(backbone, model.pooling, spec.fingerprint,
                       resolve_inference_compute(device, precision, backbone.hidden_size), alone=str(directory))
     base.prepare()

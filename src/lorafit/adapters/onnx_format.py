@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..backbones.hf import require_transformers
-from ..errors import LorafitError
+from ..errors import LorafitError, SettingError
 from ..files import atomic_dir, write_text
 from .hf_format import TransformersClassifier, save_tokenizer, to_transformers
 from .hf_layout import check_tokenizer, padded, sample_texts
@@ -118,7 +118,7 @@ def export_onnx(run: str | Path, out: str | Path, *, quantize: str | None = None
     in ONNX Runtime against lorafit before it is moved into place (see the module's docstring)."""
     where = f"--format onnx{f' --quantize {quantize}' if quantize else ''}"
     if quantize is not None and quantize not in QUANTIZE:
-        raise LorafitError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+        raise SettingError("{quantize} must be one of {}, got {!r}", ", ".join(QUANTIZE), quantize)
     ort = require_onnxruntime(where)
     transformers = require_transformers(where)
     out = Path(out)

@@ -26,14 +26,15 @@ import torch
 from ..backbones.base import BackboneSpec
 from ..backbones.hf import float32, require_transformers
 from ..backbones.weights import HUB_REPOS
-from ..errors import LorafitError
+from ..errors import FieldError, LorafitError
 from ..files import (atomic_dir, load_safetensors, read_json, safetensors_metadata, save_safetensors, write_json,
                      write_text)
 from .classifier import Classifier
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps,
                         layout_of, padded, sample_texts)
 from .lora import LoRAConfig, lora_layers
-from .storage import ClassifierSpec, build_classifier, is_merged, load_run, read_spec
+from .build import build_classifier, rebuild_classifier
+from .storage import ClassifierSpec, is_merged, read_spec
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -63,15 +64,15 @@ def _base(spec: ClassifierSpec, backbone) -> tuple[str, str | None, str]:
         ident = str(local.resolve()) if local.is_dir() else ident
         return ident, spec.backbone.gguf_file, ident
     if spec.backbone.random_init:
-        raise LorafitError(f"--run: the base is --random-init {model}, which transformers cannot load; "
-                           "use --format hf (a merged model with every weight)")
+        raise FieldError("{run}: the base is {random_init} {}, which transformers cannot load; use {export_hf} "
+                         "(a merged model with every weight)", model)
     if model in HUB_REPOS:
         return HUB_REPOS[model], None, str(backbone.directory)
     path = Path(model).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return str(path.resolve()), None, str(path.resolve())
-    raise LorafitError(f"--run: the base {model} is not in Hugging Face layout, so PEFT cannot load it; "
-                       "use --format hf (a merged model with every weight)")
+    raise FieldError("{run}: the base {} is not in Hugging Face layout, so PEFT cannot load it; use {export_hf} "
+                     "(a merged model with every weight)", model)
 
 
 def _compress(values: dict[str, object], layout: Layout, full: bool) -> dict[str, object]:
@@ -132,15 +133,15 @@ def user_lines(base: str, gguf: str | None, labels: list[str], pad_id: int, adap
             f"model = PeftModel.from_pretrained(model, {adapter!r}).eval()")
 
 
-def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False, verify: bool = True) -> float | None:
+def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False) -> float | None:
     """Write a lorafit run's adapter as a PEFT SEQ_CLS LoRA adapter folder.
 
-    With transformers and PEFT installed (``verify``), the written folder is loaded by them and must give
+    With transformers and PEFT installed, the written folder is loaded by them and must give
     lorafit's probabilities within 1e-5 on sample texts before it is moved into place; returns the largest
     difference seen (None when not verified).
     """
     layout = _exportable_layout(run)
-    model, backbone, spec = load_run(run)
+    model, backbone, spec = rebuild_classifier(run)
     model.divide_logits(spec.temperature)  # the run's calibration, folded into the exported head
     base, gguf, local = _base(spec, backbone)
     tensors, fields = peft_tensors(model, spec, layout)
@@ -163,7 +164,7 @@ def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False, ve
         write_json(tmp / PEFT_CONFIG, config)
         write_text(tmp / "README.md", _readme(spec, layout, user_lines(base, gguf, spec.labels, pad, str(out),
                                                                   spec.problem_type)))
-        if verify and _importable("transformers", "peft"):
+        if _importable("transformers", "peft"):
             diff = _verify(tmp, model, backbone, spec, local, gguf, sample_texts(run), str(out))
     return diff
 
@@ -173,14 +174,14 @@ def _exportable_layout(run: str | Path) -> Layout:
     the base model is loaded."""
     folder = Path(run)
     if is_merged(folder):
-        raise LorafitError(f"--run {run}: a merged model has no adapter left to export; use --format hf")
+        raise FieldError("{run} {}: a merged model has no adapter left to export; use {export_hf}", run)
     spec = read_spec(folder)
     if spec.lora.use_dora:
-        raise LorafitError(f"--run {run}: a DoRA adapter; export to PEFT covers plain LoRA only for now "
-                           "(--format hf writes the merged model)")
+        raise FieldError("{run} {}: a DoRA adapter; export to PEFT covers plain LoRA only for now ({export_hf} "
+                         "writes the merged model)", run)
     if spec.lora.init == "pissa":
-        raise LorafitError(f"--run {run}: a PiSSA adapter (its update is B A - B0 A0, not PEFT's form); "
-                           "--format hf writes the merged model")
+        raise FieldError("{run} {}: a PiSSA adapter (its update is B A - B0 A0, not PEFT's form); {export_hf} "
+                         "writes the merged model", run)
     return layout_of(spec)
 
 
@@ -199,7 +200,7 @@ def _verify(folder: Path, model, backbone, spec, local: str, gguf: str | None, t
     """Load ``folder`` as the user would (transformers + PEFT) and compare with lorafit on ``texts``."""
     import peft
 
-    transformers = require_transformers("--format peft")
+    transformers = require_transformers("{export_peft}")
     id2label, label2id = label_maps(spec.labels)
     kwargs = {"gguf_file": gguf} if gguf else {}
     with warnings.catch_warnings():

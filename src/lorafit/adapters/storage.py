@@ -8,8 +8,6 @@ the update into the base and writes a plain classifier that needs neither LoRA n
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +16,11 @@ import torch
 from torch import nn
 
 from ..backbones.base import Backbone, BackboneSpec
-from ..backbones.loader import backbone_skeleton, load_backbone
+from ..backbones.loader import backbone_skeleton
 from ..errors import LorafitError
-from ..files import load_safetensors, save_safetensors, write_json
+from ..files import atomic_dir, load_safetensors, save_safetensors, write_json
 from .classifier import Classifier
-from .lora import LoRAConfig, freeze_for_lora, inject_lora, lora_layers, unwrap_merged
+from .lora import LoRAConfig, lora_layers, lora_merged
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
@@ -71,36 +69,6 @@ class ClassifierSpec:
                    d.get("pooling"), d.get("architecture", {}), d.get("fingerprint", ""), d.get("head_bias", True),
                    float(d.get("temperature", 1.0)), {str(k): float(v) for k, v in d.get("thresholds", {}).items()},
                    d.get("problem_type") == "multi_label_classification")
-
-
-def weight_fingerprint(module: nn.Module) -> str:
-    """A cheap identity for base weights: a hash of the first values of every tensor, rounded to bf16
-    so that storing the frozen base in another precision keeps the same fingerprint."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        if t.is_floating_point():
-            h.update(name.encode())
-            h.update(t.detach().reshape(-1)[:8].to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def build_classifier(spec: ClassifierSpec, seed: int = 42,
-                     initialise: bool = True) -> tuple[Classifier, Backbone, ClassifierSpec]:
-    """Load the base, inject LoRA, add the head, freeze: the model ready to train (or, with
-    ``initialise=False``, to load an adapter into without PiSSA's SVD).
-
-    Returns the spec completed with what the loaded base told (architecture, weight fingerprint,
-    pooling): what :func:`save_adapter` writes. ``spec`` itself is left as it was.
-    """
-    backbone = load_backbone(spec.backbone, lm_head=False)
-    spec = dataclasses.replace(spec, architecture=backbone.architecture, fingerprint=weight_fingerprint(backbone.module),
-                               pooling=spec.pooling or backbone.default_pooling)
-    torch.manual_seed(seed)  # LoRA A and the head start from the same values for the same seed
-    inject_lora(backbone.module, spec.lora, initialise)
-    model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling, spec.head_bias,
-                       spec.multi_label)
-    freeze_for_lora(model, trainable=(model.head,))
-    return model, backbone, spec
 
 
 def adapter_state(model: Classifier) -> dict[str, torch.Tensor]:
@@ -181,27 +149,30 @@ def is_merged(directory: Path) -> bool:
     return (directory / MERGED_CONFIG).is_file() and not (directory / ADAPTER_CONFIG).is_file()
 
 
-def load_run(directory: str | Path, backbone_spec: BackboneSpec | None = None) -> tuple[Classifier, Backbone, ClassifierSpec]:
-    """A saved lorafit run, adapter or merged folder -> the classifier, rebuilt on its base (or on ``backbone_spec``)."""
-    directory = Path(directory)
-    if is_merged(directory):
-        return load_merged(directory)
-    saved = read_spec(directory)
-    model, backbone, spec = build_classifier(
-        dataclasses.replace(saved, backbone=backbone_spec or saved.backbone, architecture={}, fingerprint=""),
-        initialise=False)
-    load_adapter_into(model, spec, directory)
-    model.eval()
-    return model, backbone, dataclasses.replace(spec, temperature=saved.temperature, thresholds=saved.thresholds)
+def save_merged(directory: str | Path, model: Classifier, spec: ClassifierSpec, backbone: Backbone, *,
+                overwrite: bool = False) -> None:
+    """Fold every LoRA update into its base weight and save a plain classifier (no LoRA layers left) as one
+    folder, written whole or not at all; a folder already there is replaced only with ``overwrite``.
+    ``model`` itself keeps its LoRA layers (merged while the weights are written)."""
+    with atomic_dir(directory, overwrite) as tmp, lora_merged(model):
+        save_safetensors(tmp / MERGED_WEIGHTS, plain_state(model), metadata={"format": "lorafit-merged"})
+        backbone.save_assets(tmp)
+        write_json(tmp / MERGED_CONFIG, {**spec.to_dict(), "format": "lorafit-merged"})
 
 
-def save_merged(directory: str | Path, model: Classifier, spec: ClassifierSpec, backbone: Backbone) -> None:
-    """Fold every LoRA update into its base weight and save a plain classifier (no LoRA layers left)."""
-    directory = Path(directory)
-    unwrap_merged(model)
-    save_safetensors(directory / MERGED_WEIGHTS, model.state_dict(), metadata={"format": "lorafit-merged"})
-    backbone.save_assets(directory)
-    write_json(directory / MERGED_CONFIG, {**spec.to_dict(), "format": "lorafit-merged"})
+def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state as if every LoRALinear were its base layer: ``x.base.weight`` is saved as ``x.weight``,
+    LoRA's own tensors are left out (merge first, for the update to be in the base)."""
+    layers = lora_layers(model)
+    state = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        parent, _, last = owner.rpartition(".")
+        if last == "base" and parent in layers:
+            state[f"{parent}.{leaf}"] = value
+        elif owner not in layers:
+            state[key] = value
+    return state
 
 
 def load_merged(directory: str | Path) -> tuple[Classifier, Backbone, ClassifierSpec]:

@@ -8,14 +8,14 @@ two protocols below state, so GPT-2 (:mod:`.gpt2`), lorafit's Llama decoder and 
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from ..files import atomic_path
+from ..files import atomic_path, from_known_fields
 
 
 @runtime_checkable
@@ -60,8 +60,7 @@ class BackboneSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BackboneSpec":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return from_known_fields(cls, d)
 
 
 @dataclass
@@ -73,7 +72,7 @@ class Backbone:
     hidden_size: int
     context_length: int
     architecture: dict  # what must match for an adapter to load (shapes, not weights)
-    default_pooling: str = "last"  # "last" real token for decoders, "first" ([CLS]) for encoders
+    default_pooling: str = "last"  # "last" real token for decoders, "first" ([CLS]) for bidirectional models
     directory: Path | None = None
 
     def save_assets(self, directory: Path) -> None:

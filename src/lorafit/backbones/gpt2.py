@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LorafitError
+from ..files import from_known_fields
 from .packing import Packing, attention
 
 
@@ -46,8 +47,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return from_known_fields(cls, d)
 
 
 PRESETS: dict[str, GPTConfig] = {
@@ -203,7 +203,7 @@ class GPTModel(nn.Module):
         """Final-normed hidden states (B, T, D): what both the LM head and a classifier read.
 
         Batches are right-padded (``attention_mask`` 1 on real tokens, or None for no padding); the
-        blocks run on the real tokens only (see :mod:`lorafit.packing`), and attention is causal, so
+        blocks run on the real tokens only (see :mod:`lorafit.backbones.packing`), and attention is causal, so
         padding changes nothing a real token computes. With ``at`` (B,), only the state at position
         ``at[b]`` of each row is returned (B, D), and the last block runs its feed-forward and output
         projection for those rows alone: a classifier reading one position per sequence skips most

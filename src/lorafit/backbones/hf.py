@@ -12,21 +12,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import LorafitError
+from ..errors import FieldError, LorafitError
 from .base import Backbone, BackboneSpec
 from .llama import LlamaDecoder, supports
 
-# Bidirectional encoders read their [CLS] token; every other model (decoders) its last real token.
-ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert", "xlm-roberta",
+# Bidirectional models (BERT and kin) read their [CLS] token; every other model (decoders) its last real token.
+BIDIRECTIONAL_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert", "xlm-roberta",
                  "camembert", "mpnet", "modernbert"}
 
 
-def require_transformers(what: str = "--model hf:..."):
-    """The transformers module (an optional extra), quiet; ``what`` names the flag that needs it."""
+def require_transformers(what: str = "{model} hf:..."):
+    """The transformers module (an optional extra), quiet; ``what`` names the setting that needs it (fields as
+    ``{field}``)."""
     try:
         import transformers
     except ImportError as e:
-        raise LorafitError(f"{what} needs transformers: pip install 'lorafit[hf]'") from e
+        raise FieldError(what + " needs transformers: pip install 'lorafit[hf]'") from e
     transformers.logging.set_verbosity_error()
     return transformers
 
@@ -103,9 +104,9 @@ def _backbone(model: nn.Module, tokenizer, where: str) -> Backbone:
     hidden = getattr(cfg, "hidden_size", None) or cfg.d_model
     arch = {"kind": "hf", "model_type": cfg.model_type, "hidden_size": hidden,
             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None), "vocab_size": cfg.vocab_size}
-    encoder = cfg.model_type in ENCODER_TYPES
-    return Backbone(HFBackbone(model, tokenizer, causal=not encoder), HFEncoder(tokenizer), hidden, context, arch,
-                    "first" if encoder else "last")
+    bidirectional = cfg.model_type in BIDIRECTIONAL_TYPES
+    return Backbone(HFBackbone(model, tokenizer, causal=not bidirectional), HFEncoder(tokenizer), hidden, context,
+                    arch, "first" if bidirectional else "last")
 
 
 def native(model: nn.Module) -> nn.Module:
@@ -121,13 +122,13 @@ def load_hf_backbone(spec: BackboneSpec) -> Backbone:
     transformers = require_transformers()
     ident = spec.model.removeprefix("hf:")
     kwargs = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
-    where = f"--model {spec.model}" + (f" --gguf-file {spec.gguf_file}" if spec.gguf_file else "")
+    where = f"{spec.model}" + (f" (GGUF file {spec.gguf_file})" if spec.gguf_file else "")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(ident, **kwargs)
         model = transformers.AutoModel.from_pretrained(ident, **float32(transformers), **kwargs)
     except (OSError, ValueError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LorafitError(f"{where}: cannot load ({first})") from e
+        raise FieldError("{model} {}: cannot load ({})", where, first) from e
     backbone = _backbone(native(model).eval(), tokenizer, where)
     local = Path(ident)
     backbone.directory = local if local.is_dir() else None

@@ -177,7 +177,7 @@ class LlamaDecoder(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       at: torch.Tensor | None = None) -> torch.Tensor:
-        """Right-padded batches run on their real tokens only (see :mod:`lorafit.packing`)."""
+        """Right-padded batches run on their real tokens only (see :mod:`lorafit.backbones.packing`)."""
         packing = Packing(*input_ids.shape, attention_mask, input_ids.device)
         cos, sin = self._rope(packing.positions)  # (N, hd) each
         x = self.embed_tokens(packing.pack(input_ids))  # (N, D)

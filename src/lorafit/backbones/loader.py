@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import LorafitError
+from ..errors import FieldError, LorafitError
 from .base import Backbone, BackboneSpec
 from .gpt2 import GPTConfig, GPTModel
 from .hf import hf_skeleton, load_hf_backbone
@@ -18,7 +18,7 @@ def load_backbone(spec: BackboneSpec, *, lm_head: bool = True, need_tokenizer: b
     if spec.is_hf:
         return load_hf_backbone(spec)
     if spec.gguf_file:
-        raise LorafitError("--gguf-file only applies to --model hf:<id or folder>")
+        raise FieldError("{gguf_file} only applies to {model} hf:<id or folder>")
     loaded = load_gpt2(spec.model, random_init=spec.random_init, n_heads=spec.n_heads, seed=spec.seed,
                        lm_head=lm_head)
     return gpt2_backbone(loaded.model, spec.tokenizer, loaded.directory, need_tokenizer)

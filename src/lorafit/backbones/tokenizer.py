@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tiktoken
 
-from ..errors import LorafitError
+from ..errors import FieldError, LorafitError
 
 FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 ENDOFTEXT = "<|endoftext|>"
@@ -62,12 +62,13 @@ def from_files(encoder_json: Path, vocab_bpe: Path) -> tiktoken.Encoding:
 
 
 def locate(tokenizer_dir: str | Path | None = None, model_dir: str | Path | None = None) -> tuple[Path, Path] | None:
-    """The BPE files to use: ``--tokenizer DIR`` first, then the model's folder; None means tiktoken's own."""
+    """The BPE files to use: ``tokenizer_dir`` first, then the model's folder; None means tiktoken's own."""
     if tokenizer_dir is not None:
         d = Path(tokenizer_dir)
         files = find_bpe_files(d) if d.is_dir() else None
         if files is None:
-            raise LorafitError(f"--tokenizer {d}: expected a folder with encoder.json + vocab.bpe or vocab.json + merges.txt")
+            raise FieldError("{tokenizer} {}: expected a folder with encoder.json + vocab.bpe or vocab.json + merges.txt",
+                             d)
         return files
     return find_bpe_files(Path(model_dir)) if model_dir is not None else None
 
@@ -80,9 +81,9 @@ def load_tokenizer(tokenizer_dir: str | Path | None = None, model_dir: str | Pat
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # requests' and tiktoken's errors differ by version; the advice does not
-        raise LorafitError(
+        raise FieldError(
             "the GPT-2 tokenizer is not cached and cannot be downloaded; put encoder.json and vocab.bpe "
-            "(https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/) in a folder and pass --tokenizer FOLDER"
+            "(https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/) in a folder and pass {tokenizer} FOLDER"
         ) from e
 
 

@@ -20,7 +20,8 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError  # .errors only from 0.24
 from huggingface_hub.utils import logging as hub_logging
 
-from ..errors import LorafitError
+from ..errors import FieldError, LorafitError
+from ..runtime import seeded
 from ..files import iter_safetensors, read_json
 from .gpt2 import PRESETS, GPTConfig, GPTModel
 
@@ -159,7 +160,8 @@ def empty_model(cfg: GPTConfig, lm_head: bool = True) -> GPTModel:
 
 def config_from_hf(d: dict, source: str) -> GPTConfig:
     if d.get("model_type", "gpt2") != "gpt2":
-        raise LorafitError(f"{source}: model_type is {d['model_type']!r}; GPT-2 expected (use --model hf:... for other models)")
+        raise FieldError("{}: model_type is {!r}; GPT-2 expected (use {model} hf:... for other models)", source,
+                         d["model_type"])
     try:
         return GPTConfig(
             vocab_size=d["vocab_size"], context_length=d.get("n_positions", d.get("n_ctx")), emb_dim=d["n_embd"],
@@ -255,10 +257,9 @@ def hub_download(preset: str) -> Path:
         paths = [Path(hf_hub_download(repo, f)) for f in HUB_FILES]
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
-        raise LorafitError(
-            f"{preset}: weights not in the Hugging Face cache and the hub is unreachable{offline}; "
-            f"download {', '.join(HUB_FILES)} from https://huggingface.co/{repo} into a folder and pass --model FOLDER"
-        ) from e
+        raise FieldError("{}: weights not in the Hugging Face cache and the hub is unreachable{}; download {} from "
+                         "https://huggingface.co/{} into a folder and pass {model} FOLDER", preset, offline,
+                         ", ".join(HUB_FILES), repo) from e
     return paths[0].parent
 
 
@@ -267,9 +268,9 @@ def load_gpt2(source: str, *, random_init: bool = False, n_heads: int | None = N
     """Build a GPT-2 from a preset name, a folder (Hugging Face or OpenAI layout) or a ``.pth`` file."""
     if random_init:
         if source not in PRESETS:
-            raise LorafitError(f"--random-init needs a preset ({', '.join(PRESETS)}), got {source!r}")
-        torch.manual_seed(seed)
-        return LoadedModel(GPTModel(PRESETS[source], lm_head), None)
+            raise FieldError("{random_init} needs a preset ({}), got {!r}", ", ".join(PRESETS), source)
+        with seeded(seed):
+            return LoadedModel(GPTModel(PRESETS[source], lm_head), None)
     if source in PRESETS:
         directory = hub_download(source)
         return LoadedModel(load_hf_directory(directory, lm_head), directory)
@@ -287,6 +288,4 @@ def load_gpt2(source: str, *, random_init: bool = False, n_heads: int | None = N
         return LoadedModel(load_book_state_dict(path, n_heads, lm_head), path.parent)
     if path.exists():
         raise LorafitError(f"{path}: expected a model folder or a .pth state dict")
-    raise LorafitError(
-        f"--model {source!r}: no such file or folder, and not a preset ({', '.join(PRESETS)})"
-    )
+    raise FieldError("{model} {!r}: no such file or folder, and not a preset ({})", source, ", ".join(PRESETS))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import LorafitError, UsageError
+from ..errors import FieldError, LorafitError, SettingError
 from ..files import atomic_path
 from .formats import TableFormat, encoding_of, parse_sep, sniff_format
 
@@ -51,10 +51,8 @@ def sms_spam_path() -> Path:
             payload = r.read()
         content = zipfile.ZipFile(io.BytesIO(payload)).read(SMS_NAME)
     except (OSError, zipfile.BadZipFile, KeyError) as e:
-        raise LorafitError(
-            f"cannot download the SMS Spam Collection ({e}); fetch {SMS_URL}, unzip it and pass "
-            f"--data path/to/{SMS_NAME} (or put it at {target})"
-        ) from e
+        raise FieldError("cannot download the SMS Spam Collection ({}); fetch {}, unzip it and pass "
+                         "{data} path/to/{} (or put it at {})", e, SMS_URL, SMS_NAME, target) from e
     if hashlib.md5(content).hexdigest() != SMS_MD5:
         raise LorafitError(f"{SMS_URL}: {SMS_NAME} has md5 {hashlib.md5(content).hexdigest()}, expected {SMS_MD5}")
     with atomic_path(target) as tmp:
@@ -80,8 +78,19 @@ class DataConfig:
     test_split: str | None = None
     multi_label: bool = False  # any number of labels per text: "a|b" cells, or several 0/1 --label-col columns
 
-    def read_options(self) -> dict:
-        return {"encoding": self.encoding, "header": self.header, "sep": self.sep}
+    def __post_init__(self) -> None:
+        if (self.val is None) != (self.test is None):
+            raise SettingError("{val} and {test} go together (or give neither and the data is split 70/10/20)")
+        if (self.val_split is None) != (self.test_split is None):
+            raise SettingError("{val_split} and {test_split} go together (or give neither and the data is split "
+                               "70/10/20)")
+        if self.val_split is not None and not str(self.data or "").startswith("hf:"):
+            raise SettingError("{val_split} / {test_split} apply to {data} hf:<dataset>; use {val} / {test} for files")
+
+    def read(self, source: str | Path, split: str | None = None) -> pd.DataFrame:
+        """``source`` (a file, or ``split`` of an ``hf:`` dataset) read with these columns and options."""
+        return read_table(source, self.text_col, self.label_col, encoding=self.encoding, header=self.header,
+                          sep=self.sep, split=split or self.split, multi_label=self.multi_label)
 
 
 @dataclass
@@ -107,7 +116,7 @@ class Splits:
         """The split a run saved with :meth:`save`."""
         missing = [f"{name}.csv" for name in SPLIT_NAMES if not (directory / f"{name}.csv").is_file()]
         if missing:
-            raise LorafitError(f"{directory}: no {', '.join(missing)}{hint}")
+            raise FieldError("{}: no {}" + hint, directory, ", ".join(missing))
         return cls(*(read_table(directory / f"{name}.csv", multi_label=multi_label) for name in SPLIT_NAMES), labels,
                    multi_label=multi_label)
 
@@ -147,12 +156,13 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
     try:
         return raw.decode(encoding)
     except LookupError as e:
-        raise UsageError(f"--encoding {encoding}: not a text encoding Python knows") from e
+        raise SettingError("{encoding} {}: not a text encoding Python knows", encoding) from e
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         utf8 = codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
-        hint = "; if it is Latin-1 or Windows text, pass --encoding cp1252" if utf8 else ""
-        raise LorafitError(f"{path}: not {'UTF-8' if utf8 else encoding} text (bad byte at line {line}{hint})") from e
+        hint = "; if it is Latin-1 or Windows text, pass {encoding} cp1252" if utf8 else ""
+        raise FieldError("{}: not {} text (bad byte at line {}" + hint + ")", path, "UTF-8" if utf8 else encoding,
+                         line) from e
 
 
 def read_table(path: str | Path, text_col: str | None = None, label_col: str | None = None, *,
@@ -203,8 +213,8 @@ def _read_delimited(path: Path, content: str, fmt: TableFormat, header: bool, co
                 and _looks_headerless(content)):
             return read(header=None, names=[columns[1], columns[0]])  # the SMS Spam Collection: label<TAB>text
     except (ValueError, pd.errors.ParserError) as e:
-        raise LorafitError(f"{path}: cannot be read as {fmt.describe()} ({str(e).strip().splitlines()[0]}); quote "
-                           f"texts that hold the separator, or pass --sep") from e
+        raise FieldError("{}: cannot be read as {} ({}); quote texts that hold the separator, or pass {sep}", path,
+                         fmt.describe(), str(e).strip().splitlines()[0]) from e
     unnamed = [c for c in df.columns[:1] if str(c).startswith("Unnamed: 0")]
     return df.drop(columns=unnamed)
 
@@ -232,13 +242,15 @@ def _text_label_frame(df: pd.DataFrame, where: str, text_col, label_col, header:
     """Any table -> (text, label) with string labels; empty texts dropped and counted."""
     label_cols = label_col if isinstance(label_col, list) else [label_col]
     if len(label_cols) > 1 and not multi_label:
-        raise UsageError(f"--label-col {','.join(map(str, label_cols))}: several label columns need --multi-label")
+        raise SettingError("{label_col} {}: several label columns need {multi_label}", ",".join(map(str, label_cols)))
     missing = [c for c in (text_col, *label_cols) if c not in df.columns]
     if missing:
-        flags = "--text-col / --label-col" + ("" if header else " (column numbers from 0, with --no-header)")
-        read_as = f" ({fmt.describe()}; another separator: --sep)" if fmt and fmt.kind == "delimited" else ""
-        raise LorafitError(f"{where}: no column {', '.join(map(repr, missing))}; columns found{read_as}: "
-                           f"{', '.join(map(str, df.columns))} (choose with {flags})")
+        fields = "{text_col} / {label_col}" + ("" if header else " (column numbers from 0, with {header})")
+        delimited = fmt is not None and fmt.kind == "delimited"
+        read_as = " ({}; another separator: {sep})" if delimited else ""
+        raise FieldError("{}: no column {}; columns found" + read_as + ": {} (choose with " + fields + ")", where,
+                         ", ".join(map(repr, missing)), *((fmt.describe(),) if delimited else ()),
+                         ", ".join(map(str, df.columns)))
     if df.empty:
         raise LorafitError(f"{where}: data file is empty")
     _check_scalars(df[text_col], where, "text")
@@ -281,7 +293,7 @@ def _label_sets_column(df: pd.DataFrame, label_cols: list, where: str) -> pd.Ser
         cells = df[col].astype(str).str.strip().str.lower()
         bad = sorted(set(cells) - set(TRUE_CELLS) - set(FALSE_CELLS))
         if bad:
-            raise LorafitError(f"{where}: column {col!r} holds {bad[0]!r}; label columns of --multi-label hold 0 or 1")
+            raise FieldError("{}: column {!r} holds {!r}; label columns of {multi_label} hold 0 or 1", where, col, bad[0])
         flags[col] = cells.isin(TRUE_CELLS).to_numpy()
     return pd.Series([LABEL_SEP.join(sorted(str(c) for c in label_cols if flags[c][i])) for i in range(len(df))],
                      index=df.index)
@@ -303,8 +315,8 @@ def read_hf_dataset(source: str, split: str, label_col: str) -> pd.DataFrame:
     try:
         import datasets
     except ImportError as e:
-        raise LorafitError(f"--data {source}: Hugging Face datasets need the datasets library: "
-                           "pip install 'lorafit[datasets]'") from e
+        raise FieldError("{data} {}: Hugging Face datasets need the datasets library: "
+                         "pip install 'lorafit[datasets]'", source) from e
     ident = source.removeprefix("hf:")
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
@@ -313,15 +325,15 @@ def read_hf_dataset(source: str, split: str, label_col: str) -> pd.DataFrame:
             ds = datasets.load_from_disk(ident)
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise LorafitError(f"--data {source}: no split {split!r} (splits: {', '.join(ds)})")
+                    raise FieldError("{data} {}: no split {!r} (splits: {})", source, split, ", ".join(ds))
                 ds = ds[split]
             elif str(ds.split or "train") != split:
-                raise LorafitError(f"--data {source}: no split {split!r} (one split: {ds.split or 'train'})")
+                raise FieldError("{data} {}: no split {!r} (one split: {})", source, split, ds.split or "train")
         else:
             ds = datasets.load_dataset(ident, split=split)
     except (OSError, ValueError, FileNotFoundError, ConnectionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LorafitError(f"--data {source}: cannot load split {split!r} ({first})") from e
+        raise FieldError("{data} {}: cannot load split {!r} ({})", source, split, first) from e
     df = ds.to_pandas()
     feature = ds.features.get(label_col)
     if isinstance(feature, datasets.ClassLabel) and label_col in df.columns:
@@ -337,8 +349,8 @@ def _columns(text_col: str | None, label_col: str | None, header: bool) -> tuple
     text_col, label_col = text_col if text_col is not None else "1", label_col if label_col is not None else "0"
     labels = label_col if isinstance(label_col, list) else [label_col]
     if not (str(text_col).isdigit() and all(str(c).isdigit() for c in labels)):
-        raise UsageError(f"--no-header: --text-col and --label-col take column numbers (from 0), "
-                         f"got {text_col!r} and {label_col!r}")
+        raise SettingError("{header}: {text_col} and {label_col} take column numbers (from 0), got {!r} and {!r}",
+                           text_col, label_col)
     return int(text_col), [int(c) for c in labels] if isinstance(label_col, list) else int(label_col)
 
 
@@ -371,13 +383,13 @@ def _split_frame(df: pd.DataFrame, rng: np.random.Generator) -> tuple[pd.DataFra
     return df.iloc[:n_train], df.iloc[n_train:n_train + n_val], df.iloc[n_train + n_val:]
 
 
-def frame_labels(df: pd.DataFrame, where: str, multi_label: bool = False) -> list[str]:
-    """The class (or, multi-label, label) names of a frame; fewer than two is refused."""
+def class_names(df: pd.DataFrame, where: str, multi_label: bool = False) -> list[str]:
+    """The class (or, multi-label, label) names of a training frame, which needs two at least."""
     if multi_label:
         labels = label_names(pd.Series([x for s in label_sets(df["label"]) for x in s], dtype=str))
         if len(labels) < 2:
-            raise LorafitError(f"{where}: {len(labels)} distinct label(s) ({', '.join(labels) or 'none'}); "
-                               "--multi-label needs at least two")
+            raise FieldError("{}: {} distinct label(s) ({}); {multi_label} needs at least two", where, len(labels),
+                             ", ".join(labels) or "none")
         return labels
     labels = label_names(df["label"])
     if len(labels) < 2:
@@ -389,7 +401,7 @@ def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: bool = True, wh
                    multi_label: bool = False) -> Splits:
     """Balance (optionally), shuffle and split 70/10/20; without balancing the split is stratified.
     Multi-label data is neither balanced nor stratified (a text has several classes): a plain shuffled split."""
-    labels = frame_labels(df, where, multi_label)
+    labels = class_names(df, where, multi_label)
     rng = np.random.default_rng(seed)
     if multi_label:
         return Splits(*(d.reset_index(drop=True) for d in _split_frame(df, rng)), labels, multi_label=True)
@@ -405,39 +417,25 @@ def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: bool = True, wh
     return Splits(*(d.reset_index(drop=True) for d in (train, val, test)), labels)
 
 
-def load_splits(data: str | Path | None = None, *, val: str | Path | None = None, test: str | Path | None = None,
-                text_col: str | None = None, label_col: str | None = None, seed: int = 42,
-                balance: bool = True, encoding: str = "utf-8", header: bool = True, sep: str | None = None,
-                split: str = "train", val_split: str | None = None, test_split: str | None = None,
-                multi_label: bool = False) -> Splits:
-    """The whole data step: read (or download) the data, then split it or use the given val/test files
-    (or, for ``hf:`` datasets, the val/test splits).
-
-    The keyword arguments are :class:`DataConfig`'s fields: ``load_splits(**asdict(cfg), seed=...)``.
-    """
-    source = str(data) if data else str(sms_spam_path())
-    if (val_split or test_split) and not source.startswith("hf:"):
-        raise UsageError("--val-split / --test-split apply to --data hf:<dataset>; use --val / --test for files")
-    if (val_split is None) != (test_split is None):
-        raise UsageError("--val-split and --test-split go together (or give neither and the data is split 70/10/20)")
-    read = lambda p, s=split: read_table(p, text_col, label_col, encoding=encoding, header=header, sep=sep, split=s,  # noqa: E731
-                                         multi_label=multi_label)
-    df = read(source)
-    where = f"{source} ({split})" if source.startswith("hf:") else source
-    if val_split is not None:
-        val, test, val_where, test_where = source, source, f"{source} ({val_split})", f"{source} ({test_split})"
+def load_splits(cfg: DataConfig | None = None, *, seed: int = 42) -> Splits:
+    """The whole data step: read (or download) ``cfg.data``, then split it 70/10/20 with ``seed``, or use
+    the given val/test files (or, for ``hf:`` datasets, the val/test splits)."""
+    cfg = cfg or DataConfig()
+    source = str(cfg.data) if cfg.data else str(sms_spam_path())
+    df = cfg.read(source)
+    where = f"{source} ({cfg.split})" if source.startswith("hf:") else source
+    if cfg.val is None and cfg.val_split is None:
+        splits = prepare_splits(df, seed=seed, balance=cfg.balance, where=where, multi_label=cfg.multi_label)
     else:
-        val_where, test_where = str(val), str(test)
-    if val is None and test is None:
-        splits = prepare_splits(df, seed=seed, balance=balance, where=where, multi_label=multi_label)
-    else:
-        if val is None or test is None:
-            raise UsageError("--val and --test go together (or give neither and the data is split 70/10/20)")
-        labels = frame_labels(df, where, multi_label)
+        labels = class_names(df, where, cfg.multi_label)
         train = df.iloc[np.random.default_rng(seed).permutation(len(df))].reset_index(drop=True)
-        splits = Splits(train, read(val, val_split or split), read(test, test_split or split), labels,
-                        multi_label=multi_label)
-        splits.encode_labels(splits.val, val_where)
-        splits.encode_labels(splits.test, test_where)
+        if cfg.val_split is not None:
+            roles = {"val": (source, cfg.val_split), "test": (source, cfg.test_split)}
+        else:
+            roles = {"val": (cfg.val, None), "test": (cfg.test, None)}
+        frames = {role: cfg.read(path, split) for role, (path, split) in roles.items()}
+        for role, (path, split) in roles.items():
+            encode_labels(frames[role], labels, f"{path} ({split})" if split else str(path), cfg.multi_label)
+        splits = Splits(train, frames["val"], frames["test"], labels, multi_label=cfg.multi_label)
     splits.skipped_empty = df.attrs.get("skipped_empty", 0)
     return splits

@@ -11,7 +11,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import SettingError
 
 SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}  # sniffed in this order of preference
 SEP_NAMES = {**{name: sep for sep, name in SEPARATORS.items()}, "\\t": "\t"}
@@ -36,7 +36,7 @@ def parse_sep(value: str) -> str:
     """``--sep``: one character, or comma / semicolon / tab / pipe / \\t by name."""
     sep = SEP_NAMES.get(value.lower() if len(value) > 1 else value, value)
     if len(sep) != 1 or sep in "\"\r\n":
-        raise UsageError(f"--sep {value!r}: give one character (or comma, semicolon, tab, pipe)")
+        raise SettingError("{sep} {!r}: give one character (or comma, semicolon, tab, pipe)", value)
     return sep
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ..adapters.lora import merged
+from ..adapters.lora import lora_merged
 from ..data.batching import Encoded, encode_frame
-from ..data.datasets import SPLIT_NAMES, Splits, read_table
+from ..data.datasets import SPLIT_NAMES, DataConfig, Splits
 from ..reporting.calibration import decide
 from ..reporting.metrics import classification_metrics, multilabel_metrics
 from ..runtime import Compute
@@ -23,7 +24,7 @@ def predict_splits(model, pad_id: int, data: dict[str, Encoded], compute: Comput
     ``predict``: :func:`predict_proba` or a function with its signature (a sharded one under torchrun).
     """
     probs, n, seconds = {}, 0, 0.0
-    with merged(model):
+    with lora_merged(model):
         for split, enc in data.items():
             t0 = time.perf_counter()
             probs[split] = predict(model, enc, pad_id, batch_size=batch_size, compute=compute)
@@ -56,19 +57,17 @@ def evaluate_model(model, pad_id: int, data: dict[str, Encoded], labels: list[st
     return split_metrics(probs, data, labels, thresholds), rate
 
 
-def evaluate_run(run: str | Path, data: str | None = None, *, text_col: str | None = None,
-                 label_col: str | None = None, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 32, **read_options) -> dict:
-    """Re-evaluate a saved adapter: on the run's own saved splits, or on a labelled file of the user's
-    (``read_options`` as :func:`~lorafit.data.datasets.read_table` takes them)."""
+def evaluate_run(run: str | Path, data: DataConfig | None = None, *, device: str = "auto", precision: str = "auto",
+                 batch_size: int = 32) -> dict:
+    """Re-evaluate a saved adapter: on the run's own saved splits, or on ``data.data``, a labelled file or
+    ``hf:`` dataset of the user's, read as ``data`` says (its columns, encoding, header, split)."""
     run = Path(run)
     loaded = load_for_inference(run, device, precision)
     spec, encoder, context = loaded.spec, loaded.backbone.encoder, loaded.backbone.context_length
-    if data:
-        frames = {"data": (read_table(data, text_col, label_col, multi_label=spec.multi_label, **read_options),
-                           str(data))}
+    if data is not None and data.data:  # read as the run was trained: one label per text or label sets
+        frames = {"data": (replace(data, multi_label=spec.multi_label).read(data.data), str(data.data))}
     else:
-        splits = Splits.load(run, spec.labels, hint="; pass --data FILE to evaluate on other data",
+        splits = Splits.load(run, spec.labels, hint="; pass {data} FILE to evaluate on other data",
                              multi_label=spec.multi_label)
         frames = {name: (getattr(splits, name), f"{name} split") for name in SPLIT_NAMES}
     enc = {name: encode_frame(encoder, context, df, spec.labels, where, spec.multi_label)

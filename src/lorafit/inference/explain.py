@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import LorafitError, UsageError
+from ..errors import LorafitError, SettingError
 from ..runtime import Compute
 from ..data.batching import encode_texts
 from .predict import label_texts, load_for_inference
@@ -175,7 +175,7 @@ def explain_texts(run: str | Path, texts: list[str], *, target: str | None = Non
     loaded = load_for_inference(run, device, precision)
     labels, encoder = loaded.labels, loaded.backbone.encoder
     if target is not None and target not in labels:
-        raise UsageError(f"--target {target!r}: not one of the labels {', '.join(labels)}")
+        raise SettingError("{target} {!r}: not one of the labels {}", target, ", ".join(labels))
     rows = label_texts(loaded, texts, threshold=threshold)
     enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input")
     forward, embedding = classifier_forward(loaded.model, loaded.compute), token_embedding(loaded.model.backbone)

@@ -11,7 +11,7 @@ import torch
 from ..adapters.classifier import Classifier
 from ..adapters.loading import load_classifier
 from ..adapters.hf_layout import sample_texts
-from ..adapters.lora import store_frozen_linears, unwrap_merged
+from ..adapters.lora import merge_and_unload, store_frozen_linears
 from ..adapters.storage import ClassifierSpec
 from ..backbones.base import Backbone
 from ..backbones.int8 import quantize_checked, quantize_linears, resolve_inference_compute
@@ -75,7 +75,7 @@ def load_for_inference(run: str | Path, device: str = "auto", precision: str = "
     model, backbone, spec = load_classifier(run)
     compute = resolve_inference_compute(device, precision, backbone.hidden_size)
     model.divide_logits(spec.temperature)  # calibrated probabilities from here on (see reporting.calibration)
-    unwrap_merged(model)
+    merge_and_unload(model)
     if compute.int8:
         if precision == "int8":
             quantize_linears(model.backbone)

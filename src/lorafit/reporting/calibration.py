@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import SettingError, UsageError
 
 BINS = 15
 T_RANGE = (0.05, 20.0)  # a perfectly separated validation split would push T to 0: bounded instead
@@ -35,10 +35,11 @@ class DecisionConfig:
 
     def __post_init__(self) -> None:
         if self.target_precision is not None and self.target_recall is not None:
-            raise UsageError("give --target-precision or --target-recall, not both")
-        for name, v in (("--target-precision", self.target_precision), ("--target-recall", self.target_recall)):
+            raise SettingError("give {target_precision} or {target_recall}, not both")
+        for name in ("target_precision", "target_recall"):
+            v = getattr(self, name)
             if v is not None and not 0 < v <= 1:
-                raise UsageError(f"{name} must be in (0, 1], got {v:g}")
+                raise SettingError("{%s} must be in (0, 1], got {:g}" % name, v)
 
     @property
     def target(self) -> tuple[str, float] | None:
@@ -52,11 +53,11 @@ class DecisionConfig:
         """The class a threshold is about: ``positive``, or the second of two labels."""
         if self.positive is not None:
             if self.positive not in labels:
-                raise UsageError(f"--positive-class {self.positive!r} is not one of the labels {_some(labels)}")
+                raise SettingError("{positive} {!r} is not one of the labels {}", self.positive, _some(labels))
             return self.positive
         if len(labels) != 2:
-            raise UsageError(f"--target-precision/--target-recall with {len(labels)} classes need --positive-class "
-                             f"(one of {_some(labels)}): the threshold is that class's, one-vs-rest")
+            raise SettingError("{target_precision}/{target_recall} with {} classes need {positive} (one of {}): the "
+                               "threshold is that class's, one-vs-rest", len(labels), _some(labels))
         return labels[1]
 
 

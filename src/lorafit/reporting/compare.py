@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LorafitError
+from ..errors import FieldError, LorafitError
 from ..files import read_json
 from .plots import plot_validation_curves
 from .report import percent
@@ -34,7 +34,7 @@ class RunSummary:
                 percent(metrics.get("test", {}).get("accuracy")), f1, f"{speed['train_seconds'] / epochs:.1f}", memory)
 
 
-def load_run(directory: str | Path) -> RunSummary:
+def read_summary(directory: str | Path) -> RunSummary:
     """A finished run's report and validation records; a folder that is not one is refused in one line."""
     d = Path(directory)
     if not d.is_dir():
@@ -72,9 +72,9 @@ def format_table(runs: list[RunSummary]) -> str:
 
 def compare_runs(directories: list[str | Path], png: str | Path) -> str:
     """Load every run (all refused before anything is drawn), write the overlaid curves, return the table."""
-    runs = [load_run(d) for d in directories]
+    runs = [read_summary(d) for d in directories]
     try:
         plot_validation_curves({r.name: r.curve for r in runs}, Path(png))
     except OSError as e:
-        raise LorafitError(f"--out-png {png}: cannot write ({e.strerror or e})") from e
+        raise FieldError("{png} {}: cannot write ({})", png, e.strerror or e) from e
     return format_table(runs)

@@ -1,6 +1,6 @@
-"""Experiment trackers: the metrics records of a run, also sent to CSV, TensorBoard or MLflow.
+"""Experiment trackers: the metrics records of a run, in ``metrics.jsonl`` and also in CSV, TensorBoard or MLflow.
 
-``metrics.jsonl`` is always written (by :mod:`lorafit.training.run`); ``--logger`` adds trackers that
+``metrics.jsonl`` (:class:`JsonlLogger`) is always written; ``LoggerConfig.names`` adds trackers that
 receive the very same records, so what a dashboard shows is what the run directory holds. Each tracker
 has one small interface (:class:`MetricsLogger`); TensorBoard and MLflow are optional extras imported
 only when asked for.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.util
+import json
 import os
 import shutil
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from ..errors import LorafitError, UsageError
+from ..errors import FieldError, SettingError, WriteError
 
 CSV_COLUMNS = ("event", "step", "epoch", "examples_seen", "loss", "lr", "val_loss", "val_accuracy", "val_examples",
                "seconds")  # the fields of fit's records; train, eval and epoch rows leave the others empty
@@ -27,6 +28,9 @@ EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # logger -> the mod
 
 
 class MetricsLogger(Protocol):
+    # True: the tracker keeps what it logged before a resume itself (it is not sent the kept records again)
+    continues: bool
+
     def log(self, record: dict) -> None:
         """One metrics record of :func:`lorafit.fit` (event train, eval or epoch)."""
 
@@ -38,24 +42,26 @@ class MetricsLogger(Protocol):
 
 # Each tracker is built as Tracker(out, cfg, kept): ``kept`` is None for a new run; for a resumed one, the
 # records that the checkpoint keeps (the steps after it are replayed and logged again, so none is logged twice).
+# A tracker that starts its output afresh (continues = False) is then sent the kept records first.
+METRICS = "metrics.jsonl"
 
 
 @dataclass
 class LoggerConfig:
     """Which trackers a run feeds, and where MLflow writes."""
 
-    names: tuple[str, ...] = ()  # any of csv, tensorboard, mlflow
+    names: tuple[str, ...] = ()  # any of csv, tensorboard, mlflow (each may be a comma list: "csv,mlflow")
     mlflow_uri: str = "./mlruns"  # a folder (MLflow's file store) or a tracking URI (sqlite:///..., http://...)
 
     def __post_init__(self) -> None:
-        self.names = tuple(dict.fromkeys(self.names))
+        self.names = tuple(dict.fromkeys(n.strip() for v in self.names for n in v.split(",") if n.strip()))
         unknown = [n for n in self.names if n not in LOGGERS]
         if unknown:
-            raise UsageError(f"--logger must be {', '.join(LOGGERS)} (or a comma list), got {', '.join(unknown)}")
+            raise SettingError("{names} must be {} (or a comma list), got {}", ", ".join(LOGGERS), ", ".join(unknown))
         for name in self.names:
             module = EXTRAS.get(name)
             if module and importlib.util.find_spec(module) is None:
-                raise UsageError(f"--logger {name} needs the {module} package: pip install 'lorafit[{name}]'")
+                raise SettingError("{names} {} needs the {} package: pip install 'lorafit[{}]'", name, module, name)
 
 
 def scalars(record: dict) -> dict[str, float]:
@@ -81,16 +87,38 @@ def flatten(settings: dict, prefix: str = "") -> dict:
     return flat
 
 
+class JsonlLogger:
+    """``metrics.jsonl``, always written: one JSON line per record, written at once (unbuffered: a failed
+    write leaves nothing pending to flush); after a resume, the checkpoint's records and then the new ones."""
+
+    continues = False
+
+    def __init__(self, out: Path, cfg: LoggerConfig, kept: list[dict] | None):
+        self.file = open(out / METRICS, "wb", buffering=0)
+
+    def log(self, record: dict) -> None:
+        try:
+            self.file.write((json.dumps(record) + "\n").encode())
+        except OSError as e:
+            raise WriteError(self.file.name, e.strerror or str(e)) from e
+
+    def log_hparams(self, hparams: dict) -> None:
+        pass  # report.json holds the settings
+
+    def close(self, failed: bool = False) -> None:
+        self.file.close()
+
+
 class CsvLogger:
     """``metrics.csv``: one row per record, the columns of :data:`CSV_COLUMNS`, flushed as it goes; after a
     resume, the checkpoint's records and then the new ones (the same rows as ``metrics.jsonl``)."""
+
+    continues = False
 
     def __init__(self, out: Path, cfg: LoggerConfig, kept: list[dict] | None):
         self.file = open(out / "metrics.csv", "w", newline="", encoding="utf-8")
         self.writer = csv.DictWriter(self.file, CSV_COLUMNS, extrasaction="ignore")
         self.writer.writeheader()
-        for record in kept or ():
-            self.log(record)
 
     def log(self, record: dict) -> None:
         self.writer.writerow({k: "" if v is None else v for k, v in record.items()})
@@ -106,12 +134,14 @@ class CsvLogger:
 class TensorBoardLogger:
     """Event files in ``<run>/tensorboard``: every scalar against the optimiser step, the settings as hparams."""
 
+    continues = True  # its event files stay; a resume hides what comes after the checkpoint instead
+
     def __init__(self, out: Path, cfg: LoggerConfig, kept: list[dict] | None):
         from torch.utils.tensorboard import SummaryWriter
 
         log_dir = out / "tensorboard"
         if kept is None:
-            shutil.rmtree(log_dir, ignore_errors=True)  # an --overwrite'n run starts a fresh timeline
+            shutil.rmtree(log_dir, ignore_errors=True)  # an overwritten run starts a fresh timeline
         # on resume, TensorBoard hides the events after the checkpoint's last record: they are logged again
         purge = max((r["step"] for r in kept), default=0) + 1 if kept is not None else None
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
@@ -136,6 +166,8 @@ class MlflowLogger:
     """One MLflow run (experiment "lorafit", named after the run directory) through MlflowClient; a resumed
     run is a new MLflow run that starts with the checkpoint's records."""
 
+    continues = False
+
     def __init__(self, out: Path, cfg: LoggerConfig, kept: list[dict] | None):
         from mlflow.tracking import MlflowClient
 
@@ -150,11 +182,9 @@ class MlflowLogger:
             found = self.client.get_experiment_by_name("lorafit")
             experiment = found.experiment_id if found else self.client.create_experiment("lorafit")
             self.run_id = self.client.create_run(experiment, run_name=out.resolve().name).info.run_id
-            for record in kept or ():
-                self.log(record)
         except Exception as e:  # MLflow raises its own and the store's exceptions; all mean "cannot track"
             self.env.close()
-            raise LorafitError(f"--mlflow-uri {cfg.mlflow_uri}: cannot start an MLflow run ({e})") from e
+            raise FieldError("{mlflow_uri} {}: cannot start an MLflow run ({})", cfg.mlflow_uri, e) from e
 
     def log(self, record: dict) -> None:
         from mlflow.entities import Metric
@@ -193,15 +223,17 @@ def _env(name: str, value: str) -> Iterator[None]:
 @contextlib.contextmanager
 def open_loggers(cfg: LoggerConfig, out: Path, hparams: dict, *, kept: list[dict] | None = None
                  ) -> Iterator[Callable[[dict], None]]:
-    """Start the trackers ``cfg`` names, send them ``hparams``, and yield the function that logs a record
-    to all of them; on leaving, close them (marked failed when the block raised). ``kept``: a resumed
-    run's records up to its checkpoint (None for a new run)."""
+    """Open metrics.jsonl and start the trackers ``cfg`` names, send them ``hparams``, and yield the function
+    that logs a record to all of them; on leaving, close them (marked failed when the block raised).
+    ``kept``: a resumed run's records up to its checkpoint (None for a new run)."""
     loggers: list[MetricsLogger] = []
     failed = False
     try:
-        for name in cfg.names:
-            loggers.append(LOGGERS[name](out, cfg, kept))
+        for make in (JsonlLogger, *(LOGGERS[name] for name in cfg.names)):
+            loggers.append(make(out, cfg, kept))
             loggers[-1].log_hparams(hparams)
+            for record in () if loggers[-1].continues else kept or ():
+                loggers[-1].log(record)
         yield lambda record: [lg.log(record) for lg in loggers]
     except BaseException:
         failed = True

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ..files import atomic_path
 
-from ..files import atomic_path  # noqa: E402
+
+def _subplots(figsize: tuple[float, float], ncols: int = 1):
+    """A figure of its own, drawn to files only: pyplot's global state and the user's backend stay untouched."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(1, ncols)
 
 
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
 
 
 def _epoch_axis(ax, records: list[dict]) -> None:
@@ -30,7 +32,7 @@ def _epoch_axis(ax, records: list[dict]) -> None:
 
 
 def plot_loss(train: list[dict], val: list[dict], epochs: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = _subplots((6.5, 4))
     ax.plot([r["epoch"] for r in train], [r["loss"] for r in train], label="training loss", lw=1, alpha=0.8)
     if len(train) > 10:
         k = max(2, len(train) // 20)
@@ -50,7 +52,7 @@ def plot_loss(train: list[dict], val: list[dict], epochs: list[dict], path: Path
 
 
 def plot_accuracy(val: list[dict], epochs: list[dict], final: dict[str, float], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = _subplots((6.5, 4))
     if val:
         ax.plot([r["epoch"] for r in val], [100 * r["val_accuracy"] for r in val], "o-", ms=3,
                 label="validation accuracy (slice)")
@@ -69,7 +71,7 @@ def plot_accuracy(val: list[dict], epochs: list[dict], final: dict[str, float], 
 
 def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: str = "Test confusion matrix") -> None:
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
+    fig, ax = _subplots((1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
@@ -84,7 +86,7 @@ def plot_confusion(cm: list[list[int]], labels: list[str], path: Path, title: st
 def plot_validation_curves(curves: dict[str, list[dict]], path: Path) -> None:
     """Several runs' validation loss and accuracy against examples seen, overlaid: lines for the
     validation slices (``eval`` records), squares for the full validation at each epoch's end."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = _subplots((11, 4), 2)
     for i, (name, records) in enumerate(curves.items()):
         for ax, key, scale in ((axes[0], "val_loss", 1), (axes[1], "val_accuracy", 100)):
             for event, style in (("eval", dict(ls="-", marker="o", ms=2, lw=1.2, label=name)),
@@ -103,7 +105,8 @@ def plot_reliability(before: dict, after: dict, ece: tuple[float, float], temper
                      path: Path) -> None:
     """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling;
     the diagonal is perfect calibration, bar widths follow the bins, marker areas their counts."""
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(6, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig = Figure(figsize=(6, 6.4))
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
     edges = np.asarray(before["edges"])
     mids = (edges[:-1] + edges[1:]) / 2
@@ -130,7 +133,7 @@ def plot_pr(curves: dict[str, dict], points: dict[str, tuple[float, float]], rul
             path: Path) -> None:
     """Precision against recall, one line per curve; ``points``: curve name -> (recall, precision) of the
     operating threshold ``rule`` on it, a star in the curve's colour."""
-    fig, ax = plt.subplots(figsize=(6, 4.6))
+    fig, ax = _subplots((6, 4.6))
     for i, (name, c) in enumerate(curves.items()):
         ax.step(np.r_[0.0, c["recall"]], np.r_[1.0, c["precision"]], where="post", color=f"C{i}", label=name)
         if name in points:
@@ -150,7 +153,7 @@ def plot_roc(curves: dict[str, dict], points: dict[str, tuple[float, float]], ru
              path: Path) -> None:
     """True- against false-positive rate, one line per curve (``name`` -> curve with its ``auc``);
     ``points``: curve name -> (fpr, tpr) of the operating threshold ``rule``, a star in the curve's colour."""
-    fig, ax = plt.subplots(figsize=(6, 4.6))
+    fig, ax = _subplots((6, 4.6))
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
     for i, (name, c) in enumerate(curves.items()):
         ax.plot(c["fpr"], c["tpr"], color=f"C{i}", label=f"{name} (AUC {c['auc']:.4f})")

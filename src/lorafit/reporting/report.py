@@ -52,8 +52,8 @@ def build_report(*, name: str, command: str, spec: dict, train: dict, data: dict
     if resumed:
         report["resumed"] = True
     if distributed:  # torchrun: world size, backend, batch per process
-        report["distributed"] = {**distributed, "global_batch": distributed["per_rank_batch"]
-                                 * distributed["world_size"] * train["grad_accum"]}
+        report["distributed"] = {**distributed, "per_rank_batch": train["batch_size"], "global_batch":
+                                 train["batch_size"] * distributed["world_size"] * train["grad_accum"]}
     return report
 
 

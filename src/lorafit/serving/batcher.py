@@ -45,7 +45,7 @@ class Batcher:
     def __init__(self, run: Callable[[list[list[int]], list[object]], Sequence], *, max_batch_size: int,
                  max_wait_ms: float,
                  max_queued: int, on_batch: Callable[[int], None] | None = None):
-        self._run = run
+        self.run_batch = run  # what the worker calls on each batch (ids, adapter per row) -> a row each
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self.max_queued = max_queued
@@ -125,7 +125,7 @@ class Batcher:
             return
         ids = [x for job in jobs for x in job.ids]
         try:
-            logits = self._run(ids, [job.adapter for job in jobs for _ in job.ids])  # a row per text
+            logits = self.run_batch(ids, [job.adapter for job in jobs for _ in job.ids])  # a row per text
         except Exception as e:  # every waiting request learns of it; the worker lives on
             log.exception("inference failed on a batch of %d texts", len(ids))
             for job in jobs:

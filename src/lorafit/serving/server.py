@@ -15,7 +15,7 @@ import sys
 import threading
 import warnings
 
-from ..errors import LorafitError
+from ..errors import FieldError, LorafitError
 from .app import create_app
 from .config import ServeConfig
 from .model import ServedModel
@@ -28,7 +28,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise LorafitError(f"--host {host}: cannot resolve it ({e.strerror})") from e
+        raise FieldError("{host} {}: cannot resolve it ({})", host, e.strerror) from e
     family, _, _, _, address = infos[0]
     # proto named: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets whose proto is TCP, and
     # with it on, a response's body waits for the client's delayed ACK of its headers: 40 ms a request
@@ -40,8 +40,8 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise LorafitError(f"--port {port}: already in use on {host} (stop what uses it or pick another port)") from e
-        raise LorafitError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from e
+            raise FieldError("{port} {}: already in use on {} (stop what uses it or pick another port)", port, host) from e
+        raise FieldError("{host} {} {port} {}: cannot listen there ({})", host, port, e.strerror) from e
     return sock
 
 

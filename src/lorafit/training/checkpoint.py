@@ -17,7 +17,7 @@ import torch
 
 from ..adapters.storage import ClassifierSpec, adapter_state
 from ..data.datasets import DataConfig
-from ..errors import LorafitError, UsageError
+from ..errors import FieldError, LorafitError, SettingError
 from ..files import load_safetensors, safetensors_metadata, save_safetensors
 from ..reporting.calibration import DecisionConfig
 from ..reporting.loggers import LoggerConfig
@@ -28,44 +28,71 @@ FORMAT = "lorafit-checkpoint"
 
 
 @dataclass
-class RunSettings:
-    """How a run was started, kept in its checkpoint so that a resume repeats it."""
+class CheckpointPolicy:
+    """When a run writes a checkpoint besides each epoch's end (0 turns either period off)."""
 
-    device: str = "auto"
-    precision: str = "auto"  # in a checkpoint: what "auto" resolved to, so that a resume computes the same way
-    command: str = ""
-    skipped_empty: int = 0  # empty texts dropped from the data file
-    world_size: int = 1  # processes of the torchrun job (grad_accum is per process)
-    save_every: int = 0  # optimiser steps between periodic checkpoints (0: off)
-    save_every_minutes: float = 10.0  # minutes between periodic checkpoints (0: off)
-    loggers: LoggerConfig = field(default_factory=LoggerConfig)  # the trackers; a resume feeds them too
-    decision: DecisionConfig = field(default_factory=DecisionConfig)  # calibration and threshold after training
+    save_every: int = 0  # optimiser steps between periodic checkpoints
+    save_every_minutes: float = 10.0  # minutes between periodic checkpoints
 
     def __post_init__(self) -> None:
         if self.save_every < 0 or self.save_every_minutes < 0:
-            raise UsageError(f"--save-every and --save-every-minutes must be >= 0 (0 turns them off), got "
-                             f"{self.save_every} and {self.save_every_minutes}")
+            raise SettingError("{save_every} and {save_every_minutes} must be >= 0 (0 turns them off), got {} and {}",
+                               self.save_every, self.save_every_minutes)
+
+
+@dataclass
+class RunSettings:
+    """How a run is carried out, kept in its checkpoint so that a resume repeats it."""
+
+    command: str = ""  # the command line that started it (a torchrun restart continues only the same one)
+    device: str = "auto"
+    precision: str = "auto"  # in a checkpoint: what "auto" resolved to, so that a resume computes the same way
+    checkpoints: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    loggers: LoggerConfig = field(default_factory=LoggerConfig)  # the trackers; a resume feeds them too
+    decision: DecisionConfig = field(default_factory=DecisionConfig)  # calibration and threshold after training
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSettings":
+        return cls(d["command"], d["device"], d["precision"], CheckpointPolicy(**d["checkpoints"]),
+                   LoggerConfig(**d["loggers"]), DecisionConfig(**d["decision"]))
+
+
+@dataclass
+class RunPlan:
+    """A run's configs, whole: what it trains, on which data and how; what its checkpoint keeps."""
+
+    spec: ClassifierSpec
+    data: DataConfig
+    train: TrainConfig
+    settings: RunSettings = field(default_factory=RunSettings)
+    skipped_empty: int = 0  # empty texts dropped from the data file
+    world_size: int = 1  # processes of the torchrun job (grad_accum is per process)
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec.to_dict(), "data": asdict(self.data), "train": self.train.to_dict(),
+                "run": asdict(self.settings), "skipped_empty": self.skipped_empty, "world_size": self.world_size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunPlan":
+        return cls(ClassifierSpec.from_dict(d["spec"]), DataConfig(**d["data"]), TrainConfig(**d["train"]),
+                   RunSettings.from_dict(d["run"]), d["skipped_empty"], d["world_size"])
 
 
 @dataclass
 class Checkpoint:
-    spec: ClassifierSpec
-    data: DataConfig
-    train: TrainConfig
-    settings: RunSettings
+    plan: RunPlan
     state: TrainState
     adapter: dict[str, torch.Tensor]  # adapter_state names -> tensors
 
 
-def save_checkpoint(out: Path, model, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig,
-                    state: TrainState, settings: RunSettings) -> None:
+def save_checkpoint(out: Path, model, plan: RunPlan, state: TrainState) -> None:
     """What an exact resume needs, in one atomically replaced file."""
     tensors = {f"model.{k}": v for k, v in adapter_state(model).items()}
     for idx, moments in state.optimizer["state"].items():
         for name, t in moments.items():
             tensors[f"optimizer.{idx}.{name}"] = torch.as_tensor(t)
     tensors["rng.torch"] = state.rng
-    saved = {"spec": spec.to_dict(), "data": asdict(data_cfg), "train": train_cfg.to_dict(), "run": asdict(settings),
+    saved = {**plan.to_dict(),
              "state": {"epoch": state.epoch, "batch": state.batch, "step": state.step,
                        "best_accuracy": state.best_accuracy},
              "history": state.history.to_dict(), "optimizer_param_groups": state.optimizer["param_groups"]}
@@ -77,7 +104,7 @@ def _saved_record(out: Path) -> tuple[Path, dict]:
     path = out / CHECKPOINT
     if not path.is_file():
         done = " (it finished: see report.md)" if (out / "report.json").is_file() else ""
-        raise LorafitError(f"--resume {out}: no {CHECKPOINT} to resume from{done}")
+        raise FieldError("{resume} {}: no {} to resume from{}", out, CHECKPOINT, done)
     meta = safetensors_metadata(path)
     try:
         if meta.get("format") != FORMAT:
@@ -99,11 +126,7 @@ def saved_command(out: Path) -> str:
 def load_checkpoint(out: Path) -> Checkpoint:
     path, saved = _saved_record(out)
     try:
-        spec = ClassifierSpec.from_dict(saved["spec"])
-        data_cfg = DataConfig(**saved["data"])
-        train_cfg = TrainConfig(**saved["train"])
-        settings = RunSettings(**{**saved["run"], "loggers": LoggerConfig(**saved["run"].get("loggers", {})),
-                                  "decision": DecisionConfig(**saved["run"].get("decision", {}))})
+        plan = RunPlan.from_dict(saved)
         counters = saved["state"]
         history = History.from_dict(saved["history"])
         groups = saved["optimizer_param_groups"]
@@ -117,7 +140,7 @@ def load_checkpoint(out: Path) -> Checkpoint:
             optimizer["state"].setdefault(int(idx), {})[name] = t
     state = TrainState(**counters, history=history, optimizer=optimizer, rng=tensors["rng.torch"])
     adapter = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    return Checkpoint(spec, data_cfg, train_cfg, settings, state, adapter)
+    return Checkpoint(plan, state, adapter)
 
 
 def remove_checkpoint(out: Path) -> None:

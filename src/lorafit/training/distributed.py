@@ -24,7 +24,7 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..data.batching import Encoded, eval_order, lengths_of
-from ..errors import LorafitError, UsageError
+from ..errors import FieldError, LorafitError, SettingError
 from ..inference.predict import predict_proba
 from ..runtime import Compute
 
@@ -61,7 +61,6 @@ class Distributed:
     local_rank: int = 0
     local_world: int = 1
     backend: str | None = None  # None: no process group
-    per_rank_batch: int = 0  # texts per micro-batch on each rank (the run's --batch-size)
     ddp: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -76,7 +75,7 @@ class Distributed:
         """What report.json records about the launch (None for a plain one-process run)."""
         if not self.active:
             return None
-        return {"world_size": self.world, "backend": self.backend, "per_rank_batch": self.per_rank_batch}
+        return {"world_size": self.world, "backend": self.backend}
 
     # -- training --------------------------------------------------------------------------------------
     def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -173,13 +172,13 @@ class Distributed:
 LOCAL = Distributed()
 
 
-def regroup(grad_accum: int, saved_world: int, world: int, where: str) -> int:
-    """The per-rank ``grad_accum`` that keeps a resumed run's global batch (so its math) unchanged."""
+def regroup(grad_accum: int, saved_world: int, world: int, run) -> int:
+    """The per-rank ``grad_accum`` that keeps the global batch (so the math) of the resumed ``run`` unchanged."""
     per_step = grad_accum * saved_world
     if per_step % world:
-        raise LorafitError(f"{where}: its optimiser step takes {per_step} batches ({saved_world} process(es) x "
-                           f"grad-accum {grad_accum}), which {world} processes cannot share evenly; "
-                           f"resume with a number of processes that divides {per_step}")
+        raise FieldError("{resume} {}: its optimiser step takes {} batches ({} process(es) x {grad_accum} {}), which "
+                         "{} processes cannot share evenly; resume with a number of processes that divides {}",
+                         run, per_step, saved_world, grad_accum, world, per_step)
     return per_step // world
 
 
@@ -204,11 +203,11 @@ def is_peer_failure(e: BaseException) -> bool:
 
 def choose_backend(requested: str, device: torch.device) -> str:
     if requested not in BACKENDS:
-        raise UsageError(f"--dist-backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+        raise SettingError("{backend} must be one of {}, got {!r}", ", ".join(BACKENDS), requested)
     if device.type not in ("cpu", "cuda"):
-        raise LorafitError(f"--device {device}: torchrun training runs on cpu or cuda, not {device.type}")
+        raise FieldError("{device} {}: torchrun training runs on cpu or cuda, not {}", device, device.type)
     if requested == "nccl" and device.type != "cuda":
-        raise LorafitError("--dist-backend nccl needs CUDA devices; this process trains on the cpu (use gloo)")
+        raise FieldError("{backend} nccl needs CUDA devices; this process trains on the cpu (use gloo)")
     if requested == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     return requested
@@ -248,18 +247,17 @@ def attempt_store(rank: int, world: int, timeout_s: float) -> tdist.Store:
 
 
 @contextlib.contextmanager
-def session(device: torch.device, launch: Launch, per_rank_batch: int,
-            plan: str) -> Iterator[tuple[Distributed, torch.device]]:
+def session(device: torch.device, launch: Launch, plan: str) -> Iterator[tuple[Distributed, torch.device]]:
     """Join torchrun's process group for the duration of a run; a plain process gets a one-process one.
 
     CPU processes share the cores: each takes ``cores // processes on this node`` threads. ``plan`` (what
     this rank is about to do: start a run, resume one) must be the same on every rank.
     """
     if not launched_by_torchrun():
-        yield Distributed(per_rank_batch=per_rank_batch), device
+        yield Distributed(), device
         return
     if launch.timeout_s <= 0:
-        raise UsageError(f"--dist-timeout must be > 0 seconds, got {launch.timeout_s:g}")
+        raise SettingError("{timeout_s} must be > 0 seconds, got {:g}", launch.timeout_s)
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
     local_rank = _env_int("LOCAL_RANK")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -277,13 +275,13 @@ def session(device: torch.device, launch: Launch, per_rank_batch: int,
                                  device_id=device if chosen == "nccl" else None)
     except (RuntimeError, ValueError) as e:
         raise LorafitError(f"cannot join the torchrun process group ({chosen}): {str(e).splitlines()[0]}") from e
-    d = Distributed(rank, world, local_rank, local_world, chosen, per_rank_batch)
+    d = Distributed(rank, world, local_rank, local_world, chosen)
     try:
         plans = [None] * world
         d._collective(tdist.all_gather_object, plans, plan)
         if len(set(plans)) > 1:
             raise LorafitError(f"the processes disagree on what to do ({' / '.join(sorted(set(plans)))}): "
-                               "--out must be on a file system that every machine of the job sees")
+                               "the run directory must be on a file system that every machine of the job sees")
         # collectives outside the training loop (DDP's set-up, evaluation) fail the same way
         with warnings.catch_warnings(), peer_failures_as_lost():
             if not d.is_main:

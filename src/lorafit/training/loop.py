@@ -6,10 +6,11 @@ call it directly; everything the CLI adds (files, reports, checkpoints) happens 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..adapters.lora import lora_layers
 from ..data.batching import Batch, Encoded, collate, lengths_of, train_order
-from ..errors import LorafitError, UsageError
+from ..errors import FieldError, LorafitError, SettingError
 from ..reporting.metrics import metrics_for
 from ..runtime import Compute, return_freed_buffers_to_the_os
 from .distributed import LOCAL, Distributed, PeerLost, peer_failures_as_lost
@@ -48,21 +49,20 @@ class TrainConfig:
     lora_plus_ratio: float | None = None  # LoRA+: B (and 1-D parameters) learn at this multiple of lr
 
     def __post_init__(self) -> None:
-        problems = [f"--{f.name.replace('_', '-')} must be >= 1, got {getattr(self, f.name)}"
-                    for f in fields(self) if f.name in ("epochs", "batch_size", "grad_accum")
-                    and getattr(self, f.name) < 1]
+        problems = [SettingError("{%s} must be >= 1, got {}" % name, getattr(self, name))
+                    for name in ("epochs", "batch_size", "grad_accum") if getattr(self, name) < 1]
         if self.lr <= 0:
-            problems.append(f"--lr must be > 0, got {self.lr}")
+            problems.append(SettingError("{lr} must be > 0, got {}", self.lr))
         if self.schedule not in SCHEDULES:
-            problems.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            problems.append(SettingError("{schedule} must be one of {}, got {!r}", ", ".join(SCHEDULES), self.schedule))
         if self.class_weights not in (None, "auto"):
-            problems.append(f"--class-weights must be 'auto', got {self.class_weights!r}")
+            problems.append(SettingError("{class_weights} must be 'auto', got {!r}", self.class_weights))
         if self.lora_plus_ratio is not None and self.lora_plus_ratio <= 0:
-            problems.append(f"--lora-plus-ratio must be > 0, got {self.lora_plus_ratio}")
+            problems.append(SettingError("{lora_plus_ratio} must be > 0, got {}", self.lora_plus_ratio))
         if min(self.warmup_steps, self.eval_every, self.eval_batches) < 0:
-            problems.append("--warmup-steps, --eval-every and --eval-batches must be >= 0")
+            problems.append(SettingError("{warmup_steps}, {eval_every} and {eval_batches} must be >= 0"))
         if problems:
-            raise UsageError("; ".join(problems))
+            raise SettingError.joined(problems)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,11 +106,11 @@ class TrainState:
     rng: torch.Tensor | None = None  # the state of the generator dropout draws from on the training device
 
 
-class TrainingStopped(LorafitError):
+class TrainingStopped(FieldError):
     """Training stopped early (interrupted, or diverged); ``state`` is the last good step, resumable."""
 
-    def __init__(self, message: str, state: TrainState, exit_code: int = 1):
-        super().__init__(message)
+    def __init__(self, template: str, *values, state: TrainState, exit_code: int = 1):
+        super().__init__(template, *values)
         self.state = state
         self.exit_code = exit_code
 
@@ -197,17 +197,34 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim
                              fused=device.type in ("cpu", "cuda"))  # one kernel, not a loop over tensors
 
 
+def _ignore(*args) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the training loop calls back into; each one optional."""
+
+    on_best: Callable[[dict], None] = _ignore  # full validation accuracy improved: save that adapter
+    log: Callable[[dict], None] = _ignore  # every metrics record, as it happens
+    # (trainer, epoch_end) at every point training can resume from (after each optimiser step, after each
+    # epoch's end), where trainer.snapshot() is exact: periodic checkpoints hook in here
+    on_step: Callable[["Trainer", bool], None] = _ignore
+    stop_requested: Callable[[], bool] = lambda: False  # true: stop at the next resumable point
+
+
 class Trainer:
     """One training run's moving parts: the optimiser, the position in the data, the history, the clock.
 
-    Time spent validating or checkpointing is kept out of the training time (and so out of examples/s).
+    ``state`` resumes from a saved :class:`TrainState`. When ``hooks.stop_requested()`` turns true, or the
+    loss stops being finite, :class:`TrainingStopped` is raised carrying the state of the last completed
+    optimiser step. ``dist``: this process's place in a torchrun job. Time spent validating or
+    checkpointing is kept out of the training time (and so out of examples/s).
     """
 
     def __init__(self, model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, labels: list[str],
-                 compute: Compute, state: TrainState | None,
-                 on_best: Callable[[dict], None] | None, log: Callable[[dict], None] | None, progress: bool,
-                 stop_requested: Callable[[], bool] | None, on_step: Callable[["Trainer", bool], None] | None,
-                 dist: Distributed = LOCAL):
+                 compute: Compute = Compute(), state: TrainState | None = None, hooks: Hooks = Hooks(),
+                 progress: bool = True, dist: Distributed = LOCAL):
         device = compute.device
         self.model, self.train_data, self.val, self.cfg = model.to(device).train(), train, val, cfg
         self.pad_id, self.labels, self.compute, self.device, self.dist = pad_id, labels, compute, device, dist
@@ -217,21 +234,13 @@ class Trainer:
         self.state = state or TrainState()
         if self.state.optimizer is not None:
             self.optimizer.load_state_dict(self.state.optimizer)
-        if self.state.rng is not None:
-            set_rng_state(self.state.rng, device)
         self.history = self.state.history
         self.weight = class_weight_tensor(train.labels, len(labels)).to(device) if cfg.class_weights == "auto" else None
         self.lengths = lengths_of(train)
         n_batches = -(-len(train.ids) // cfg.batch_size)
         self.per_step = cfg.grad_accum * dist.world  # batches of one optimiser step, all ranks together
         self.total_steps = cfg.epochs * -(-n_batches // self.per_step)
-        self.on_best = on_best or (lambda record: None)
-        self.log = log or (lambda record: None)
-        self.progress = progress
-        stop = stop_requested or (lambda: False)
-        self.stop_requested = lambda: dist.any(stop())  # every rank stops at the same step
-        self.on_step = on_step or (lambda trainer, epoch_end: None)
-        self.boundary_rng = rng_state(device)  # the RNG at the start of the optimiser step in progress
+        self.hooks, self.progress = hooks, progress
         self.base_seconds, self.start, self.aside_seconds = self.history.train_seconds, time.perf_counter(), 0.0
 
     def training_seconds(self) -> float:
@@ -253,15 +262,28 @@ class Trainer:
                           rng_state(self.device))
 
     def run(self) -> History:
-        try:
-            with peer_failures_as_lost():
-                while self.state.epoch < self.cfg.epochs:
-                    self.epoch(self.state.epoch)
-        except PeerLost as e:
-            set_rng_state(self.boundary_rng, self.device)  # parameters are those of the last whole step
-            raise TrainingStopped(str(e), self.snapshot()) from e
+        with self.own_generator():
+            try:
+                with peer_failures_as_lost():
+                    while self.state.epoch < self.cfg.epochs:
+                        self.epoch(self.state.epoch)
+            except PeerLost as e:
+                set_rng_state(self.boundary_rng, self.device)  # parameters are those of the last whole step
+                raise TrainingStopped("{}", str(e), state=self.snapshot()) from e
         self.history.train_seconds = self.training_seconds()
         return self.history
+
+    @contextlib.contextmanager
+    def own_generator(self) -> Iterator[None]:
+        """Dropout draws from the device's global generator: training forks it (the caller's is restored
+        afterwards) and starts it from the seed, or from the checkpoint's state on resume."""
+        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+            if self.state.rng is None:
+                torch.manual_seed(self.cfg.seed)
+            else:
+                set_rng_state(self.state.rng, self.device)
+            self.boundary_rng = rng_state(self.device)  # the RNG at the start of the optimiser step in progress
+            yield
 
     def epoch(self, epoch: int) -> None:
         cfg, state = self.cfg, self.state
@@ -285,11 +307,11 @@ class Trainer:
     def boundary(self, epoch_end: bool) -> None:
         """A resumable point: stop here if asked (before the last epoch's end), else run the on_step hook."""
         state = self.state
-        if self.stop_requested() and state.epoch < self.cfg.epochs:
+        if self.dist.any(self.hooks.stop_requested()) and state.epoch < self.cfg.epochs:  # every rank at once
             where = f"after epoch {state.epoch}" if epoch_end else f"at step {state.step} (epoch {state.epoch + 1})"
-            raise TrainingStopped(f"interrupted {where}", self.snapshot(), 130)
+            raise TrainingStopped("interrupted {}", where, state=self.snapshot(), exit_code=130)
         t0 = time.perf_counter()
-        self.on_step(self, epoch_end)
+        self.hooks.on_step(self, epoch_end)
         self.aside_seconds += time.perf_counter() - t0
 
     def accumulate(self, step_batches: list[np.ndarray], epoch: int) -> "Accumulated":
@@ -303,9 +325,9 @@ class Trainer:
         accum.loss, accum.n, accum.tokens = self.dist.sum([accum.loss, accum.n, accum.tokens])
         if not math.isfinite(accum.loss):
             set_rng_state(self.boundary_rng, self.device)
-            raise TrainingStopped(f"training diverged: loss is {accum.loss / max(accum.n, 1)} at step "
-                                  f"{self.state.step + 1} (epoch {epoch + 1}); lower --lr or use --precision fp32",
-                                  self.snapshot())
+            raise TrainingStopped("training diverged: loss is {} at step {} (epoch {}); lower {lr} or use "
+                                  "{precision} fp32", accum.loss / max(accum.n, 1), self.state.step + 1, epoch + 1,
+                                  state=self.snapshot())
         return accum
 
     def forward_backward(self, batch: Batch, accum: "Accumulated", weight: float = 1.0) -> None:
@@ -337,7 +359,7 @@ class Trainer:
                   "examples_seen": history.train_examples, "loss": accum.loss / accum.n,
                   "lr": self.optimizer.param_groups[0]["lr"]}
         history.train.append(record)
-        self.log(record)
+        self.hooks.log(record)
         if cfg.eval_every and state.step % cfg.eval_every == 0 and len(self.val.ids):
             n = min(len(self.val.ids), cfg.eval_batches * cfg.batch_size)
             m = self.validate(Encoded(self.val.ids[:n], self.val.labels[:n], 0))
@@ -345,7 +367,7 @@ class Trainer:
                           "examples_seen": history.train_examples, "val_loss": m["loss"],
                           "val_accuracy": m["accuracy"], "val_examples": n}
             history.val.append(evaluation)
-            self.log(evaluation)
+            self.hooks.log(evaluation)
         return record
 
     def end_epoch(self, epoch: int) -> None:
@@ -357,11 +379,11 @@ class Trainer:
                   "val_loss": m["loss"] if m else None, "val_accuracy": m["accuracy"] if m else None,
                   "seconds": history.train_seconds}
         history.epochs.append(record)
-        self.log(record)
+        self.hooks.log(record)
         acc = m["accuracy"] if m else float(epoch)  # without validation data: keep the last epoch
         if acc > state.best_accuracy:
             state.best_accuracy, history.best = acc, record
-            self.on_best(record)
+            self.hooks.on_best(record)
         state.epoch, state.batch = epoch + 1, 0
 
 
@@ -379,23 +401,9 @@ class Accumulated:
         self.tokens += tokens
 
 
-def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, *, pad_id: int, labels: list[str],
-        compute: Compute = Compute(),
-        on_best: Callable[[dict], None] | None = None, log: Callable[[dict], None] | None = None,
-        progress: bool = True, state: TrainState | None = None,
-        stop_requested: Callable[[], bool] | None = None,
-        on_step: Callable[[Trainer, bool], None] | None = None, dist: Distributed = LOCAL) -> History:
-    """Train the trainable parameters of ``model``.
-
-    ``on_best`` is called whenever full validation accuracy improves (to save that adapter), ``log`` with
-    every metrics record as it happens. ``state`` resumes from a saved :class:`TrainState`. When
-    ``stop_requested()`` turns true, or the loss stops being finite, :class:`TrainingStopped` is raised
-    carrying the state of the last completed optimiser step. ``on_step(trainer, epoch_end)`` is called at
-    every point training can resume from (after each optimiser step, and after each epoch's end), where
-    ``trainer.snapshot()`` is exact: periodic checkpoints hook in there. ``dist``: this process's place in a
-    torchrun job.
-    """
+def fit(model, train: Encoded, val: Encoded, cfg: TrainConfig, **options) -> History:
+    """Train the trainable parameters of ``model`` on ``train``, validating on ``val``; ``options`` are
+    :class:`Trainer`'s (``pad_id`` and ``labels`` required; ``compute``, ``state``, ``hooks``, ``progress``,
+    ``dist``)."""
     return_freed_buffers_to_the_os()
-    return Trainer(model, train, val, cfg, pad_id=pad_id, labels=labels, compute=compute, state=state,
-                   on_best=on_best, log=log, progress=progress, stop_requested=stop_requested,
-                   on_step=on_step, dist=dist).run()
+    return Trainer(model, train, val, cfg, **options).run()

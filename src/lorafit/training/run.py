@@ -7,7 +7,6 @@ Each step inside is a public function of its own module.
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import threading
 import time
@@ -18,27 +17,28 @@ from typing import Callable
 import torch
 
 from ..adapters.accounting import count_parameters
+from ..adapters.classifier import Classifier
 from ..adapters.lora import store_frozen_linears
-from ..adapters.storage import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, adapter_state, build_classifier,
-                                check_compatible, load_adapter_into, save_adapter, save_spec)
+from ..adapters.build import build_classifier
+from ..adapters.storage import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, adapter_state, check_compatible,
+                                load_adapter_into, save_adapter, save_spec)
+from ..backbones.base import Backbone
 from ..data.batching import encode_frame
 from ..data.datasets import SPLIT_NAMES, DataConfig, Splits, load_splits
-from ..errors import LorafitError, WriteError
+from ..errors import FieldError, LorafitError, WriteError
 from ..files import remove_temp_files, write_json, write_text
 from ..inference.evaluate import predict_splits, split_metrics
-from ..reporting.calibration import DecisionConfig
-from ..reporting.loggers import LoggerConfig, flatten, open_loggers
+from ..reporting.loggers import METRICS, LoggerConfig, flatten, open_loggers
 from ..reporting.metrics import label_thresholds
 from ..reporting.plots import plot_accuracy, plot_confusion, plot_loss
 from ..reporting.report import build_report, render_markdown
 from ..runtime import Compute, check_compute, resolve_compute
-from .checkpoint import (CHECKPOINT, Checkpoint, PeriodicCheckpoints, RunSettings, load_checkpoint, remove_checkpoint,
-                         save_checkpoint, saved_command)
+from .checkpoint import (CHECKPOINT, Checkpoint, PeriodicCheckpoints, RunPlan, RunSettings, load_checkpoint,
+                         remove_checkpoint, save_checkpoint, saved_command)
 from .decisions import Kept, decide_run
-from .distributed import Distributed, Launch, regroup, restart_count, session
-from .loop import History, TrainConfig, TrainingStopped, fit
+from .distributed import Distributed, Launch, launched_by_torchrun, regroup, restart_count, session
+from .loop import History, Hooks, TrainConfig, TrainingStopped, TrainState, fit
 
-METRICS = "metrics.jsonl"
 RUN_MARKERS = (ADAPTER_CONFIG, "report.json", METRICS, CHECKPOINT)
 
 
@@ -53,50 +53,48 @@ class RunResult:
 def prepare_run_dir(out: Path, overwrite: bool) -> None:
     """Refuse to mix two runs in one folder unless asked, and fail early if the folder is not writable."""
     if out.exists() and not out.is_dir():
-        raise LorafitError(f"--out {out}: exists and is not a directory")
+        raise FieldError("{out} {}: exists and is not a directory", out)
     if out.is_dir() and any((out / m).exists() for m in RUN_MARKERS) and not overwrite:
-        raise LorafitError(f"--out {out}: already holds a run; choose another --out or pass --overwrite")
+        raise FieldError("{out} {}: already holds a run; choose another {out} or pass {overwrite}", out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".lorafit-write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise LorafitError(f"--out {out}: not writable ({e.strerror or e})") from e
+        raise FieldError("{out} {}: not writable ({})", out, e.strerror or e) from e
     if overwrite:
         (out / METRICS).unlink(missing_ok=True)
 
 
-def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, out: str | Path, *,
-              device: str = "auto", precision: str = "auto", overwrite: bool = False, command: str = "",
-              progress: bool = True, save_every: int = 0, save_every_minutes: float = 10.0,
-              loggers: LoggerConfig = LoggerConfig(), launch: Launch = Launch(),
-              decision: DecisionConfig = DecisionConfig()) -> RunResult:
-    """Everything ``lorafit train`` does: split, build, train, keep the best adapter, calibrate, report, plot.
+def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, out: str | Path,
+              settings: RunSettings | None = None, *, overwrite: bool = False, progress: bool = True,
+              launch: Launch = Launch(), stop: Callable[[], bool] | None = None) -> RunResult:
+    """Everything ``lorafit train`` does: split, build, train, keep the best adapter, report, plot.
 
-    A checkpoint is written every ``save_every`` optimiser steps, every ``save_every_minutes`` and at each
-    epoch end (0 turns either period off); SIGINT / SIGTERM (and a diverging loss) stop training at the
-    next optimiser step and write one too. :func:`resume_run` continues from it to the same adapter.
-    ``loggers`` names trackers (CSV, TensorBoard, MLflow) that receive every metrics record besides
-    metrics.jsonl. ``decision``: the calibration and operating threshold fitted on validation afterwards.
+    ``settings``: the device and precision, the checkpoint policy (a checkpoint every ``save_every``
+    optimiser steps, every ``save_every_minutes`` and at each epoch end) and the trackers that receive every
+    metrics record besides metrics.jsonl. SIGINT / SIGTERM (and a diverging loss) stop training at the next
+    optimiser step and write a checkpoint too, as does ``stop()`` turning true (a time budget, a notebook's
+    button); :func:`resume_run` continues from it to the same adapter.
     Under torchrun every process trains its share and rank 0 alone writes ``out``.
     """
-    out = Path(out)
-    dev = check_compute(device, precision)  # bad settings fail before any work
-    settings = RunSettings(device, precision, command, save_every=save_every, save_every_minutes=save_every_minutes,
-                           loggers=loggers, decision=decision)
-    with session(dev, launch, train_cfg.batch_size, "start a new run") as (dist, dev):
-        splits = dist.main_first(lambda: load_splits(**asdict(data_cfg), seed=train_cfg.seed))
+    out, settings = Path(out), settings or RunSettings()
+    dev = check_compute(settings.device, settings.precision)  # bad settings fail before any work
+    with session(dev, launch, "start a new run") as (dist, dev):
+        splits = dist.main_first(lambda: load_splits(data_cfg, seed=train_cfg.seed))
         if dist.is_main:
             prepare_run_dir(out, overwrite)
             remove_checkpoint(out)
             splits.save(out)
         if decision.target:
             decision.positive_class(splits.labels)  # a wrong --positive-class fails before training
+        if settings.decision.target:
+            settings.decision.positive_class(splits.labels)  # a wrong positive class fails before training
         spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed),
                        multi_label=splits.multi_label)
-        settings = replace(settings, skipped_empty=splits.skipped_empty, world_size=dist.world)
-        return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress, dist, dev)
+        plan = RunPlan(spec, data_cfg, train_cfg, settings, splits.skipped_empty, dist.world)
+        return _Training(out, plan, splits, dist, dev, None, stop).run(progress)
 
 
 def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig | None = None,
@@ -110,16 +108,30 @@ def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig 
     """
     out = Path(out)
     ckpt = load_checkpoint(out)
-    splits = Splits.load(out, ckpt.spec.labels, multi_label=ckpt.spec.multi_label)
-    dev = check_compute(ckpt.settings.device, ckpt.settings.precision)
-    with session(dev, launch, ckpt.train.batch_size, f"resume {out.resolve()}") as (dist, dev):
+    plan = ckpt.plan
+    splits = Splits.load(out, plan.spec.labels, multi_label=plan.spec.multi_label)
+    dev = check_compute(plan.settings.device, plan.settings.precision)
+    with session(dev, launch, f"resume {out.resolve()}") as (dist, dev):
         if dist.is_main:
             remove_temp_files(out)  # a kill during a write leaves its temporary file
-        train_cfg = replace(ckpt.train, grad_accum=regroup(ckpt.train.grad_accum, ckpt.settings.world_size,
-                                                           dist.world, f"--resume {out}"))
-        settings = replace(ckpt.settings, world_size=dist.world,
-                           loggers=ckpt.settings.loggers if loggers is None else loggers)
-        return _train(out, ckpt.spec, ckpt.data, train_cfg, splits, settings, ckpt, progress, dist, dev)
+        train_cfg = replace(plan.train, grad_accum=regroup(plan.train.grad_accum, plan.world_size, dist.world, out))
+        settings = plan.settings if loggers is None else replace(plan.settings, loggers=loggers)
+        plan = replace(plan, train=train_cfg, settings=settings, world_size=dist.world)
+        return _Training(out, plan, splits, dist, dev, ckpt).run(progress)
+
+
+def default_run_dir(model: str, rank: int, seed: int) -> Path:
+    """Where a run goes when no directory is named: runs/<model>-r<rank>-s<seed>."""
+    return Path("runs") / f"{Path(model.removeprefix('hf:')).name or 'model'}-r{rank}-s{seed}"
+
+
+def run_to_resume(resume: str | Path | None, out: Path, command: str, overwrite: bool) -> Path | None:
+    """The run ``lorafit train`` continues, or None to start one in ``out``: ``resume`` itself, or with
+    ``auto`` (the default under torchrun) ``out`` when :func:`resume_or_start` says so."""
+    resume = resume or ("auto" if launched_by_torchrun() else None)
+    if resume != "auto":
+        return Path(resume) if resume else None
+    return out if resume_or_start(out, command, overwrite) else None
 
 
 def resume_or_start(out: Path, command: str, overwrite: bool) -> bool:
@@ -135,8 +147,8 @@ def resume_or_start(out: Path, command: str, overwrite: bool) -> bool:
     if saved == command:
         return restart_count() > 0 or not overwrite
     if not overwrite:
-        raise LorafitError(f"--out {out}: holds a checkpoint of another command ({saved}); continue that one "
-                           f"with --resume {out}, or pass --overwrite to replace it")
+        raise FieldError("{out} {}: holds a checkpoint of another command ({}); continue that one with {resume} {}, "
+                         "or pass {overwrite} to replace it", out, saved, out)
     return False
 
 
@@ -161,99 +173,124 @@ def stop_on_signals():
             signal.signal(sig, h)
 
 
-def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, splits: Splits,
-           settings: RunSettings, resume: Checkpoint | None, progress: bool, dist: Distributed,
-           dev: torch.device) -> RunResult:
-    wall = time.perf_counter()
-    model, backbone, built = dist.main_first(lambda: build_classifier(spec, seed=train_cfg.seed,
-                                                                      initialise=resume is None))
-    # dev: this rank's device; precision "auto" times the CPU: rank 0's choice holds for every rank
-    compute = resolve_compute(dev, settings.precision, backbone.hidden_size, agree=dist.broadcast_object)
-    # "auto" is a start-up timing: a resume must compute in the precision it chose, not time again
-    settings = replace(settings, precision=compute.precision)
-    if compute.autocast_dtype is not None:
-        store_frozen_linears(model, compute.autocast_dtype)  # cast once here, not at every step
-    if resume:
-        check_compatible(spec, built, str(out))  # the base must not have changed since the checkpoint
-        with torch.no_grad():
-            for k, t in adapter_state(model).items():
-                t.copy_(resume.adapter[k])
-    spec = built
-    counts = count_parameters(model)
-    encoder, context = backbone.encoder, backbone.context_length
-    enc = {name: encode_frame(encoder, context, getattr(splits, name), splits.labels, f"{name} split",
-                              splits.multi_label)
-           for name in SPLIT_NAMES}
-    writer = dist.is_main  # rank 0 alone writes the run directory, shows progress and feeds the trackers
-    save = (lambda state: save_checkpoint(out, model, spec, data_cfg, train_cfg, state, settings)) if writer \
-        else (lambda state: None)
-    checkpoints = PeriodicCheckpoints(save, settings.save_every, settings.save_every_minutes,
-                                      saved_step=resume.state.step if resume else None)
-    try:
-        hparams = _hparams(spec, train_cfg, settings.precision)
-        with (open_loggers(settings.loggers, out, hparams, kept=resume.state.history.records() if resume else None) if writer
-              else contextlib.nullcontext(None)) as track:
-            history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, compute, dist,
-                           resume, checkpoints, progress, track)
-        probs, eval_rate = _predict_kept(out, model, spec, enc, encoder.pad_id, train_cfg, compute, dist, history)
-        if not writer:
-            return RunResult(out, {}, history, is_main=False)
+class _Training:
+    """A run from its ready data to its report: build, train, evaluate the kept adapter, write the report.
+
+    ``resume``: the checkpoint a resumed run continues from (None for a new run).
+    """
+
+    def __init__(self, out: Path, plan: RunPlan, splits: Splits, dist: Distributed, device: torch.device,
+                 resume: Checkpoint | None, stop: Callable[[], bool] | None = None):
+        self.out, self.plan, self.splits, self.dist, self.device, self.resume = out, plan, splits, dist, device, resume
+        self.stop = stop or (lambda: False)
+        self.writer = dist.is_main  # rank 0 alone writes the run directory, shows progress and feeds the trackers
+
+    def run(self, progress: bool) -> RunResult:
+        wall = time.perf_counter()
+        model, backbone, compute = self.build()
+        enc = {name: encode_frame(backbone.encoder, backbone.context_length, getattr(self.splits, name),
+                                  self.splits.labels, f"{name} split", self.splits.multi_label)
+               for name in SPLIT_NAMES}
+        policy = self.plan.settings.checkpoints
+        checkpoints = PeriodicCheckpoints(self.saver(model), policy.save_every, policy.save_every_minutes,
+                                          saved_step=self.resume.state.step if self.resume else None)
+        try:
+            history = self.fit(model, enc, backbone.encoder.pad_id, compute, checkpoints, progress)
+            probs, eval_rate = self.predict_kept(model, enc, backbone.encoder.pad_id, compute, history)
+            if not self.writer:
+                return RunResult(self.out, {}, history, is_main=False)
+            spec, metrics, decisions = self.decide(model, backbone, compute, probs, enc)
+            self.plan = replace(self.plan, spec=spec)
+            report = self.report(model, enc, metrics, history, compute, eval_rate, time.perf_counter() - wall,
+                                 decisions)
+            write_report(self.out, report, history)
+        except WriteError as e:  # a full disk, a read-only folder: say what is still whole
+            raise LorafitError(f"{e}; {what_survives(self.out, checkpoints.saved_step)}") from e
+        remove_checkpoint(self.out)  # the run is complete: nothing left to resume
+        return RunResult(self.out, report, history)
+
+    def build(self) -> tuple[Classifier, Backbone, Compute]:
+        """The model (with the checkpoint's adapter on resume) and how it computes; the plan's spec completed."""
+        plan, resume = self.plan, self.resume
+        model, backbone, built = self.dist.main_first(lambda: build_classifier(plan.spec, seed=plan.train.seed,
+                                                                               initialise=resume is None))
+        # self.device: this rank's device; precision "auto" times the CPU: rank 0's choice holds for every rank
+        compute = resolve_compute(self.device, plan.settings.precision, backbone.hidden_size,
+                                  agree=self.dist.broadcast_object)
+        if compute.autocast_dtype is not None:
+            store_frozen_linears(model, compute.autocast_dtype)  # cast once here, not at every step
+        if resume:
+            check_compatible(plan.spec, built, str(self.out))  # the base must not have changed since the checkpoint
+            with torch.no_grad():
+                for k, t in adapter_state(model).items():
+                    t.copy_(resume.adapter[k])
+        # "auto" is a start-up timing: the checkpoint keeps the precision it chose, so a resume does not time again
+        self.plan = replace(plan, spec=built, settings=replace(plan.settings, precision=compute.precision))
+        return model, backbone, compute
+
+    def decide(self, model: Classifier, backbone: Backbone, compute: Compute, probs: dict,
+               enc: dict) -> tuple[ClassifierSpec, dict, dict]:
+        """How the kept adapter decides (thresholds, temperature), saved with it, and the metrics at that."""
+        spec = self.plan.spec
         if spec.multi_label:  # each label decided at the threshold of best F1 on validation; no temperature
             spec = replace(spec, thresholds=dict(zip(spec.labels, label_thresholds(enc["val"].labels, probs["val"])))
                            if len(enc["val"].ids) else {})
-            save_spec(out, spec)
-            metrics, decisions = split_metrics(probs, enc, spec.labels, spec.thresholds), {}
-        else:
-            spec, metrics, decisions = decide_run(out, spec, probs, enc, settings.decision,
-                                                  Kept(model, encoder, compute, list(splits.test.text)))
-        report = build_report(name=out.name, command=settings.command, spec=spec.to_dict(),
-                              train=train_cfg.to_dict(),
-                              data={**asdict(data_cfg), "labels": splits.labels,
-                                    "skipped_empty_texts": settings.skipped_empty,
-                                    "sizes": {k: len(v.ids) for k, v in enc.items()},
-                                    "truncated_texts": {k: v.truncated for k, v in enc.items()}},
-                              parameters=counts.to_dict(), metrics=metrics, history=history, compute=compute,
-                              eval_examples_per_s=eval_rate, wall_seconds=time.perf_counter() - wall,
-                              resumed=resume is not None, distributed=dist.describe(), extra=decisions)
-        write_report(out, report, history)
-    except WriteError as e:  # a full disk, a read-only folder: say what is still whole
-        raise LorafitError(f"{e}; {what_survives(out, checkpoints.saved_step)}") from e
-    remove_checkpoint(out)  # the run is complete: nothing left to resume
-    return RunResult(out, report, history)
+            save_spec(self.out, spec)
+            return spec, split_metrics(probs, enc, spec.labels, spec.thresholds), {}
+        return decide_run(self.out, spec, probs, enc, self.plan.settings.decision,
+                          Kept(model, backbone.encoder, compute, list(self.splits.test.text)))
 
+    def saver(self, model: Classifier) -> Callable[[TrainState], None]:
+        """Writes a checkpoint of ``model`` at a given state (on rank 0; on the others, nothing)."""
+        if not self.writer:
+            return lambda state: None
+        return lambda state: save_checkpoint(self.out, model, self.plan, state)
 
-def _fit(out: Path, model, spec: ClassifierSpec, enc: dict, labels: list[str], pad_id: int, train_cfg: TrainConfig,
-         compute: Compute, dist: Distributed, resume: Checkpoint | None, checkpoints: PeriodicCheckpoints,
-         progress: bool, track: Callable[[dict], None] | None) -> History:
-    """:func:`fit` with the run's files around it: best adapter, metrics.jsonl and the trackers, checkpoints
-    (one when stopped); on torchrun's other ranks nothing is written."""
-    writer, metrics_path = dist.is_main, out / METRICS
-    if resume and writer:  # the steps after the checkpoint are replayed: their lines go, so none is logged twice
-        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in resume.state.history.records()))
-    with (open(metrics_path, "ab", buffering=0) if writer else contextlib.nullcontext()) as metrics_file, \
-            stop_on_signals() as stop_requested:
-        try:
-            return fit(model, enc["train"], enc["val"], train_cfg, pad_id=pad_id, labels=labels, compute=compute,
-                       on_best=(lambda rec: save_adapter(out, model, spec)) if writer else None,
-                       log=(lambda rec: (append_metrics(metrics_file, rec), track(rec))) if writer else None,
-                       progress=progress and writer, state=resume.state if resume else None,
-                       stop_requested=stop_requested, on_step=checkpoints if writer else None, dist=dist)
-        except TrainingStopped as e:
-            checkpoints.save(e.state)  # does nothing on ranks other than 0
-            how = (f"resume with: lorafit train --resume {out}" if e.exit_code == 130 else
-                   f"last good state saved in {out / CHECKPOINT}; best adapter so far in {out / ADAPTER_WEIGHTS}")
-            raise TrainingStopped(f"{e}; {how}", e.state, e.exit_code) from None
+    def fit(self, model: Classifier, enc: dict, pad_id: int, compute: Compute, checkpoints: PeriodicCheckpoints,
+            progress: bool) -> History:
+        """:func:`fit` with the run's files around it: best adapter, metrics.jsonl and the trackers,
+        checkpoints (one when stopped)."""
+        out, plan, resume, writer = self.out, self.plan, self.resume, self.writer
+        kept = resume.state.history.records() if resume else None
+        hparams = _hparams(plan.spec, plan.train, plan.settings.precision)
+        with (open_loggers(plan.settings.loggers, out, hparams, kept=kept) if writer
+              else contextlib.nullcontext(None)) as track, stop_on_signals() as signalled:
+            stop_requested = lambda: signalled() or self.stop()  # noqa: E731
+            hooks = Hooks(on_best=lambda rec: save_adapter(out, model, plan.spec), log=track, on_step=checkpoints,
+                          stop_requested=stop_requested) if writer else Hooks(stop_requested=stop_requested)
+            try:
+                return fit(model, enc["train"], enc["val"], plan.train, pad_id=pad_id, labels=self.splits.labels,
+                           compute=compute, state=resume.state if resume else None, hooks=hooks,
+                           progress=progress and writer, dist=self.dist)
+            except TrainingStopped as e:
+                checkpoints.save(e.state)  # does nothing on ranks other than 0
+                how = ("resume with: lorafit train --resume {}" if e.exit_code == 130 else
+                       "last good state saved in {}; best adapter so far in {}")
+                where = (out,) if e.exit_code == 130 else (out / CHECKPOINT, out / ADAPTER_WEIGHTS)
+                raise TrainingStopped(e.template + "; " + how, *e.values, *where, state=e.state,
+                                      exit_code=e.exit_code) from None
 
+    def predict_kept(self, model: Classifier, enc: dict, pad_id: int, compute: Compute,
+                     history: History) -> tuple[dict, float]:
+        """Probabilities of the kept (best) adapter, not the last weights, per split: rank 0 reads it, every
+        rank gets it."""
+        if history.best != history.epochs[-1]:
+            if self.dist.is_main:
+                load_adapter_into(model, self.plan.spec, self.out)
+            self.dist.broadcast_tensors(adapter_state(model).values())
+        return predict_splits(model, pad_id, enc, compute, 4 * self.plan.train.batch_size, predict=self.dist.predict)
 
-def _predict_kept(out: Path, model, spec: ClassifierSpec, enc: dict, pad_id: int, train_cfg: TrainConfig,
-                  compute: Compute, dist: Distributed, history: History) -> tuple[dict, float]:
-    """Probabilities of the kept (best) adapter, not the last weights, per split: rank 0 reads it, every
-    rank gets it."""
-    if history.best != history.epochs[-1]:
-        if dist.is_main:
-            load_adapter_into(model, spec, out)
-        dist.broadcast_tensors(adapter_state(model).values())
-    return predict_splits(model, pad_id, enc, compute, 4 * train_cfg.batch_size, predict=dist.predict)
+    def report(self, model: Classifier, enc: dict, metrics: dict, history: History, compute: Compute,
+               eval_rate: float, wall_seconds: float, decisions: dict) -> dict:
+        plan = self.plan
+        data = {**asdict(plan.data), "labels": self.splits.labels, "skipped_empty_texts": plan.skipped_empty,
+                "sizes": {k: len(v.ids) for k, v in enc.items()},
+                "truncated_texts": {k: v.truncated for k, v in enc.items()}}
+        return build_report(name=self.out.name, command=plan.settings.command, spec=plan.spec.to_dict(),
+                            train=plan.train.to_dict(), data=data, parameters=count_parameters(model).to_dict(),
+                            metrics=metrics, history=history, compute=compute, eval_examples_per_s=eval_rate,
+                            wall_seconds=wall_seconds, resumed=self.resume is not None,
+                            distributed=self.dist.describe(), extra=decisions)
 
 
 def _hparams(spec: ClassifierSpec, train_cfg: TrainConfig, precision: str) -> dict:
@@ -273,14 +310,6 @@ def what_survives(out: Path, saved_step: int | None) -> str:
         return "nothing was saved yet"
     then = f"; make room, then: lorafit train --resume {out}" if saved_step is not None else ""
     return f"{' and '.join(kept)} {'are' if len(kept) > 1 else 'is'} intact{then}"
-
-
-def append_metrics(file, record: dict) -> None:
-    """One JSON line, written at once (unbuffered: a failed write leaves nothing pending to flush)."""
-    try:
-        file.write((json.dumps(record) + "\n").encode())
-    except OSError as e:
-        raise WriteError(file.name, e.strerror or str(e)) from e
 
 
 def write_report(out: Path, report: dict, history: History) -> None:
