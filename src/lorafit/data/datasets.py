@@ -2,7 +2,9 @@
 file, or a Hugging Face dataset (``hf:<hub id or save_to_disk folder>``, one split per role).
 
 Preparation follows the book: under-sample every class to the rarest one's count (``balance``),
-shuffle with the seed, split 70 / 10 / 20 — on the SMS data that is 1,045 / 149 / 300 messages.
+shuffle with the seed, split 70 / 10 / 20 — on the SMS data that is 1,045 / 149 / 300 messages. Where
+under-sampling would throw away most of a data set of more than two classes, the default keeps every text
+and weights the loss instead (:func:`balancing_plan`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import io
 import json
 import os
 import urllib.request
+import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ SMS_MD5 = "1949b64a224790d01335c2bf8a0e48b2"
 SMS_NAME = "SMSSpamCollection"
 SPLIT_FRACTIONS = (0.7, 0.1)  # train, validation; the rest is test
 SPLIT_NAMES = ("train", "val", "test")
+BALANCING = ("auto", "undersample", "weights", "none")
 LABEL_SEP = "|"  # a multi-label text's labels in one cell: "sports|politics"
 TRUE_CELLS, FALSE_CELLS = ("1", "true", "yes", "1.0"), ("0", "false", "no", "0.0", "")
 
@@ -71,7 +75,10 @@ class DataConfig:
     test: str | None = None
     text_col: str | None = None  # a name, or a 0-based column number with header=False
     label_col: str | None = None
-    balance: bool = True  # under-sample every class to the rarest one's count
+    # auto: under-sample every class to the rarest one's count (the book's way) for two classes, or for more
+    # when that keeps at least half the texts; else keep them all and weight the loss (weights). Also:
+    # undersample, weights, none (True / False: undersample / none, as older runs saved it)
+    balance: str | bool = "auto"
     encoding: str = "utf-8"
     header: bool = True  # False: CSV/TSV files have no header row
     sep: str | None = None  # delimited files' separator; None: sniffed (data.formats.sniff_format)
@@ -79,6 +86,12 @@ class DataConfig:
     val_split: str | None = None  # hf: datasets: validation and test splits (together), else 70/10/20
     test_split: str | None = None
     multi_label: bool = False  # any number of labels per text: "a|b" cells, or several 0/1 --label-col columns
+
+    def __post_init__(self) -> None:
+        if self.balance is True or self.balance is False:
+            self.balance = "undersample" if self.balance else "none"
+        if self.balance not in BALANCING:
+            raise UsageError(f"--balance must be one of {', '.join(BALANCING)}, got {self.balance!r}")
 
     def read_options(self) -> dict:
         return {"encoding": self.encoding, "header": self.header, "sep": self.sep}
@@ -92,6 +105,7 @@ class Splits:
     labels: list[str]  # class names; a class's index is its position here
     skipped_empty: int = 0  # empty or whitespace-only texts dropped from the data file
     multi_label: bool = False  # labels are "a|b" sets, encoded as (N, C) 0/1 rows
+    balancing: dict = field(default_factory=dict)  # what was done: method, texts read, kept, class counts
 
     def encode_labels(self, df: pd.DataFrame, where: str) -> np.ndarray:
         return encode_labels(df, self.labels, where, self.multi_label)
@@ -385,14 +399,38 @@ def frame_labels(df: pd.DataFrame, where: str, multi_label: bool = False) -> lis
     return labels
 
 
-def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: bool = True, where: str = "data",
+def balancing_plan(counts: pd.Series, balance: str | bool, where: str) -> dict:
+    """What balancing does to classes of these ``counts``: ``undersample`` (to the rarest class), ``weights``
+    (every text kept, the loss weighted by inverse class frequency) or ``none``; ``auto`` under-samples two
+    classes (the book's SMS recipe) and more when that keeps at least half the texts, else weights.
+    Under-sampling that drops more than half the texts is said in a warning with the numbers."""
+    balance = DataConfig(balance=balance).balance
+    total, rarest = int(counts.sum()), int(counts.min())
+    kept = rarest * len(counts)
+    method = balance
+    if balance == "auto":
+        method = "undersample" if len(counts) == 2 or 2 * kept >= total else "weights"
+    plan = {"method": method, "texts": total, "kept": kept if method == "undersample" else total,
+            "class_counts": {str(k): int(v) for k, v in counts.items()}}
+    if method == "undersample" and 2 * kept < total:
+        warnings.warn(f"{where}: under-sampling every class to the rarest one ({counts.idxmin()!r}, {rarest:,} texts) "
+                      f"keeps {kept:,} of {total:,} texts ({100 * (total - kept) / total:.0f} % dropped); "
+                      "--balance weights keeps them all and weights the loss instead", stacklevel=3)
+    return plan
+
+
+def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: str | bool = "auto", where: str = "data",
                    multi_label: bool = False) -> Splits:
-    """Balance (optionally), shuffle and split 70/10/20; without balancing the split is stratified.
-    Multi-label data is neither balanced nor stratified (a text has several classes): a plain shuffled split."""
+    """Balance (see :func:`balancing_plan`), shuffle and split 70/10/20; unless under-sampled, the split is
+    stratified. Multi-label data is neither balanced nor stratified (a text has several classes): a plain
+    shuffled split."""
     labels = frame_labels(df, where, multi_label)
     rng = np.random.default_rng(seed)
     if multi_label:
-        return Splits(*(d.reset_index(drop=True) for d in _split_frame(df, rng)), labels, multi_label=True)
+        return Splits(*(d.reset_index(drop=True) for d in _split_frame(df, rng)), labels, multi_label=True,
+                      balancing={"method": "none", "texts": len(df), "kept": len(df)})
+    plan = balancing_plan(df["label"].value_counts().sort_index(), balance, where)
+    balance = plan["method"] == "undersample"
     if balance:
         n = df["label"].value_counts().min()
         df = pd.concat([g.iloc[rng.permutation(len(g))[:n]] for _, g in df.groupby("label", sort=True)])
@@ -402,12 +440,12 @@ def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: bool = True, wh
     train, val, test = (pd.concat([p[i] for p in parts]) for i in range(3))
     if not balance:  # interleave the classes again
         train, val, test = (d.iloc[rng.permutation(len(d))] for d in (train, val, test))
-    return Splits(*(d.reset_index(drop=True) for d in (train, val, test)), labels)
+    return Splits(*(d.reset_index(drop=True) for d in (train, val, test)), labels, balancing=plan)
 
 
 def load_splits(data: str | Path | None = None, *, val: str | Path | None = None, test: str | Path | None = None,
                 text_col: str | None = None, label_col: str | None = None, seed: int = 42,
-                balance: bool = True, encoding: str = "utf-8", header: bool = True, sep: str | None = None,
+                balance: str | bool = "auto", encoding: str = "utf-8", header: bool = True, sep: str | None = None,
                 split: str = "train", val_split: str | None = None, test_split: str | None = None,
                 multi_label: bool = False) -> Splits:
     """The whole data step: read (or download) the data, then split it or use the given val/test files
@@ -436,7 +474,8 @@ def load_splits(data: str | Path | None = None, *, val: str | Path | None = None
         labels = frame_labels(df, where, multi_label)
         train = df.iloc[np.random.default_rng(seed).permutation(len(df))].reset_index(drop=True)
         splits = Splits(train, read(val, val_split or split), read(test, test_split or split), labels,
-                        multi_label=multi_label)
+                        multi_label=multi_label, balancing={"method": "none", "texts": len(df), "kept": len(df),
+                                                            "note": "given --val / --test: the data is kept as is"})
         splits.encode_labels(splits.val, val_where)
         splits.encode_labels(splits.test, test_where)
     splits.skipped_empty = df.attrs.get("skipped_empty", 0)

@@ -71,7 +71,8 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
               device: str = "auto", precision: str = "auto", overwrite: bool = False, command: str = "",
               progress: bool = True, save_every: int = 0, save_every_minutes: float = 10.0,
               loggers: LoggerConfig = LoggerConfig(), launch: Launch = Launch(),
-              decision: DecisionConfig = DecisionConfig()) -> RunResult:
+              decision: DecisionConfig = DecisionConfig(),
+              on_record: Callable[[dict], None] | None = None) -> RunResult:
     """Everything ``lorafit train`` does: split, build, train, keep the best adapter, calibrate, report, plot.
 
     A checkpoint is written every ``save_every`` optimiser steps, every ``save_every_minutes`` and at each
@@ -79,7 +80,9 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
     next optimiser step and write one too. :func:`resume_run` continues from it to the same adapter.
     ``loggers`` names trackers (CSV, TensorBoard, MLflow) that receive every metrics record besides
     metrics.jsonl. ``decision``: the calibration and operating threshold fitted on validation afterwards.
-    Under torchrun every process trains its share and rank 0 alone writes ``out``.
+    Under torchrun every process trains its share and rank 0 alone writes ``out``. ``on_record`` receives
+    every metrics record as it is logged (``lorafit tune`` prunes trials from it; an exception it raises
+    stops the run there).
     """
     out = Path(out)
     dev = check_compute(device, precision)  # bad settings fail before any work
@@ -96,7 +99,9 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
         spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed),
                        multi_label=splits.multi_label)
         settings = replace(settings, skipped_empty=splits.skipped_empty, world_size=dist.world)
-        return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress, dist, dev)
+        if splits.balancing.get("method") == "weights" and train_cfg.class_weights is None:
+            train_cfg = replace(train_cfg, class_weights="auto")  # balancing by the loss, every text kept
+        return _train(out, spec, data_cfg, train_cfg, splits, settings, None, progress, dist, dev, on_record)
 
 
 def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig | None = None,
@@ -163,7 +168,7 @@ def stop_on_signals():
 
 def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, splits: Splits,
            settings: RunSettings, resume: Checkpoint | None, progress: bool, dist: Distributed,
-           dev: torch.device) -> RunResult:
+           dev: torch.device, on_record: Callable[[dict], None] | None = None) -> RunResult:
     wall = time.perf_counter()
     model, backbone, built = dist.main_first(lambda: build_classifier(spec, seed=train_cfg.seed,
                                                                       initialise=resume is None))
@@ -194,7 +199,8 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
         with (open_loggers(settings.loggers, out, hparams, kept=resume.state.history.records() if resume else None) if writer
               else contextlib.nullcontext(None)) as track:
             history = _fit(out, model, spec, enc, splits.labels, encoder.pad_id, train_cfg, compute, dist,
-                           resume, checkpoints, progress, track)
+                           resume, checkpoints, progress,
+                           track if on_record is None else (lambda rec: (track(rec), on_record(rec))))
         probs, eval_rate = _predict_kept(out, model, spec, enc, encoder.pad_id, train_cfg, compute, dist, history)
         if not writer:
             return RunResult(out, {}, history, is_main=False)
@@ -208,7 +214,7 @@ def _train(out: Path, spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: Tra
                                                   Kept(model, encoder, compute, list(splits.test.text)))
         report = build_report(name=out.name, command=settings.command, spec=spec.to_dict(),
                               train=train_cfg.to_dict(),
-                              data={**asdict(data_cfg), "labels": splits.labels,
+                              data={**asdict(data_cfg), "labels": splits.labels, "balancing": splits.balancing,
                                     "skipped_empty_texts": settings.skipped_empty,
                                     "sizes": {k: len(v.ids) for k, v in enc.items()},
                                     "truncated_texts": {k: v.truncated for k, v in enc.items()}},
