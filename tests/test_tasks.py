@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +150,68 @@ def test_multi_label_exports_carry_the_problem_type(multi_run, tmp_path, fmt):
         assert [r["labels"] for r in a] == [r["labels"] for r in b]
         for x, y in zip(a, b):
             assert x["probabilities"] == pytest.approx(y["probabilities"], abs=1e-5)
+
+
+def write_rare_class(path: Path, counts: dict[str, int]) -> Path:
+    rng = random.Random(0)
+    rows = [{"text": f"{label} message {rng.randint(0, 999)}", "label": label}
+            for label, n in counts.items() for _ in range(n)]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_auto_balancing_never_silently_drops_most_of_the_data(tmp_path):
+    from lorafit.data.datasets import prepare_splits
+
+    three = read_table(write_rare_class(tmp_path / "three.csv", {"a": 120, "b": 100, "rare": 10}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto on many classes: no under-sampling, so nothing to warn about
+        splits = prepare_splits(three)
+    assert splits.balancing["method"] == "weights" and splits.balancing["kept"] == 230
+    assert sum(map(len, (splits.train, splits.val, splits.test))) == 230
+    assert splits.balancing["class_counts"] == {"a": 120, "b": 100, "rare": 10}
+    with pytest.warns(UserWarning, match=r"keeps 30 of 230 texts \(87 % dropped\); --balance weights"):
+        forced = prepare_splits(three, balance="undersample")
+    assert sum(map(len, (forced.train, forced.val, forced.test))) == 30
+    two = read_table(write_rare_class(tmp_path / "two.csv", {"ham": 90, "spam": 10}))
+    with pytest.warns(UserWarning, match=r"keeps 20 of 100 texts \(80 % dropped\)"):
+        book = prepare_splits(two)  # two classes: the book's SMS recipe, said out loud
+    assert book.balancing["method"] == "undersample"
+    mild = prepare_splits(read_table(write_rare_class(tmp_path / "mild.csv", {"a": 40, "b": 30, "c": 30})))
+    assert mild.balancing["method"] == "undersample" and mild.balancing["kept"] == 90  # keeps 90 %: no warning
+
+
+def test_a_run_says_how_it_balanced(tmp_path, hf_gpt2_dir):
+    from conftest import train_args
+
+    data = write_rare_class(tmp_path / "three.csv", {"a": 40, "b": 40, "rare": 4})
+    assert main(train_args(hf_gpt2_dir, data, tmp_path / "run", "--epochs", "1")) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["data"]["balancing"]["method"] == "weights" and report["train"]["class_weights"] == "auto"
+    assert "Balancing: all 84 texts kept, the loss weighted by inverse class frequency" in \
+        (tmp_path / "run" / "report.md").read_text()
+
+
+def test_tune_trials_are_runs_the_first_is_the_base_and_a_rerun_continues(tmp_path, hf_gpt2_dir, sms_file, capsys):
+    pytest.importorskip("optuna", reason="lorafit[tune] is not installed")
+    from conftest import train_args
+
+    out = tmp_path / "tune"
+    args = [a for a in train_args(hf_gpt2_dir, sms_file, out, "--epochs", "1") if a != "train"]
+    search = ["--space", "lr,rank,variant", "--eval-every", "0"]
+    assert main(["tune", *args, *search, "--trials", "2"]) == 0
+    summary = json.loads((out / "tune.json").read_text())
+    first = summary["trials"][0]
+    assert first["trial"] == 0 and first["lr"] == 3e-3 and first["rank"] == 8 and first["variant"] == "lora"
+    assert len(summary["trials"]) == 2 and (out / "trial-000" / "report.json").is_file()
+    assert (out / "best" / "adapter.safetensors").is_file() and "(base)" in (out / "tune.md").read_text() \
+        or summary["best_trial"] == 0
+    assert summary["verdict"] in (out / "tune.md").read_text()
+    assert main(["tune", *args, *search, "--trials", "3"]) == 0  # continues the study: one more trial
+    again = json.loads((out / "tune.json").read_text())
+    assert [t["trial"] for t in again["trials"]] == [0, 1, 2] and again["trials"][:2] == summary["trials"]
+    capsys.readouterr()
+    assert main(["compare", str(out), "--out-png", str(tmp_path / "c.png")]) == 0
+    table = capsys.readouterr().out
+    finished = [t["run"] for t in again["trials"] if t["state"] == "complete"]  # a pruned trial has no report
+    assert "trial-000" in finished and all(run in table for run in finished)

@@ -27,7 +27,7 @@ from .adapters.storage import MERGED_CONFIG, ClassifierSpec
 from .backbones.base import BackboneSpec
 from .backbones.generate import generate
 from .backbones.loader import load_backbone
-from .data.datasets import DataConfig, read_text
+from .data.datasets import BALANCING, DataConfig, read_text
 from .errors import FieldError, LorafitError, UsageError
 from .inference.evaluate import evaluate_run
 from .inference.explain import IG_STEPS, METHODS as EXPLAIN_METHODS, explain_texts
@@ -42,6 +42,7 @@ from .training.checkpoint import CheckpointPolicy, RunSettings
 from .training.loop import SCHEDULES, TrainConfig
 from .training.distributed import Launch, launched_by_torchrun
 from .training.run import default_run_dir, resume_run, run_to_resume, train_run
+from .training.tune import SPACE, TuneConfig, render_table, tune
 
 
 EXPORT_FORMATS = ("peft", "hf", "onnx")
@@ -134,10 +135,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _runtime_args(p)
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
-    _lora_args(p)
-    g = p.add_argument_group("data")
+def _data_args(g) -> None:
     g.add_argument("--data", metavar="FILE", help="labelled texts (CSV, TSV, JSONL, Parquet or the SMS file) or "
                                                  "hf:<dataset id or save_to_disk folder>; none: download the SMS Spam Collection")
     g.add_argument("--val", metavar="FILE", help="validation file (with --test; otherwise --data is split 70/10/20)")
@@ -146,10 +144,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                                                        "otherwise --split is split 70/10/20)")
     g.add_argument("--test-split", metavar="NAME", help="hf: datasets: test split")
     _table_args(g)
-    g.add_argument("--no-balance", action="store_true", help="keep every example (stratified split) instead of under-sampling")
+    g.add_argument("--balance", default="auto", choices=BALANCING,
+                   help="undersample: every class to the rarest one's count (the book's way); weights: keep every "
+                        "text, weight the loss by inverse class frequency; none; auto: undersample two classes, or "
+                        "more when that keeps at least half the texts, else weights")
+    g.add_argument("--no-balance", action="store_true", help="the same as --balance none: every text, stratified split")
     g.add_argument("--multi-label", action="store_true",
                    help="any number of labels per text: 'a|b' in the label column, or several 0/1 columns "
                         "(--label-col a,b,c); sigmoid + binary cross-entropy, per-label thresholds chosen on validation")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    _lora_args(p)
+    _data_args(p.add_argument_group("data"))
     g = p.add_argument_group("training")
     d = TrainConfig()
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
@@ -337,7 +345,8 @@ def _data_config(args) -> DataConfig:
     """--data and the flags that say how to read it (train's also name val/test files or splits)."""
     splits = {k: getattr(args, k, None) for k in ("val", "test", "val_split", "test_split")}
     return DataConfig(data=args.data, text_col=args.text_col, label_col=args.label_col,
-                      balance=not getattr(args, "no_balance", False), encoding=args.encoding,
+                      balance="none" if getattr(args, "no_balance", False) else getattr(args, "balance", "auto"),
+                      encoding=args.encoding,
                       header=not args.no_header, sep=args.sep, split=args.split,
                       multi_label=getattr(args, "multi_label", False), **splits)
 
@@ -356,6 +365,31 @@ def _print_summary(result) -> None:
     print(f"training: {r['speed']['train_seconds']:.1f} s, {r['speed']['train_examples_per_s']:.2f} examples/s; "
           f"peak RSS {r['speed']['peak_rss_mb']:.0f} MiB")
     print(f"run written to {out}/ (report.md, adapter.safetensors, plots)")
+
+
+def cmd_tune(args) -> None:
+    if args.resume:
+        raise UsageError("tune: run the same command again to continue a search (its study is in --out)")
+    spec, dcfg, tcfg, settings = train_configs(args, "lorafit " + " ".join(shlex.quote(a) for a in args.argv))
+    name = Path(args.model.removeprefix("hf:")).name or "model"
+    out = Path(args.out or f"tunes/{name}-s{args.seed}")
+    space = tuple(s.strip() for s in args.space.split(",") if s.strip())
+    cfg = TuneConfig(trials=args.trials, jobs=args.jobs, space=space, prune=not args.no_prune,
+                     max_epochs=args.max_epochs)
+    summary = tune(spec, dcfg, tcfg, out, cfg, settings, progress=not args.quiet)
+    print(render_table(summary))
+    print(f"trials in {out}/trial-NNN (lorafit compare {out}), the best copied to {out}/best, table in {out}/tune.md")
+
+
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    _train_args(p)
+    g = p.add_argument_group("search (the flags above are the base settings: the first trial)")
+    d = TuneConfig()
+    g.add_argument("--trials", type=int, default=d.trials, help="finished trials (complete or pruned) to reach")
+    g.add_argument("--jobs", type=int, default=d.jobs, help="trials at once; the cores are shared out between them")
+    g.add_argument("--space", default=",".join(d.space), help=f"settings searched, from {', '.join(SPACE)}")
+    g.add_argument("--max-epochs", type=int, default=d.max_epochs, help="epochs are searched in 1..this")
+    g.add_argument("--no-prune", action="store_true", help="let every trial finish (no median pruning by validation)")
 
 
 def cmd_eval(args) -> None:
@@ -482,6 +516,8 @@ class Command:
 
 COMMANDS = {
     "train": Command("fine-tune a classifier and write a run directory", _train_args, cmd_train),
+    "tune": Command("search learning rate, rank, alpha, epochs, dropout and variant with Optuna; every trial a run",
+                    _tune_args, cmd_tune),
     "eval": Command("re-evaluate a saved run (its own splits, or --data)", _eval_args, cmd_eval),
     "predict": Command("label texts with a saved run", _predict_args, cmd_predict),
     "serve": Command("serve runs over HTTP, many adapters on one base: text-embeddings-inference's /predict, "

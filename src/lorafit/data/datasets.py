@@ -2,7 +2,9 @@
 file, or a Hugging Face dataset (``hf:<hub id or save_to_disk folder>``, one split per role).
 
 Preparation follows the book: under-sample every class to the rarest one's count (``balance``),
-shuffle with the seed, split 70 / 10 / 20 — on the SMS data that is 1,045 / 149 / 300 messages.
+shuffle with the seed, split 70 / 10 / 20 — on the SMS data that is 1,045 / 149 / 300 messages. Where
+under-sampling would throw away most of a data set of more than two classes, the default keeps every text
+and weights the loss instead (:func:`balancing_plan`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import io
 import json
 import os
 import urllib.request
+import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ SMS_MD5 = "1949b64a224790d01335c2bf8a0e48b2"
 SMS_NAME = "SMSSpamCollection"
 SPLIT_FRACTIONS = (0.7, 0.1)  # train, validation; the rest is test
 SPLIT_NAMES = ("train", "val", "test")
+BALANCING = ("auto", "undersample", "weights", "none")
 LABEL_SEP = "|"  # a multi-label text's labels in one cell: "sports|politics"
 TRUE_CELLS, FALSE_CELLS = ("1", "true", "yes", "1.0"), ("0", "false", "no", "0.0", "")
 
@@ -69,7 +73,10 @@ class DataConfig:
     test: str | None = None
     text_col: str | None = None  # a name, or a 0-based column number with header=False
     label_col: str | None = None
-    balance: bool = True  # under-sample every class to the rarest one's count
+    # auto: under-sample every class to the rarest one's count (the book's way) for two classes, or for more
+    # when that keeps at least half the texts; else keep them all and weight the loss (weights). Also:
+    # undersample, weights, none (True / False: undersample / none, as older runs saved it)
+    balance: str | bool = "auto"
     encoding: str = "utf-8"
     header: bool = True  # False: CSV/TSV files have no header row
     sep: str | None = None  # delimited files' separator; None: sniffed (data.formats.sniff_format)
@@ -87,6 +94,11 @@ class DataConfig:
         if self.val_split is not None and not str(self.data or "").startswith("hf:"):
             raise SettingError("{val_split} / {test_split} apply to {data} hf:<dataset>; use {val} / {test} for files")
 
+        if self.balance is True or self.balance is False:
+            self.balance = "undersample" if self.balance else "none"
+        if self.balance not in BALANCING:
+            raise SettingError("{balance} must be one of {}, got {!r}", ", ".join(BALANCING), self.balance)
+
     def read(self, source: str | Path, split: str | None = None) -> pd.DataFrame:
         """``source`` (a file, or ``split`` of an ``hf:`` dataset) read with these columns and options."""
         return read_table(source, self.text_col, self.label_col, encoding=self.encoding, header=self.header,
@@ -101,6 +113,7 @@ class Splits:
     labels: list[str]  # class names; a class's index is its position here
     skipped_empty: int = 0  # empty or whitespace-only texts dropped from the data file
     multi_label: bool = False  # labels are "a|b" sets, encoded as (N, C) 0/1 rows
+    balancing: dict = field(default_factory=dict)  # what was done: method, texts read, kept, class counts
 
     def encode_labels(self, df: pd.DataFrame, where: str) -> np.ndarray:
         return encode_labels(df, self.labels, where, self.multi_label)
@@ -397,14 +410,38 @@ def class_names(df: pd.DataFrame, where: str, multi_label: bool = False) -> list
     return labels
 
 
-def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: bool = True, where: str = "data",
+def balancing_plan(counts: pd.Series, balance: str | bool, where: str) -> dict:
+    """What balancing does to classes of these ``counts``: ``undersample`` (to the rarest class), ``weights``
+    (every text kept, the loss weighted by inverse class frequency) or ``none``; ``auto`` under-samples two
+    classes (the book's SMS recipe) and more when that keeps at least half the texts, else weights.
+    Under-sampling that drops more than half the texts is said in a warning with the numbers."""
+    balance = DataConfig(balance=balance).balance
+    total, rarest = int(counts.sum()), int(counts.min())
+    kept = rarest * len(counts)
+    method = balance
+    if balance == "auto":
+        method = "undersample" if len(counts) == 2 or 2 * kept >= total else "weights"
+    plan = {"method": method, "texts": total, "kept": kept if method == "undersample" else total,
+            "class_counts": {str(k): int(v) for k, v in counts.items()}}
+    if method == "undersample" and 2 * kept < total:
+        warnings.warn(f"{where}: under-sampling every class to the rarest one ({counts.idxmin()!r}, {rarest:,} texts) "
+                      f"keeps {kept:,} of {total:,} texts ({100 * (total - kept) / total:.0f} % dropped); "
+                      "--balance weights keeps them all and weights the loss instead", stacklevel=3)
+    return plan
+
+
+def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: str | bool = "auto", where: str = "data",
                    multi_label: bool = False) -> Splits:
-    """Balance (optionally), shuffle and split 70/10/20; without balancing the split is stratified.
-    Multi-label data is neither balanced nor stratified (a text has several classes): a plain shuffled split."""
+    """Balance (see :func:`balancing_plan`), shuffle and split 70/10/20; unless under-sampled, the split is
+    stratified. Multi-label data is neither balanced nor stratified (a text has several classes): a plain
+    shuffled split."""
     labels = class_names(df, where, multi_label)
     rng = np.random.default_rng(seed)
     if multi_label:
-        return Splits(*(d.reset_index(drop=True) for d in _split_frame(df, rng)), labels, multi_label=True)
+        return Splits(*(d.reset_index(drop=True) for d in _split_frame(df, rng)), labels, multi_label=True,
+                      balancing={"method": "none", "texts": len(df), "kept": len(df)})
+    plan = balancing_plan(df["label"].value_counts().sort_index(), balance, where)
+    balance = plan["method"] == "undersample"
     if balance:
         n = df["label"].value_counts().min()
         df = pd.concat([g.iloc[rng.permutation(len(g))[:n]] for _, g in df.groupby("label", sort=True)])
@@ -414,7 +451,7 @@ def prepare_splits(df: pd.DataFrame, *, seed: int = 42, balance: bool = True, wh
     train, val, test = (pd.concat([p[i] for p in parts]) for i in range(3))
     if not balance:  # interleave the classes again
         train, val, test = (d.iloc[rng.permutation(len(d))] for d in (train, val, test))
-    return Splits(*(d.reset_index(drop=True) for d in (train, val, test)), labels)
+    return Splits(*(d.reset_index(drop=True) for d in (train, val, test)), labels, balancing=plan)
 
 
 def load_splits(cfg: DataConfig | None = None, *, seed: int = 42) -> Splits:
@@ -436,6 +473,8 @@ def load_splits(cfg: DataConfig | None = None, *, seed: int = 42) -> Splits:
         frames = {role: cfg.read(path, split) for role, (path, split) in roles.items()}
         for role, (path, split) in roles.items():
             encode_labels(frames[role], labels, f"{path} ({split})" if split else str(path), cfg.multi_label)
-        splits = Splits(train, frames["val"], frames["test"], labels, multi_label=cfg.multi_label)
+        splits = Splits(train, frames["val"], frames["test"], labels, multi_label=cfg.multi_label,
+                        balancing={"method": "none", "texts": len(df), "kept": len(df),
+                                   "note": "validation and test given: the data is kept as is"})
     splits.skipped_empty = df.attrs.get("skipped_empty", 0)
     return splits

@@ -174,6 +174,8 @@ def explain_texts(run: str | Path, texts: list[str], *, target: str | None = Non
     method = resolve_method(method)
     loaded = load_for_inference(run, device, precision)
     labels, encoder = loaded.labels, loaded.backbone.encoder
+    if loaded.spec.multi_label:
+        raise UsageError(f"--explain explains single-label runs (softmax log-odds); {run} is multi-label")
     if target is not None and target not in labels:
         raise SettingError("{target} {!r}: not one of the labels {}", target, ", ".join(labels))
     rows = label_texts(loaded, texts, threshold=threshold)

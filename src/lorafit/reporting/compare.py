@@ -70,9 +70,20 @@ def format_table(runs: list[RunSummary]) -> str:
     return "\n".join([line(HEADER), rule, *(line(row) for row in rows[1:])])
 
 
+def expand_tune_folders(directories: list[str | Path]) -> list[str | Path]:
+    """A ``lorafit tune`` folder stands for its finished trials (pruned ones have no report)."""
+    out = []
+    for d in directories:
+        if (Path(d) / "study.journal").is_file():
+            out += sorted(str(t) for t in Path(d).glob("trial-*") if (t / "report.json").is_file())
+        else:
+            out.append(d)
+    return out
+
+
 def compare_runs(directories: list[str | Path], png: str | Path) -> str:
     """Load every run (all refused before anything is drawn), write the overlaid curves, return the table."""
-    runs = [read_summary(d) for d in directories]
+    runs = [read_summary(d) for d in expand_tune_folders(directories)]
     try:
         plot_validation_curves({r.name: r.curve for r in runs}, Path(png))
     except OSError as e:

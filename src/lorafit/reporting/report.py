@@ -88,7 +88,24 @@ def _summary(r: dict) -> list[str]:
         + f", {_variant(lora, r['train'])} rank {lora['rank']}, alpha {lora['alpha']:g}, "
         f"targets {', '.join(lora['targets'])}, "
         f"{len(r['model']['labels'])} classes ({', '.join(r['model']['labels'])}).",
+        *_balancing(r["data"].get("balancing")),
     ]
+
+
+def _balancing(b: dict | None) -> list[str]:
+    """One line saying what balancing did to the data."""
+    if not b:
+        return []
+    if b["method"] == "undersample":
+        how = (f"every class under-sampled to the rarest one's count: {b['kept']:,} of {b['texts']:,} texts kept "
+               f"({100 * (b['texts'] - b['kept']) / b['texts']:.0f} % dropped)")
+    elif b["method"] == "weights":
+        how = f"all {b['texts']:,} texts kept, the loss weighted by inverse class frequency"
+    else:
+        how = f"none: all {b['texts']:,} texts kept" + (f" ({b['note']})" if b.get("note") else "")
+    counts = b.get("class_counts")
+    return ["", f"Balancing: {how}" + (f"; classes read: {', '.join(f'{k} {v:,}' for k, v in counts.items())}."
+                                        if counts else ".")]
 
 
 def _parameters(p: dict) -> list[str]:

@@ -62,6 +62,8 @@ def _forward(served: ServedModel, adapter: Adapter):
 def explain(served: ServedModel, adapter: Adapter, req: ExplainRequest) -> list[Explanation]:
     """What the worker thread runs for POST /explain; user mistakes become 422."""
     labels = adapter.labels
+    if adapter.spec.multi_label:
+        raise invalid(f"POST /explain explains single-label classifiers; {adapter.name!r} is multi-label")
     try:
         method = resolve_method(req.method)
         thresholds = thresholds_for(adapter.spec.thresholds, labels, req.threshold)

@@ -69,8 +69,9 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
 
 def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, out: str | Path,
               settings: RunSettings | None = None, *, overwrite: bool = False, progress: bool = True,
-              launch: Launch = Launch(), stop: Callable[[], bool] | None = None) -> RunResult:
-    """Everything ``lorafit train`` does: split, build, train, keep the best adapter, report, plot.
+              launch: Launch = Launch(), stop: Callable[[], bool] | None = None,
+              on_record: Callable[[dict], None] | None = None) -> RunResult:
+    """Everything ``lorafit train`` does: split, build, train, keep the best adapter, calibrate, report, plot.
 
     ``settings``: the device and precision, the checkpoint policy (a checkpoint every ``save_every``
     optimiser steps, every ``save_every_minutes`` and at each epoch end) and the trackers that receive every
@@ -78,6 +79,8 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
     optimiser step and write a checkpoint too, as does ``stop()`` turning true (a time budget, a notebook's
     button); :func:`resume_run` continues from it to the same adapter.
     Under torchrun every process trains its share and rank 0 alone writes ``out``.
+    ``on_record`` receives every metrics record as it is logged (``lorafit tune`` prunes trials from it; an
+    exception it raises stops the run there).
     """
     out, settings = Path(out), settings or RunSettings()
     dev = check_compute(settings.device, settings.precision)  # bad settings fail before any work
@@ -87,14 +90,14 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
             prepare_run_dir(out, overwrite)
             remove_checkpoint(out)
             splits.save(out)
-        if decision.target:
-            decision.positive_class(splits.labels)  # a wrong --positive-class fails before training
         if settings.decision.target:
             settings.decision.positive_class(splits.labels)  # a wrong positive class fails before training
         spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed),
                        multi_label=splits.multi_label)
+        if splits.balancing.get("method") == "weights" and train_cfg.class_weights is None:
+            train_cfg = replace(train_cfg, class_weights="auto")  # balancing by the loss, every text kept
         plan = RunPlan(spec, data_cfg, train_cfg, settings, splits.skipped_empty, dist.world)
-        return _Training(out, plan, splits, dist, dev, None, stop).run(progress)
+        return _Training(out, plan, splits, dist, dev, None, stop, on_record).run(progress)
 
 
 def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig | None = None,
@@ -180,9 +183,10 @@ class _Training:
     """
 
     def __init__(self, out: Path, plan: RunPlan, splits: Splits, dist: Distributed, device: torch.device,
-                 resume: Checkpoint | None, stop: Callable[[], bool] | None = None):
+                 resume: Checkpoint | None, stop: Callable[[], bool] | None = None,
+                 on_record: Callable[[dict], None] | None = None):
         self.out, self.plan, self.splits, self.dist, self.device, self.resume = out, plan, splits, dist, device, resume
-        self.stop = stop or (lambda: False)
+        self.stop, self.on_record = stop or (lambda: False), on_record
         self.writer = dist.is_main  # rank 0 alone writes the run directory, shows progress and feeds the trackers
 
     def run(self, progress: bool) -> RunResult:
@@ -256,7 +260,8 @@ class _Training:
         with (open_loggers(plan.settings.loggers, out, hparams, kept=kept) if writer
               else contextlib.nullcontext(None)) as track, stop_on_signals() as signalled:
             stop_requested = lambda: signalled() or self.stop()  # noqa: E731
-            hooks = Hooks(on_best=lambda rec: save_adapter(out, model, plan.spec), log=track, on_step=checkpoints,
+            log = track if self.on_record is None else (lambda rec: (track(rec), self.on_record(rec)))
+            hooks = Hooks(on_best=lambda rec: save_adapter(out, model, plan.spec), log=log, on_step=checkpoints,
                           stop_requested=stop_requested) if writer else Hooks(stop_requested=stop_requested)
             try:
                 return fit(model, enc["train"], enc["val"], plan.train, pad_id=pad_id, labels=self.splits.labels,
@@ -283,7 +288,8 @@ class _Training:
     def report(self, model: Classifier, enc: dict, metrics: dict, history: History, compute: Compute,
                eval_rate: float, wall_seconds: float, decisions: dict) -> dict:
         plan = self.plan
-        data = {**asdict(plan.data), "labels": self.splits.labels, "skipped_empty_texts": plan.skipped_empty,
+        data = {**asdict(plan.data), "labels": self.splits.labels, "balancing": self.splits.balancing,
+                "skipped_empty_texts": plan.skipped_empty,
                 "sizes": {k: len(v.ids) for k, v in enc.items()},
                 "truncated_texts": {k: v.truncated for k, v in enc.items()}}
         return build_report(name=self.out.name, command=plan.settings.command, spec=plan.spec.to_dict(),
