@@ -292,10 +292,11 @@ def test_jsonl_rows_that_are_not_labelled_texts_are_refused_by_line(tmp_path, co
         read_table(tmp_path / "d.jsonl")
 
 
+# the library names the setting (sep); the CLI renders it as --sep (test_sep_through_the_cli)
 @pytest.mark.parametrize("content,match", [
     ("text,label\na,x\nb,\n", r"d.csv: data row 2: the label is empty$"),
     ('text,label\na,x\n"b,y\nc,z\n', r"cannot be read as comma-separated text \(.*\); quote texts that hold the "
-                                     r"separator, or pass --sep$"),
+                                     r"separator, or pass sep$"),
     ("text;label\na;x\nb;y;z\n", r"cannot be read as semicolon-separated text \(.*line 3, saw 3\); quote texts"),
 ])
 def test_table_surprises_are_one_line(tmp_path, content, match):

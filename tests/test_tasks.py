@@ -45,7 +45,7 @@ def test_multi_label_cells_and_columns_read_to_the_same_label_sets(tmp_path):
     (tmp_path / "c.csv").write_text("text,x,y\nhello,1,maybe\n")
     with pytest.raises(LorafitError, match="column 'y' holds 'maybe'"):
         read_table(tmp_path / "c.csv", label_col="x,y", multi_label=True)
-    with pytest.raises(LorafitError, match="need --multi-label"):
+    with pytest.raises(LorafitError, match="several label columns need multi_label"):
         read_table(tmp_path / "c.csv", label_col="x,y")
     splits = load_splits(DataConfig(str(tmp_path / "a.csv"), multi_label=True))
     assert splits.labels == ["late", "money"] and sum(map(len, (splits.train, splits.val, splits.test))) == 160
