@@ -121,7 +121,10 @@ def drive(ports: list[int], names: list[str | None], texts: list[str], requests:
         for i in range(per):
             k = (c + i) % len(names)
             body = {"inputs": texts[(c * per + i) % len(texts)]} | ({"model": names[k]} if names[k] else {})
-            ok, dt, answer = clients[ports[k % len(ports)]].post_json(body)
+            client = clients[ports[k % len(ports)]]
+            ok, dt, answer = client.post_json(body)
+            if not ok and isinstance(answer, str):  # a keep-alive connection the server closed while idle (its
+                ok, dt, answer = client.post_json(body)  # 5 s timeout, with N ports): sent again, fresh connection
             with lock:
                 latencies.append(dt) if ok else errors.append(answer)
 

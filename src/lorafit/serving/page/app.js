@@ -132,8 +132,8 @@ async function explainOne(text) {
   try {
     const explanation = await call("/explain", { inputs: text, model: model() });
     renderTokens(explanation);
-    $("why-status").textContent = `Why ${explanation.label}: green tokens push towards it, red away ` +
-      `(${explanation.method}).`;
+    $("why-status").textContent = `Why ${explanation.label}: green tokens push towards it, red away. ` +
+      `Method: ${explanation.method}.`;
   } catch (e) {
     $("why-status").textContent = "No explanation: " + e.message;
   }
