@@ -27,11 +27,13 @@ from .adapters.storage import MERGED_CONFIG, ClassifierSpec
 from .backbones.base import BackboneSpec
 from .backbones.generate import generate
 from .backbones.loader import load_backbone
-from .data.datasets import BALANCING, DataConfig, read_text
+from .data.datasets import BALANCING, DataConfig
+from .data.rows import RowReader
 from .errors import FieldError, LorafitError, UsageError
 from .inference.evaluate import evaluate_run
 from .inference.explain import IG_STEPS, METHODS as EXPLAIN_METHODS, explain_texts
-from .inference.predict import predict_texts
+from .inference.predict import labelled, predict_texts
+from .inference.score_file import FileScorer, score_file
 from .reporting.calibration import DecisionConfig
 from .reporting.compare import compare_runs
 from .reporting.loggers import LOGGERS, LoggerConfig
@@ -226,13 +228,22 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="DIR", help="a training run, a merged model or a PEFT adapter")
     p.add_argument("texts", nargs="*", help="messages to classify")
-    p.add_argument("--file", metavar="FILE", help="one message per line")
+    p.add_argument("--file", metavar="FILE", help="texts to score, read as a stream (any length): .csv / .tsv "
+                                                 "(separator sniffed), .jsonl, else one text a line")
+    p.add_argument("--out", metavar="FILE", help="with --file: write every row with its prediction to FILE (.csv or "
+                                               ".jsonl), whole at the end; none: print the predictions")
+    p.add_argument("--text-col", help="--file's text column: a name, or a number from 0 with --no-header "
+                                      "(none: text, or the last column)")
+    p.add_argument("--no-header", action="store_true", help="a CSV/TSV --file without a header row")
+    p.add_argument("--sep", help="--file is delimited text with this separator (one character, or comma, semicolon, "
+                                 "tab, pipe); none: .csv / .tsv files' sniffed, other names are plain text")
     p.add_argument("--encoding", default="utf-8", help="text encoding of --file")
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("--batch-size", type=int, default=32, help="texts per batch")
     p.add_argument("--threshold", type=_threshold, metavar="P|LABEL=P",
                    help="decide LABEL (a bare P: the run's thresholded class, or the second of two) when its "
                         "probability >= P; none: the run's own threshold, if it has one, else the most probable")
+    p.add_argument("--quiet", action="store_true", help="no progress bar for --out")
     g = p.add_argument_group("explanations")
     g.add_argument("--explain", action="store_true",
                    help="each token's attribution to the predicted class's log-odds: coloured text (green: towards "
@@ -406,20 +417,34 @@ def cmd_eval(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    texts = list(args.texts)
-    if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise UsageError(f"--file {path}: not found")
-        texts += [ln for ln in read_text(path, args.encoding).splitlines() if ln.strip()]
-    if not texts:
+    if args.file and args.texts:
+        raise UsageError("predict takes texts as arguments or with --file, not both")
+    if args.out and not args.file:
+        raise UsageError("--out writes the rows of --file; give --file")
+    if not args.file and not args.texts:
         raise UsageError("predict needs texts: give them as arguments or with --file")
+    reader = args.file and RowReader(args.file, args.text_col, header=not args.no_header, sep=args.sep,
+                                     encoding=args.encoding)
     if args.explain:
-        _print_explanations(args, texts)
+        _print_explanations(args, args.texts or [t for chunk in reader.chunks() for t in chunk.texts])
         return
-    for row in predict_texts(args.run, texts, device=args.device, precision=args.precision, batch_size=args.batch_size,
-                             threshold=args.threshold):
-        if args.json:
+    if not args.file:
+        _print_predictions(predict_texts(args.run, args.texts, device=args.device, precision=args.precision,
+                                         batch_size=args.batch_size, threshold=args.threshold), args.json)
+        return
+    scorer = FileScorer(args.run, device=args.device, precision=args.precision, batch_size=args.batch_size,
+                        threshold=args.threshold)
+    if args.out:
+        done = score_file(scorer, reader, args.out, progress=not args.quiet)
+        print(f"{done.rows} texts scored in {done.seconds:.1f} s ({done.texts_per_s:.1f} texts/s), written to {args.out}")
+        return
+    for chunk, probs in scorer.chunks(reader):
+        _print_predictions(labelled(scorer.loaded, chunk.texts, probs, scorer.thresholds), args.json)
+
+
+def _print_predictions(rows: list[dict], as_json: bool) -> None:
+    for row in rows:
+        if as_json:
             print(json.dumps(row))
         elif "labels" in row:  # multi-label: every label's probability
             scores = " ".join(f"{k}={v:.4f}" for k, v in row["probabilities"].items())
@@ -560,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lorafit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # whoever read the output stopped (`| head`): stop as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:  # a bug, not a user mistake: one line, and the way to see more
         if args.debug:
             raise

@@ -25,12 +25,15 @@ class Encoded:
     truncated: int  # how many texts were cut to the context length
 
 
-def encode_texts(encoder, texts: list[str], labels: np.ndarray | None, context_length: int, where: str = "data") -> Encoded:
-    """Tokenise; texts longer than the context keep their first ``context_length`` tokens, with a warning."""
+def encode_texts(encoder, texts: list[str], labels: np.ndarray | None, context_length: int, where: str = "data",
+                 warn: bool = True) -> Encoded:
+    """Tokenise; texts longer than the context keep their first ``context_length`` tokens, with a warning
+    (``warn=False``: counted only, for a caller that warns once about many calls)."""
     ids = encoder.encode(list(texts))
     truncated = sum(len(x) > context_length for x in ids)
-    if truncated:
+    if truncated and warn:
         warnings.warn(f"{where}: {truncated} text(s) longer than {context_length} tokens were truncated", stacklevel=2)
+    if truncated:
         ids = [x[:context_length] for x in ids]
     ids = [x if x else [encoder.pad_id] for x in ids]  # an empty encoding still needs one position
     return Encoded(ids, labels, truncated)

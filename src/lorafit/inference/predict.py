@@ -106,7 +106,13 @@ def label_texts(loaded: InferenceModel, texts: list[str], *, batch_size: int = 3
     encoder, labels = loaded.backbone.encoder, loaded.labels
     enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input")
     probs = predict_proba(loaded.model, enc, encoder.pad_id, batch_size=batch_size, compute=loaded.compute)
-    thresholds = thresholds_for(loaded.spec.thresholds, labels, threshold)
+    return labelled(loaded, texts, probs, thresholds_for(loaded.spec.thresholds, labels, threshold))
+
+
+def labelled(loaded: InferenceModel, texts: list[str], probs: np.ndarray, thresholds: dict[str, float]) -> list[dict]:
+    """Each text with its decided label, that label's probability and every label's (multi-label: the label
+    set, see :func:`predict_texts`)."""
+    labels = loaded.labels
     if loaded.spec.multi_label:
         return [_label_set(t, p, labels, thresholds) for t, p in zip(texts, probs)]
     best = decide(probs, labels, thresholds)
