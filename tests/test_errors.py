@@ -49,8 +49,7 @@ def base(hf_gpt2_dir):
     (None, "data file not found"),
     (b"", "data file is empty"),
     (b"text,label\nfine,a\nalso fine,b\n\xe9t\xe9,a\n", r"not UTF-8 text \(bad byte at line 4; .*--encoding cp1252\)"),
-    (b"text;label\nhello;a\nworld;b\n", r"no column 'text', 'label'; columns found: text;label"),
-    (b"hello,a\nworld,b\nagain,a\n", r"columns found: hello, a"),
+    (b"hello,a\nworld,b\nagain,a\n", r"columns found \(comma-separated text; another separator: --sep\): hello, a"),
     (b"text,label\n" + b"".join(b"msg %d,only\n" % i for i in range(20)), r"only one class \('only'\)"),
 ])
 def test_bad_data_files(tmp_path, capsys, base, content, expected):
