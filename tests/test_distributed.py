@@ -180,7 +180,7 @@ def test_interrupted_torchrun_resumes_to_the_uninterrupted_adapter(files, refere
     proc.send_signal(signal.SIGINT)  # torchrun passes it on to every worker
     code, _, err = finish(proc)
     assert code != 0 and "resume with: lorafit train --resume" in err, err
-    assert load_checkpoint(out).settings.world_size == 2 and not (out / "report.json").exists()
+    assert load_checkpoint(out).plan.world_size == 2 and not (out / "report.json").exists()
     one_process = tmp_path / "copy"
     shutil.copytree(out, one_process)
     code, _, err = finish(torchrun(*train_args(files, out, "--epochs", "4")))  # not the command that was stopped
