@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from lorafit.backbones import int8
-from lorafit.backbones.int8 import Int8Linear, quantize_checked, quantize_linears, resolve_inference_compute
+from lorafit.backbones.gpt2 import GPTModel
+from lorafit.backbones.int8 import BlockTiming, Int8Linear, quantize_checked, quantize_linears, resolve_inference_compute
 from lorafit.cli import main
 from lorafit.errors import LorafitError
 from lorafit.inference.predict import load_for_inference, predict_texts
@@ -56,20 +57,52 @@ def test_int8_classifier_agrees_with_fp32(run_fixture, request):
     assert np.abs(fp32 - q).max() < 0.15
 
 
-def test_auto_takes_int8_only_where_it_pays(monkeypatch):
-    monkeypatch.setattr(int8, "int8_matmul_pays", lambda width, dtype=None: True)
-    assert resolve_inference_compute("cpu", "auto", 32).int8
-    monkeypatch.setattr(int8, "int8_matmul_pays", lambda width, dtype=None: False)
-    assert not resolve_inference_compute("cpu", "auto", 32).int8
-    assert resolve_inference_compute("cpu", "int8", 32).int8  # asked for: no timing
-    assert not resolve_inference_compute("cpu", "fp32", 32).int8
+def test_int8_pays_only_where_a_block_is_clearly_faster():
+    assert int8.int8_pays(BlockTiming(int8=0.5, float=1.0))
+    assert not int8.int8_pays(BlockTiming(int8=0.95, float=1.0))  # within noise of float: not worth the rounding
+    assert not int8.int8_pays(BlockTiming(int8=1.3, float=1.0))  # the regression: int8 slower than bf16 end to end
 
 
-def test_int8_needs_int8_dot_products_to_pay(monkeypatch):
-    int8.int8_matmul_pays.cache_clear()
-    monkeypatch.setattr(int8, "cpu_flags", lambda: {"avx2", "fma"})
-    assert not int8.int8_matmul_pays(32)
-    int8.int8_matmul_pays.cache_clear()
+def test_auto_decides_on_the_real_models_block_timing(tiny_cfg, monkeypatch):
+    module = GPTModel(tiny_cfg, lm_head=False)
+    seen = []
+
+    def timed(m, dtype):
+        seen.append((m, dtype))
+        return timing
+
+    monkeypatch.setattr(int8, "time_block", timed)
+    monkeypatch.setattr(int8, "cpu_has_int8_dot", lambda: True)
+    timing = BlockTiming(int8=0.4, float=1.0)
+    assert resolve_inference_compute("cpu", "auto", module, 32).int8
+    assert seen[-1][0] is module  # the backbone it will run, not a stand-in of its width
+    timing = BlockTiming(int8=1.3, float=1.0)
+    assert not resolve_inference_compute("cpu", "auto", module, 32).int8
+    assert not resolve_inference_compute("cpu", "auto", None, 32).int8  # nothing to time: float
+    n = len(seen)
+    assert resolve_inference_compute("cpu", "int8", module, 32).int8  # asked for: no timing
+    assert not resolve_inference_compute("cpu", "fp32", module, 32).int8
+    assert len(seen) == n
+    monkeypatch.setattr(int8, "cpu_has_int8_dot", lambda: False)
+    timing = BlockTiming(int8=0.1, float=1.0)
+    assert not resolve_inference_compute("cpu", "auto", module, 32).int8  # no VNNI / AMX: never timed
+    assert len(seen) == n
+
+
+def test_time_block_runs_the_first_block_as_inference_would_once_per_process(tiny_cfg, monkeypatch):
+    module = GPTModel(tiny_cfg, lm_head=False).eval()
+    monkeypatch.setattr(int8, "_TIMINGS", {})
+    calls = []  # the copies timed keep this forward
+    block = module.trf_blocks[0]
+    original = block.forward
+    block.forward = lambda *a, **k: calls.append(a[0].shape) or original(*a, **k)
+    timing = int8.time_block(module, torch.bfloat16)
+    assert timing.int8 > 0 and timing.float > 0
+    # copies of the real block (both precisions, a few times each) ran on the packed batch of real tokens
+    assert len(calls) >= 4 and set(calls) == {(sum(int8.TIMING_LENGTHS), tiny_cfg.emb_dim)}
+    assert all(type(m) is nn.Linear for m in module.modules() if isinstance(m, (nn.Linear, Int8Linear)))  # untouched
+    assert int8.time_block(GPTModel(tiny_cfg, lm_head=False), torch.bfloat16) is timing  # same shapes: cached
+    assert int8.time_block(module, None) is not timing  # another float precision is another question
 
 
 def test_int8_is_refused_for_training_and_off_the_cpu():
@@ -93,7 +126,8 @@ def test_quantize_checked_puts_the_float_linears_back_when_classes_move():
 
 
 def test_auto_falls_back_to_float_when_int8_moves_the_samples(gpt2_run, monkeypatch):
-    monkeypatch.setattr(int8, "int8_matmul_pays", lambda width, dtype=None: True)
+    monkeypatch.setattr(int8, "cpu_has_int8_dot", lambda: True)
+    monkeypatch.setattr(int8, "time_block", lambda module, dtype: BlockTiming(int8=0.1, float=1.0))
     monkeypatch.setattr(int8, "INT8_TOLERANCE", 1.0)
     assert load_for_inference(gpt2_run, "cpu", "auto").compute.int8
     monkeypatch.setattr(int8, "INT8_TOLERANCE", -1.0)  # nothing is close enough

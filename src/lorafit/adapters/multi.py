@@ -318,13 +318,14 @@ def _open(name: str, directory: Path, device: str, precision: str) -> tuple[Shar
         spec = read_spec(directory)
         backbone = load_backbone(spec.backbone, lm_head=False)
         base = SharedBase(backbone, spec.pooling or backbone.default_pooling, weight_fingerprint(backbone.module),
-                          resolve_inference_compute(device, precision, backbone.hidden_size))
+                          resolve_inference_compute(device, precision, backbone.module, backbone.hidden_size))
         base.prepare()
         return base, base.load_adapter(name, directory)
     model, backbone, spec = load_classifier(directory)
     merge_and_unload(model)
     base = SharedBase(backbone, model.pooling, spec.fingerprint,
-                      resolve_inference_compute(device, precision, backbone.hidden_size), alone=str(directory))
+                      resolve_inference_compute(device, precision, backbone.module, backbone.hidden_size),
+                      alone=str(directory))
     base.prepare()
     head = model.head
     return base, Adapter(name, str(directory), spec, {}, base._stored(head.weight.detach()),

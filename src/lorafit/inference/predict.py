@@ -73,9 +73,9 @@ def load_for_inference(run: str | Path, device: str = "auto", precision: str = "
     """
     check_compute(device, precision, inference=True)
     model, backbone, spec = load_classifier(run)
-    compute = resolve_inference_compute(device, precision, backbone.hidden_size)
     model.divide_logits(spec.temperature)  # calibrated probabilities from here on (see reporting.calibration)
     merge_and_unload(model)
+    compute = resolve_inference_compute(device, precision, model.backbone, backbone.hidden_size)
     if compute.int8:
         if precision == "int8":
             quantize_linears(model.backbone)
