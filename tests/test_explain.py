@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lorafit import BackboneSpec, ClassifierSpec, DataConfig, LoRAConfig, RunSettings, TrainConfig, train_run
-from lorafit.inference.explain import explain_texts, log_odds
+from lorafit.inference import explain
+from lorafit.inference.explain import explain_texts, log_odds, method_for
 from lorafit.inference.predict import load_for_inference, predict_texts
 
 from conftest import WORDS, save_tiny
@@ -59,6 +60,20 @@ def test_occlusion_is_the_log_odds_drop_without_each_token(tiny_run):
     assert e.method.startswith("occlusion")
 
 
+def test_auto_takes_the_cheaper_method_and_more_steps_until_complete(tiny_run, monkeypatch):
+    assert method_for("auto", 95, 32) == "occlusion" and method_for("auto", 96, 32) == "ig"
+    assert method_for("occlusion", 500, 32) == "occlusion" and method_for("ig", 3, 32) == "ig"
+    (short,) = explain_texts(tiny_run, ["buy now"], device="cpu", precision="fp32")
+    assert short.method.startswith("occlusion") and short.gap is None
+    (long,) = explain_texts(tiny_run, [TEXTS[4]], steps=2, device="cpu", precision="fp32")  # > 5 tokens: ig
+    assert long.method.startswith("integrated gradients (Captum, ")
+    assert (long.gap <= 0.05) == ("not converged" not in long.method)
+    monkeypatch.setattr(explain, "COMPLETENESS", 0.0)  # never converged: 2, 4, 8 steps, then labelled
+    (never,) = explain_texts(tiny_run, [TEXTS[4]], steps=2, device="cpu", precision="fp32")
+    assert "8 steps" in never.method and "not converged, unreliable" in never.method
+    assert never.to_dict()["completeness_gap"] == never.gap > 0
+
+
 PLANTED = "urgent"
 FILLER = [w for w in WORDS if w != PLANTED]
 
@@ -87,15 +102,20 @@ def planted_run(tmp_path_factory):
 @pytest.mark.parametrize("method", ["ig", "occlusion"])
 def test_the_planted_word_gets_the_largest_attribution(planted_run, method):
     """Every new text holding the planted word that the model calls spam (most of them: it learnt the rule)
-    owes that call to the planted word above all."""
+    owes that call to the planted word above all. Integrated gradients are held to it where they converged
+    (their attributions add up); the path from the pad baseline is too rugged for that on some texts, and
+    those must say so."""
     rng = random.Random(1)
     texts = []
-    for _ in range(8):
+    for _ in range(12):
         words = rng.sample(FILLER, 5)
         words.insert(rng.randint(0, 5), PLANTED)
         texts.append(" ".join(words))
     spam = [e for e in explain_texts(planted_run, texts, method=method, device="cpu", precision="fp32")
             if e.label == "spam"]
-    assert len(spam) >= 6
-    for e in spam:
+    assert len(spam) >= 9
+    complete = [e for e in spam if e.gap is None or e.gap <= 0.05]
+    assert len(complete) >= 3
+    for e in complete:
         assert e.top(1)[0]["token"].strip() == PLANTED, (e.text, e.top(3))
+    assert all("not converged, unreliable" in e.method for e in spam if e not in complete)

@@ -66,10 +66,10 @@ def test_explain_gives_the_attributions_predict_explain_gives(client, decided_ru
         ours = explain_texts(decided_run, TEXTS[:2], method=method, device="cpu", precision="fp32")
         served = client.post("/explain", json={"inputs": TEXTS[:2], "method": method}).json()
         for e, s in zip(ours, served):
-            assert s["label"] == s["predicted"] == e.label and s["method"] == e.method
+            assert s["label"] == s["predicted"] == e.label and s["method"].split(";")[0] == e.method.split(";")[0]
             assert [t["token"] for t in s["tokens"]] == e.tokens
             assert [t["attribution"] for t in s["tokens"]] == pytest.approx(e.attributions, abs=1e-4)
     one = client.post("/explain", json={"inputs": TEXTS[0], "target": "unsure"}).json()
-    assert one["label"] == "unsure" and "integrated gradients" in one["method"]
+    assert one["label"] == "unsure" and one["method"].startswith("occlusion")  # auto: cheaper on a short text
     r = client.post("/explain", json={"inputs": TEXTS[0], "method": "magic"})
     assert r.status_code == 422 and "method must be one of auto, ig, occlusion" in r.json()["error"]

@@ -10,6 +10,12 @@ logit difference), of the calibrated logits. Two methods:
   as ``delta``. Needs the optional extra ``lorafit[explain]`` (captum).
 - ``occlusion``: a token's attribution is f(text) - f(text with that token replaced by the pad token),
   exact, one forward pass per token, all in one batch: cheap for short texts, no extra package.
+
+``auto`` picks per text whichever costs less: occlusion runs T + 1 forward passes, integrated gradients
+``steps`` forward and backward passes (about three forwards each). On real models the straight path from
+the pad-token baseline is rugged (SmolLM2 on an SMS message: the log-odds jump by 1.4 between neighbouring
+points of 200), so 32 steps can miss completeness by 90 %: the steps are doubled (up to 4x) until the
+attributions add up within 5 %, and an explanation that still does not is labelled unreliable.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from .predict import label_texts, load_for_inference
 
 METHODS = ("auto", "ig", "occlusion")
 IG_STEPS = 32
+IG_REFINE = 4  # integrated gradients may take up to this many times the steps asked for, to converge
+COMPLETENESS = 0.05  # the largest |delta| / |f(text) - f(baseline)| taken as converged
 CHUNK = 32  # sequences per forward pass (integrated-gradient steps, occluded copies)
 
 
@@ -44,6 +52,7 @@ class Explanation:
     log_odds: float  # f(text)
     baseline_log_odds: float | None = None  # f(baseline), integrated gradients only
     delta: float | None = None  # sum(attributions) - (f(text) - f(baseline)): the quadrature error
+    gap: float | None = None  # |delta| relative to |f(text) - f(baseline)|; above COMPLETENESS: not converged
     extra: dict = field(default_factory=dict)
 
     def top(self, k: int = 3) -> list[dict]:
@@ -70,7 +79,7 @@ class Explanation:
         out = {"text": self.text, "label": self.label, "method": self.method, "log_odds": self.log_odds,
                "tokens": [{"token": t, "attribution": a} for t, a in zip(self.tokens, self.attributions)]}
         if self.baseline_log_odds is not None:
-            out.update(baseline_log_odds=self.baseline_log_odds, delta=self.delta)
+            out.update(baseline_log_odds=self.baseline_log_odds, delta=self.delta, completeness_gap=self.gap)
         return {**out, **self.extra}
 
 
@@ -92,7 +101,8 @@ def token_embedding(backbone: nn.Module) -> nn.Embedding:
 
 
 def resolve_method(method: str) -> str:
-    """``auto``: integrated gradients when Captum is installed, else occlusion."""
+    """Check ``method``; ``auto`` stays ``auto`` (chosen per text by :func:`method_for`) when Captum is
+    installed, else becomes occlusion."""
     if method not in METHODS:
         raise LorafitError(f"explanation method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "occlusion":
@@ -104,7 +114,15 @@ def resolve_method(method: str) -> str:
             raise LorafitError("integrated gradients need Captum: pip install 'lorafit[explain]' "
                                "(or explain by occlusion)") from e
         return "occlusion"
-    return "ig"
+    return method
+
+
+def method_for(method: str, n_tokens: int, steps: int) -> str:
+    """The method for one text of ``n_tokens``: ``auto`` takes the cheaper, occlusion while its T + 1
+    forward passes cost no more than integrated gradients' ``steps`` forward-and-backward passes."""
+    if method != "auto":
+        return method
+    return "occlusion" if n_tokens + 1 <= 3 * steps else "ig"
 
 
 def integrated_gradients(forward: Callable[[torch.Tensor], torch.Tensor], embedding: nn.Embedding,
@@ -144,14 +162,21 @@ def occlusion(forward: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor
 
 def explain_ids(forward: Callable[[torch.Tensor], torch.Tensor], embedding: nn.Embedding, encoder, text: str,
                 ids: list[int], labels: list[str], k: int, method: str, steps: int = IG_STEPS) -> Explanation:
-    """One text's :class:`Explanation` for class ``k``; ``method`` already resolved (``ig`` or ``occlusion``)."""
+    """One text's :class:`Explanation` for class ``k``; ``method`` as :func:`resolve_method` left it."""
     device = embedding.weight.device
     x = torch.tensor([ids], dtype=torch.long, device=device)
     tokens = [encoder.decode([i]) for i in ids]
-    if method == "ig":
-        attr, fx, fb, delta = integrated_gradients(forward, embedding, x, encoder.pad_id, k, steps)
-        how = f"integrated gradients (Captum, {steps} steps, baseline: every token the pad token)"
-        return Explanation(text, labels[k], tokens, attr.tolist(), how, fx, fb, delta)
+    if method_for(method, len(ids), steps) == "ig":
+        n = steps
+        while True:
+            attr, fx, fb, delta = integrated_gradients(forward, embedding, x, encoder.pad_id, k, n)
+            gap = abs(delta) / max(abs(fx - fb), 1e-6)
+            if gap <= COMPLETENESS or n * 2 > steps * IG_REFINE:
+                break
+            n *= 2
+        how = (f"integrated gradients (Captum, {n} steps, baseline: every token the pad token; completeness gap "
+               f"{gap:.1%}" + (")" if gap <= COMPLETENESS else ": not converged, unreliable; try occlusion)"))
+        return Explanation(text, labels[k], tokens, attr.tolist(), how, fx, fb, delta, gap)
     attr, fx = occlusion(forward, x, encoder.pad_id, k)
     return Explanation(text, labels[k], tokens, attr.tolist(), "occlusion (exact: each token replaced by the pad token)", fx)
 
@@ -175,7 +200,7 @@ def explain_texts(run: str | Path, texts: list[str], *, target: str | None = Non
     loaded = load_for_inference(run, device, precision)
     labels, encoder = loaded.labels, loaded.backbone.encoder
     if loaded.spec.multi_label:
-        raise UsageError(f"--explain explains single-label runs (softmax log-odds); {run} is multi-label")
+        raise LorafitError(f"explanations are for single-label runs (softmax log-odds); {run} is multi-label")
     if target is not None and target not in labels:
         raise SettingError("{target} {!r}: not one of the labels {}", target, ", ".join(labels))
     rows = label_texts(loaded, texts, threshold=threshold)

@@ -191,9 +191,9 @@ def _most_wrong(rows: list[dict] | None) -> list[str]:
         return []
     if not rows:
         return ["", "## The test messages the model got most wrong", "", "None: every test message was decided right."]
-    method = rows[0]["method"]
+    methods = sorted({r["method"] for r in rows})
     lines = ["", "## The test messages the model got most wrong", "",
-             f"Top tokens: attribution to the predicted class ({method}).", "",
+             f"Top tokens: attribution to the predicted class ({'; '.join(methods)}).", "",
              "| true | predicted | P(true) | top tokens | text |", "|---|---|---:|---|---|"]
     for r in rows:
         tokens = ", ".join(f"`{t['token'].strip() or repr(t['token'])}` {t['attribution']:+.2f}" for t in r["top_tokens"])
