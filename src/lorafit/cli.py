@@ -23,7 +23,7 @@ from .adapters.loading import merge_run
 from .adapters.lora import INITS, LoRAConfig
 from .adapters.peft_format import export_peft
 from .adapters.build import add_head, add_lora
-from .adapters.storage import MERGED_CONFIG, ClassifierSpec
+from .adapters.storage import MERGED_CONFIG, ClassifierSpec, saved_text_pair
 from .backbones.base import BackboneSpec
 from .backbones.generate import generate
 from .backbones.loader import load_backbone
@@ -95,7 +95,8 @@ def _lora_args(p: argparse.ArgumentParser) -> None:
 
 
 def _table_args(g) -> None:
-    g.add_argument("--text-col", help="text column: a name, or a number from 0 with --no-header (none: text, or 1)")
+    g.add_argument("--text-col", help="text column: a name, or a number from 0 with --no-header (none: text, or 1); "
+                   "two, comma-separated (question,answer), for pairs of texts")
     g.add_argument("--label-col", help="label column: a name, or a number from 0 with --no-header (none: label, or 0)")
     g.add_argument("--no-header", action="store_true", help="CSV/TSV files without a header row")
     g.add_argument("--encoding", default="utf-8", help="text encoding of the data files (e.g. cp1252, latin-1); "
@@ -229,12 +230,15 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="DIR", help="a training run, a merged model or a PEFT adapter")
     p.add_argument("texts", nargs="*", help="messages to classify")
+    p.add_argument("--pair", nargs=2, action="append", metavar=("FIRST", "SECOND"),
+                   help="a pair of texts, for a run trained on pairs (--text-col a,b); repeat for more")
     p.add_argument("--file", metavar="FILE", help="texts to score, read as a stream (any length): .csv / .tsv "
                                                  "(separator sniffed), .jsonl, else one text a line")
     p.add_argument("--out", metavar="FILE", help="with --file: write every row with its prediction to FILE (.csv or "
                                                ".jsonl), whole at the end; none: print the predictions")
     p.add_argument("--text-col", help="--file's text column: a name, or a number from 0 with --no-header "
-                                      "(none: text, or the last column)")
+                                      "(none: text, or the last column); two (a,b) for pairs of texts (none: the "
+                                      "two the run was trained on)")
     p.add_argument("--no-header", action="store_true", help="a CSV/TSV --file without a header row")
     p.add_argument("--sep", help="--file is delimited text with this separator (one character, or comma, semicolon, "
                                  "tab, pipe); none: .csv / .tsv files' sniffed, other names are plain text")
@@ -418,19 +422,18 @@ def cmd_eval(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    if args.file and args.texts:
-        raise UsageError("predict takes texts as arguments or with --file, not both")
+    if args.file and (args.texts or args.pair):
+        raise UsageError("predict takes texts as arguments (or --pair) or with --file, not both")
     if args.out and not args.file:
         raise UsageError("--out writes the rows of --file; give --file")
-    if not args.file and not args.texts:
-        raise UsageError("predict needs texts: give them as arguments or with --file")
-    reader = args.file and RowReader(args.file, args.text_col, header=not args.no_header, sep=args.sep,
-                                     encoding=args.encoding)
+    texts = _predict_inputs(args)
+    reader = args.file and RowReader(args.file, args.text_col or _run_text_cols(args.run), header=not args.no_header,
+                                     sep=args.sep, encoding=args.encoding)
     if args.explain:
-        _print_explanations(args, args.texts or [t for chunk in reader.chunks() for t in chunk.texts])
+        _print_explanations(args, texts or [t for chunk in reader.chunks() for t in chunk.texts])
         return
     if not args.file:
-        _print_predictions(predict_texts(args.run, args.texts, device=args.device, precision=args.precision,
+        _print_predictions(predict_texts(args.run, texts, device=args.device, precision=args.precision,
                                          batch_size=args.batch_size, threshold=args.threshold), args.json)
         return
     scorer = FileScorer(args.run, device=args.device, precision=args.precision, batch_size=args.batch_size,
@@ -443,15 +446,35 @@ def cmd_predict(args) -> None:
         _print_predictions(labelled(scorer.loaded, chunk.texts, probs, scorer.thresholds), args.json)
 
 
+def _predict_inputs(args) -> list:
+    """predict's texts (arguments) or pairs of texts (--pair), checked against what the run classifies."""
+    pair = saved_text_pair(args.run)
+    if pair is not None and args.texts:
+        raise UsageError(f"--run {args.run} classifies pairs of texts: give each as --pair FIRST SECOND, or --file "
+                         f"with two text columns (its own: {','.join(pair.columns)})")
+    if args.pair and args.texts:
+        raise UsageError("predict takes single texts or --pair, not both")
+    if not args.file and not args.texts and not args.pair:
+        raise UsageError("predict needs texts: give them as arguments (pairs: --pair FIRST SECOND) or with --file")
+    return [tuple(p) for p in args.pair] if args.pair else args.texts
+
+
+def _run_text_cols(run: str) -> str | None:
+    """A pair run's two training columns: --file's default --text-col."""
+    pair = saved_text_pair(run)
+    return ",".join(pair.columns) if pair is not None else None
+
+
 def _print_predictions(rows: list[dict], as_json: bool) -> None:
     for row in rows:
+        text = row["text"] + (f"\t{row['text_pair']}" if "text_pair" in row else "")
         if as_json:
             print(json.dumps(row))
         elif "labels" in row:  # multi-label: every label's probability
             scores = " ".join(f"{k}={v:.4f}" for k, v in row["probabilities"].items())
-            print(f"{row['label'] or '(none)'}\t{scores}\t{row['text']}")
+            print(f"{row['label'] or '(none)'}\t{scores}\t{text}")
         else:
-            print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
+            print(f"{row['label']}\t{row['probability']:.4f}\t{text}")
 
 
 def _print_explanations(args, texts: list[str]) -> None:

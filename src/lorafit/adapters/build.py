@@ -15,7 +15,7 @@ from ..backbones.loader import load_backbone
 from ..runtime import seeded
 from .classifier import Classifier
 from .lora import LoRAConfig, freeze_for_lora, inject_lora
-from .storage import ClassifierSpec, is_merged, load_adapter_into, load_merged, read_spec
+from .storage import ClassifierSpec, is_merged, load_adapter_into, load_merged, read_spec, with_pair_join
 
 
 def weight_fingerprint(module: nn.Module) -> str:
@@ -40,6 +40,7 @@ def build_classifier(spec: ClassifierSpec, seed: int = 42,
     backbone = load_backbone(spec.backbone, lm_head=False)
     spec = dataclasses.replace(spec, architecture=backbone.architecture, fingerprint=weight_fingerprint(backbone.module),
                                pooling=spec.pooling or backbone.default_pooling)
+    spec = with_pair_join(spec, backbone, spec.backbone.model)
     with seeded(seed):  # LoRA A and the head start from the same values for the same seed
         add_lora(backbone, spec.lora, initialise)
         return add_head(backbone, spec.num_classes, spec.pooling, spec.head_bias, spec.multi_label), backbone, spec

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.batching import Encoded, collate
-from ..data.datasets import read_table
+from ..data.batching import Encoded, collate, frame_inputs
+from ..data.datasets import TEXT, TEXT_PAIR, read_table
 from ..errors import FieldError, LorafitError
 from .classifier import Classifier
 from .storage import ClassifierSpec
@@ -123,13 +123,15 @@ def label_maps(labels: list[str]) -> tuple[dict[int, str], dict[str, int]]:
     return dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
 
 
-def sample_texts(directory, n: int = 13) -> list[str]:
-    """Texts to compare predictions on: a few fixed ones, plus the first ``n`` of the run's own test split
-    where it has one."""
+def sample_texts(directory, n: int = 13, pair: bool = False) -> list:
+    """Texts (``pair``: pairs of texts) to compare predictions on: a few fixed ones, plus the first ``n`` of
+    the run's own test split where it has one."""
     texts = ["Hello", "A longer sentence, with punctuation; and digits: 1, 22, 333!", "Accents too: café, naïve"]
+    if pair:
+        texts = list(zip(texts, texts[1:] + texts[:1]))
     test = Path(directory) / "test.csv"
-    if test.is_file():
-        texts += read_table(test, multi_label=True)["text"].head(n).tolist()  # texts only: any label set will do
+    if test.is_file():  # texts only: any label set will do
+        texts += frame_inputs(read_table(test, [TEXT, TEXT_PAIR] if pair else None, multi_label=True).head(n))
     return texts
 
 

@@ -9,7 +9,7 @@ the update into the base and writes a plain classifier that needs neither LoRA n
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from ..backbones.base import Backbone, BackboneSpec
 from ..backbones.loader import backbone_skeleton
+from ..backbones.pairs import PairJoin
 from ..errors import LorafitError
 from ..files import atomic_dir, load_safetensors, save_safetensors, write_json
 from .classifier import Classifier
@@ -44,6 +45,7 @@ class ClassifierSpec:
     # class -> probability that decides it (see decide); multi-label: every label's, chosen on validation
     thresholds: dict[str, float] = field(default_factory=dict)
     multi_label: bool = False  # a sigmoid per label, trained with binary cross-entropy
+    text_pair: PairJoin | None = None  # None: one text per input; else pairs, joined as the base joins them
 
     @property
     def num_classes(self) -> int:
@@ -61,6 +63,7 @@ class ClassifierSpec:
             "num_classes": self.num_classes, "pooling": self.pooling, "architecture": self.architecture,
             "fingerprint": self.fingerprint, "head_bias": self.head_bias, "problem_type": self.problem_type,
             "temperature": self.temperature, "thresholds": dict(self.thresholds),
+            "text_pair": None if self.text_pair is None else self.text_pair.to_dict(),
         }
 
     @classmethod
@@ -68,7 +71,25 @@ class ClassifierSpec:
         return cls(BackboneSpec.from_dict(d["backbone"]), LoRAConfig.from_dict(d["lora"]), list(d["labels"]),
                    d.get("pooling"), d.get("architecture", {}), d.get("fingerprint", ""), d.get("head_bias", True),
                    float(d.get("temperature", 1.0)), {str(k): float(v) for k, v in d.get("thresholds", {}).items()},
-                   d.get("problem_type") == "multi_label_classification")
+                   d.get("problem_type") == "multi_label_classification", PairJoin.from_dict(d.get("text_pair")))
+
+    @property
+    def pair(self) -> bool:
+        """Whether the classifier reads pairs of texts."""
+        return self.text_pair is not None
+
+
+def with_pair_join(spec: ClassifierSpec, backbone: Backbone, where: str) -> ClassifierSpec:
+    """``spec`` with the base's pair join (a pair classifier's); a saved join the base's tokenizer would not
+    reproduce is refused."""
+    if spec.text_pair is None:
+        return spec
+    theirs = backbone.encoder.pair_join
+    ours = spec.text_pair
+    if ours.join is not None and (ours.join, ours.sep) != (theirs.join, theirs.sep):
+        raise LorafitError(f"{where}: the adapter joins text pairs as {ours.describe()}, this base's tokenizer as "
+                           f"{theirs.describe()}")
+    return replace(spec, text_pair=PairJoin(theirs.join, theirs.sep, ours.columns))
 
 
 def adapter_state(model: Classifier) -> dict[str, torch.Tensor]:
@@ -108,6 +129,15 @@ def read_spec(directory: str | Path, name: str = ADAPTER_CONFIG) -> ClassifierSp
         return ClassifierSpec.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, KeyError, TypeError, LorafitError) as e:
         raise LorafitError(f"{path}: not a lorafit adapter config ({e})") from e
+
+
+def saved_text_pair(directory: str | Path) -> PairJoin | None:
+    """A lorafit run's or merged folder's pair join, read without loading anything (None: single texts, or a
+    folder of another kind)."""
+    for name in (ADAPTER_CONFIG, MERGED_CONFIG):
+        if (Path(directory) / name).is_file():
+            return read_spec(directory, name).text_pair
+    return None
 
 
 def check_compatible(saved: ClassifierSpec, built: ClassifierSpec, where: str) -> None:
@@ -180,6 +210,7 @@ def load_merged(directory: str | Path) -> tuple[Classifier, Backbone, Classifier
     directory = Path(directory)
     spec = read_spec(directory, MERGED_CONFIG)
     backbone = backbone_skeleton(spec.architecture, directory, spec.backbone)
+    spec = with_pair_join(spec, backbone, str(directory))
     model = Classifier(backbone.module, backbone.hidden_size, spec.num_classes, spec.pooling, spec.head_bias,
                        spec.multi_label)
     tensors = load_safetensors(directory / MERGED_WEIGHTS)

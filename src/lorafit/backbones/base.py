@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_path, from_known_fields
+from .pairs import PairJoin
 
 
 @runtime_checkable
@@ -38,6 +39,15 @@ class Encoder(Protocol):
     def encode(self, texts: list[str]) -> list[list[int]]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+    @property
+    def pair_join(self) -> PairJoin:
+        """How this tokenizer joins two texts (:mod:`.pairs`)."""
+        ...
+
+    def encode_pairs(self, pairs: list[tuple[str, str]], max_length: int | None = None) -> tuple[list[list[int]], int]:
+        """Pairs of texts joined as :attr:`pair_join` says, cut to ``max_length``; and how many were cut."""
+        ...
 
 
 @dataclass

@@ -7,6 +7,7 @@ Needs the optional extra ``lorafit[hf]``.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from ..errors import FieldError, LorafitError
 from .base import Backbone, BackboneSpec
 from .llama import LlamaDecoder, supports
+from .pairs import PairJoin, join_ids, split_pairs
 
 # Bidirectional models (BERT and kin) read their [CLS] token; every other model (decoders) its last real token.
 BIDIRECTIONAL_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "albert", "xlm-roberta",
@@ -82,6 +84,44 @@ class HFEncoder:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+    @functools.cached_property
+    def pair_join(self) -> PairJoin:
+        """The tokenizer's pair template where it has one that marks the second text, else ``a EOS b`` inside
+        its single-text template (see :mod:`.pairs`)."""
+        t = self.tokenizer
+        if t.num_special_tokens_to_add(pair=True) > t.num_special_tokens_to_add(pair=False):
+            return PairJoin("template")
+        sep = t.eos_token or t.sep_token
+        if sep is None:
+            raise LorafitError(f"{t.name_or_path}: the tokenizer has no pair template and no eos or sep token to "
+                               "put between two texts")
+        return PairJoin("sep", sep)
+
+    @functools.cached_property
+    def single_template(self) -> tuple[list[int], list[int]]:
+        """The special ids the tokenizer puts before and after one text (e.g. ``[bos]``, ``[]``)."""
+        with_special = self.tokenizer("x")["input_ids"]
+        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+        at = next(i for i in range(len(with_special)) if with_special[i:i + len(plain)] == plain)
+        return with_special[:at], with_special[at + len(plain):]
+
+    def encode_pairs(self, pairs: list[tuple[str, str]], max_length: int | None = None) -> tuple[list[list[int]], int]:
+        """Pairs joined as :attr:`pair_join` says, cut longest first to ``max_length`` ids (as transformers
+        cuts them); and how many were cut."""
+        t, (firsts, seconds) = self.tokenizer, split_pairs(pairs)
+        if self.pair_join.join == "template":
+            ids = t(firsts, seconds, add_special_tokens=True, truncation=False)["input_ids"]
+            over = [i for i, x in enumerate(ids) if max_length is not None and len(x) > max_length]
+            if over:
+                cut = t([firsts[i] for i in over], [seconds[i] for i in over], add_special_tokens=True,
+                        truncation="longest_first", max_length=max_length)["input_ids"]
+                for i, x in zip(over, cut):
+                    ids[i] = x
+            return ids, len(over)
+        a, b = (t(part, add_special_tokens=False)["input_ids"] for part in (firsts, seconds))
+        prefix, suffix = self.single_template
+        return join_ids(a, b, prefix, [t.convert_tokens_to_ids(self.pair_join.sep)], suffix, max_length)
 
 
 def _prepare_tokenizer(tokenizer, where: str):

@@ -13,6 +13,7 @@ from pathlib import Path
 import tiktoken
 
 from ..errors import FieldError, LorafitError
+from .pairs import PairJoin, join_ids, split_pairs
 
 FILE_PAIRS = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
 ENDOFTEXT = "<|endoftext|>"
@@ -100,3 +101,13 @@ class TiktokenEncoder:
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)
+
+    @property
+    def pair_join(self) -> PairJoin:
+        """GPT-2 has no pair template: ``a <|endoftext|> b`` (see :mod:`.pairs`)."""
+        return PairJoin("sep", ENDOFTEXT)
+
+    def encode_pairs(self, pairs: list[tuple[str, str]], max_length: int | None = None) -> tuple[list[list[int]], int]:
+        """Pairs joined by ``<|endoftext|>``, cut longest first to ``max_length`` ids; and how many were cut."""
+        firsts, seconds = (self.encode(part) for part in split_pairs(pairs))
+        return join_ids(firsts, seconds, [], [self.encoding.eot_token], [], max_length)

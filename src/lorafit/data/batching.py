@@ -15,7 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .datasets import encode_labels
+from ..errors import LorafitError
+from .datasets import TEXT, TEXT_PAIR, encode_labels
+
+Input = str | tuple[str, str]  # one text, or a pair of texts (a pair classifier's input)
 
 
 @dataclass
@@ -25,25 +28,67 @@ class Encoded:
     truncated: int  # how many texts were cut to the context length
 
 
-def encode_texts(encoder, texts: list[str], labels: np.ndarray | None, context_length: int, where: str = "data",
-                 warn: bool = True) -> Encoded:
+def pairs_of(texts: list, where: str, pair: bool | None = None) -> list[tuple[str, str]] | None:
+    """``texts`` as pairs (every input two texts: a list or tuple), or None (every input one text); mixed
+    inputs are refused, as is the wrong kind for a classifier of single texts (``pair=False``) or of pairs
+    (``pair=True``)."""
+    is_pair = [isinstance(t, (list, tuple)) for t in texts]
+    if any(is_pair) and not all(is_pair):
+        raise LorafitError(f"{where}: input {is_pair.index(not is_pair[0])} is {'one text' if is_pair[0] else 'a pair'}"
+                           f", input 0 {'a pair' if is_pair[0] else 'one text'}: give every input the same way")
+    bad = next((i for i, t in enumerate(texts) if is_pair[i] and (len(t) != 2 or not all(isinstance(x, str) for x in t))), None)
+    if bad is not None:
+        raise LorafitError(f"{where}: input {bad} is not a pair of two texts")
+    given = bool(texts) and all(is_pair)
+    if pair is not None and texts and given != pair:
+        raise LorafitError(f"{where}: the model classifies {'pairs of texts' if pair else 'single texts'}; "
+                           f"got {'pairs' if given else 'single texts'}")
+    return [tuple(t) for t in texts] if given else None
+
+
+def encode_texts(encoder, texts: list[Input], labels: np.ndarray | None, context_length: int, where: str = "data",
+                 warn: bool = True, pair: bool | None = None) -> Encoded:
     """Tokenise; texts longer than the context keep their first ``context_length`` tokens, with a warning
-    (``warn=False``: counted only, for a caller that warns once about many calls)."""
-    ids = encoder.encode(list(texts))
-    truncated = sum(len(x) > context_length for x in ids)
+    (``warn=False``: counted only, for a caller that warns once about many calls). Pairs of texts (see
+    :func:`pairs_of`; ``pair``: what the model takes) are joined as the encoder joins them and cut longest first."""
+    pairs = pairs_of(list(texts), where, pair)
+    if pairs is None:
+        ids = encoder.encode(list(texts))
+        truncated = sum(len(x) > context_length for x in ids)
+        if truncated:
+            ids = [x[:context_length] for x in ids]
+    else:
+        ids, truncated = encoder.encode_pairs(pairs, context_length)
     if truncated and warn:
-        warnings.warn(f"{where}: {truncated} text(s) longer than {context_length} tokens were truncated", stacklevel=2)
-    if truncated:
-        ids = [x[:context_length] for x in ids]
+        what = "pair(s) of texts" if pairs is not None else "text(s)"
+        warnings.warn(f"{where}: {truncated} {what} longer than {context_length} tokens were truncated", stacklevel=2)
     ids = [x if x else [encoder.pad_id] for x in ids]  # an empty encoding still needs one position
     return Encoded(ids, labels, truncated)
 
 
 def encode_frame(encoder, context_length: int, df: pd.DataFrame, labels: list[str], where: str,
                  multi_label: bool = False) -> Encoded:
-    """A (text, label) frame, tokenised, with class indices for ``labels`` (multi-label: 0/1 rows)."""
-    return encode_texts(encoder, df["text"].tolist(), encode_labels(df, labels, where, multi_label), context_length,
+    """A (text, label) frame (or text, text_pair, label), tokenised, with class indices for ``labels``
+    (multi-label: 0/1 rows)."""
+    return encode_texts(encoder, frame_inputs(df), encode_labels(df, labels, where, multi_label), context_length,
                         where=where)
+
+
+def frame_inputs(df: pd.DataFrame) -> list[Input]:
+    """A frame's texts, or its pairs of texts (``text``, ``text_pair``)."""
+    if TEXT_PAIR in df.columns:
+        return list(zip(df[TEXT].tolist(), df[TEXT_PAIR].tolist()))
+    return df[TEXT].tolist()
+
+
+def shown(text: Input) -> str:
+    """An input as one line of text for reports and explanations: a pair as ``a ‖ b``."""
+    return text if isinstance(text, str) else f"{text[0]} \u2016 {text[1]}"
+
+
+def text_fields(text: Input) -> dict:
+    """An input as a prediction's fields: ``text``, and ``text_pair`` for a pair (transformers' names)."""
+    return {TEXT: text} if isinstance(text, str) else {TEXT: text[0], TEXT_PAIR: text[1]}
 
 
 @dataclass

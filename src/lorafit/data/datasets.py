@@ -34,6 +34,7 @@ SPLIT_FRACTIONS = (0.7, 0.1)  # train, validation; the rest is test
 SPLIT_NAMES = ("train", "val", "test")
 BALANCING = ("auto", "undersample", "weights", "none")
 LABEL_SEP = "|"  # a multi-label text's labels in one cell: "sports|politics"
+TEXT, TEXT_PAIR = "text", "text_pair"  # a frame's text columns: one text, or a pair (transformers' names)
 TRUE_CELLS, FALSE_CELLS = ("1", "true", "yes", "1.0"), ("0", "false", "no", "0.0", "")
 
 
@@ -71,7 +72,8 @@ class DataConfig:
     data: str | None = None  # file; None downloads the SMS Spam Collection
     val: str | None = None
     test: str | None = None
-    text_col: str | None = None  # a name, or a 0-based column number with header=False
+    # a name, or a 0-based column number with header=False; two ("question,answer" or a list): text pairs
+    text_col: str | list[str] | None = None
     label_col: str | None = None
     # auto: under-sample every class to the rarest one's count (the book's way) for two classes, or for more
     # when that keeps at least half the texts; else keep them all and weight the loss (weights). Also:
@@ -94,10 +96,18 @@ class DataConfig:
         if self.val_split is not None and not str(self.data or "").startswith("hf:"):
             raise SettingError("{val_split} / {test_split} apply to {data} hf:<dataset>; use {val} / {test} for files")
 
+        if len(text_columns(self.text_col)) > 2:
+            raise SettingError("{text_col} names one text column, or two for text pairs; got {}: {}",
+                               len(text_columns(self.text_col)), ", ".join(text_columns(self.text_col)))
         if self.balance is True or self.balance is False:
             self.balance = "undersample" if self.balance else "none"
         if self.balance not in BALANCING:
             raise SettingError("{balance} must be one of {}, got {!r}", ", ".join(BALANCING), self.balance)
+
+    @property
+    def pair(self) -> bool:
+        """Two text columns: every example is a pair of texts."""
+        return len(text_columns(self.text_col)) == 2
 
     def read(self, source: str | Path, split: str | None = None) -> pd.DataFrame:
         """``source`` (a file, or ``split`` of an ``hf:`` dataset) read with these columns and options."""
@@ -107,13 +117,17 @@ class DataConfig:
 
 @dataclass
 class Splits:
-    train: pd.DataFrame  # columns: text, label (label names as strings)
+    train: pd.DataFrame  # columns: text (and text_pair for pairs), label (label names as strings)
     val: pd.DataFrame
     test: pd.DataFrame
     labels: list[str]  # class names; a class's index is its position here
     skipped_empty: int = 0  # empty or whitespace-only texts dropped from the data file
     multi_label: bool = False  # labels are "a|b" sets, encoded as (N, C) 0/1 rows
     balancing: dict = field(default_factory=dict)  # what was done: method, texts read, kept, class counts
+
+    @property
+    def pair(self) -> bool:
+        return TEXT_PAIR in self.train.columns
 
     def encode_labels(self, df: pd.DataFrame, where: str) -> np.ndarray:
         return encode_labels(df, self.labels, where, self.multi_label)
@@ -125,13 +139,15 @@ class Splits:
                 getattr(self, name).to_csv(tmp, index=False)
 
     @classmethod
-    def load(cls, directory: Path, labels: list[str], hint: str = "", multi_label: bool = False) -> "Splits":
-        """The split a run saved with :meth:`save`."""
+    def load(cls, directory: Path, labels: list[str], hint: str = "", multi_label: bool = False,
+             pair: bool = False) -> "Splits":
+        """The split a run saved with :meth:`save` (``pair``: of text pairs)."""
         missing = [f"{name}.csv" for name in SPLIT_NAMES if not (directory / f"{name}.csv").is_file()]
         if missing:
             raise FieldError("{}: no {}" + hint, directory, ", ".join(missing))
-        return cls(*(read_table(directory / f"{name}.csv", multi_label=multi_label) for name in SPLIT_NAMES), labels,
-                   multi_label=multi_label)
+        cols = [TEXT, TEXT_PAIR] if pair else None
+        return cls(*(read_table(directory / f"{name}.csv", cols, multi_label=multi_label) for name in SPLIT_NAMES),
+                   labels, multi_label=multi_label)
 
 
 def label_sets(labels: pd.Series) -> list[list[str]]:
@@ -178,7 +194,7 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
                          line) from e
 
 
-def read_table(path: str | Path, text_col: str | None = None, label_col: str | None = None, *,
+def read_table(path: str | Path, text_col: str | list | None = None, label_col: str | None = None, *,
                encoding: str = "utf-8", header: bool = True, split: str = "train", sep: str | None = None,
                multi_label: bool = False) -> pd.DataFrame:
     """Read labelled texts as a (text, label) frame with string labels.
@@ -186,30 +202,31 @@ def read_table(path: str | Path, text_col: str | None = None, label_col: str | N
     A file with ``label<TAB>text`` lines and no header (the SMS Spam Collection's format) is read as such;
     otherwise delimited text (the separator sniffed, see :func:`.formats.sniff_format`, or ``sep``), JSONL
     (.jsonl / .json) or Parquet (.parquet) with ``text_col`` / ``label_col`` columns (default ``text`` and
-    ``label``). ``header=False``: delimited text without a header row, whose columns are named by 0-based
+    ``label``); two text columns (``"question,answer"`` or a list) read text pairs, as columns ``text`` and
+    ``text_pair``. ``header=False``: delimited text without a header row, whose columns are named by 0-based
     numbers (default: label 0, text 1). ``hf:<id or folder>`` reads ``split`` of a Hugging Face dataset
     (:func:`read_hf_dataset`). ``multi_label``: the label cell holds ``a|b`` (or a list), or ``label_col``
     names several 0/1 columns (``"sports,politics"``), one per label; the frame's label is then the
     ``|``-joined set, sorted.
     """
     if str(path).startswith("hf:"):
-        text_col, label_col = _columns(text_col, label_col, True)
-        return _text_label_frame(read_hf_dataset(str(path), split, label_col), f"{path} ({split})", text_col,
+        text_cols, label_col = _columns(text_col, label_col, True)
+        return _text_label_frame(read_hf_dataset(str(path), split, label_col), f"{path} ({split})", text_cols,
                                  label_col, True, multi_label=multi_label)
     path = Path(path)
     if not path.is_file():
         raise LorafitError(f"{path}: data file not found")
-    text_col, label_col = _columns(text_col, label_col, header)
+    text_cols, label_col = _columns(text_col, label_col, header)
     if path.suffix.lower() == ".parquet" and sep is None:
-        return _text_label_frame(read_parquet(path), str(path), text_col, label_col, True, multi_label=multi_label)
+        return _text_label_frame(read_parquet(path), str(path), text_cols, label_col, True, multi_label=multi_label)
     content = read_text(path, encoding)
     if not content.strip():
         raise LorafitError(f"{path}: data file is empty")
-    columns = (text_col, *(label_col if isinstance(label_col, list) else [label_col]))
+    columns = (*text_cols, *(label_col if isinstance(label_col, list) else [label_col]))
     fmt = sniff_format(path, content[:65536], parse_sep(sep) if sep else None, columns if header else ())
     if fmt.kind == "jsonl":
-        return _text_label_frame(read_jsonl(path, content), str(path), text_col, label_col, True, fmt, multi_label)
-    return _text_label_frame(_read_delimited(path, content, fmt, header, columns), str(path), text_col,
+        return _text_label_frame(read_jsonl(path, content), str(path), text_cols, label_col, True, fmt, multi_label)
+    return _text_label_frame(_read_delimited(path, content, fmt, header, columns), str(path), text_cols,
                              label_col, header, fmt, multi_label)
 
 
@@ -250,13 +267,14 @@ def read_jsonl(path: Path, content: str) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, index=pd.Index(lines, name="line"))
 
 
-def _text_label_frame(df: pd.DataFrame, where: str, text_col, label_col, header: bool,
+def _text_label_frame(df: pd.DataFrame, where: str, text_cols: list, label_col, header: bool,
                       fmt: TableFormat | None = None, multi_label: bool = False) -> pd.DataFrame:
-    """Any table -> (text, label) with string labels; empty texts dropped and counted."""
+    """Any table -> (text, label), or for two ``text_cols`` (text, text_pair, label), with string labels;
+    examples with an empty text dropped and counted."""
     label_cols = label_col if isinstance(label_col, list) else [label_col]
     if len(label_cols) > 1 and not multi_label:
         raise SettingError("{label_col} {}: several label columns need {multi_label}", ",".join(map(str, label_cols)))
-    missing = [c for c in (text_col, *label_cols) if c not in df.columns]
+    missing = [c for c in (*text_cols, *label_cols) if c not in df.columns]
     if missing:
         fields = "{text_col} / {label_col}" + ("" if header else " (column numbers from 0, with {header})")
         delimited = fmt is not None and fmt.kind == "delimited"
@@ -266,15 +284,17 @@ def _text_label_frame(df: pd.DataFrame, where: str, text_col, label_col, header:
                          ", ".join(map(str, df.columns)))
     if df.empty:
         raise LorafitError(f"{where}: data file is empty")
-    _check_scalars(df[text_col], where, "text")
+    for col in text_cols:
+        _check_scalars(df[col], where, "text")
     if multi_label:
         label = _label_sets_column(df, label_cols, where)
     else:
         _check_scalars(df[label_col], where, "label")
         label = df[label_col].astype(str).str.strip()
-    out = pd.DataFrame({"text": df[text_col].astype(str), "label": label})
+    out = pd.DataFrame({**{name: df[col].astype(str) for name, col in zip((TEXT, TEXT_PAIR), text_cols)},
+                        "label": label})
     out = out.reset_index(drop=True)
-    blank = out["text"].str.strip() == ""
+    blank = np.logical_or.reduce([out[name].str.strip() == "" for name in (TEXT, TEXT_PAIR)[:len(text_cols)]])
     if blank.all():
         raise LorafitError(f"{where}: every text is empty")
     out = out[~blank].reset_index(drop=True)
@@ -354,17 +374,27 @@ def read_hf_dataset(source: str, split: str, label_col: str) -> pd.DataFrame:
     return df
 
 
-def _columns(text_col: str | None, label_col: str | None, header: bool) -> tuple:
-    """Column keys as pandas will name them: names, or integers for a file without a header row."""
-    label_col = _comma_list(label_col)
+def text_columns(text_col: str | list | tuple | None) -> list[str]:
+    """``text_col`` as a list of column names: none, one, or two (a pair; "a,b" or a list)."""
+    if text_col is None:
+        return []
+    if isinstance(text_col, (list, tuple)):
+        return [str(c).strip() for c in text_col]
+    return [c.strip() for c in str(text_col).split(",")] if "," in str(text_col) else [str(text_col)]
+
+
+def _columns(text_col: str | list | None, label_col: str | None, header: bool) -> tuple:
+    """Column keys as pandas will name them: names, or integers for a file without a header row; the text
+    columns as a list (two for pairs)."""
+    label_col, text_cols = _comma_list(label_col), text_columns(text_col)
     if header:
-        return text_col or "text", label_col or "label"
-    text_col, label_col = text_col if text_col is not None else "1", label_col if label_col is not None else "0"
+        return text_cols or [TEXT], label_col or "label"
+    text_cols, label_col = text_cols or ["1"], label_col if label_col is not None else "0"
     labels = label_col if isinstance(label_col, list) else [label_col]
-    if not (str(text_col).isdigit() and all(str(c).isdigit() for c in labels)):
+    if not all(str(c).isdigit() for c in (*text_cols, *labels)):
         raise SettingError("{header}: {text_col} and {label_col} take column numbers (from 0), got {!r} and {!r}",
-                           text_col, label_col)
-    return int(text_col), [int(c) for c in labels] if isinstance(label_col, list) else int(label_col)
+                           ",".join(text_cols), label_col)
+    return [int(c) for c in text_cols], [int(c) for c in labels] if isinstance(label_col, list) else int(label_col)
 
 
 def _comma_list(col: str | None):

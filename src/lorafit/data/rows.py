@@ -5,7 +5,8 @@ In: delimited text (.csv, .tsv, .tab, or any file with ``sep``; the separator an
 encoding found by :mod:`.formats`, as for training data), JSON lines (.jsonl, .json) or plain text
 (anything else: one text a line, blank lines skipped). Every row keeps all its columns; the text is the
 ``text`` column (or ``text_col``; without a header row, a 0-based column number, by default the last
-column). A row that cannot be read is refused in one line naming its file line. Out: CSV or JSON lines
+column); two columns (``text_col`` "a,b") give each row's pair of texts. A row that cannot be read is
+refused in one line naming its file line. Out: CSV or JSON lines
 (by the suffix), written through :func:`lorafit.files.atomic_path`: whole at the end, or not at all.
 """
 
@@ -21,6 +22,7 @@ from typing import IO, Iterator
 
 from ..errors import LorafitError, UsageError
 from ..files import atomic_path
+from .datasets import text_columns
 from .formats import TableFormat, encoding_of, parse_sep, sniff_format
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl", ".json")
@@ -33,7 +35,7 @@ class Chunk:
     """Consecutive rows of a file, each with all its columns, and their texts."""
 
     rows: list[dict]
-    texts: list[str]
+    texts: list  # texts, or pairs of texts (two text columns)
 
 
 @dataclass
@@ -41,7 +43,7 @@ class RowReader:
     """A file's rows, ``chunk_size`` at a time (:meth:`chunks`); the columns are known after the first."""
 
     path: Path
-    text_col: str | None = None  # None: "text", or the last column without a header row
+    text_col: str | None = None  # None: "text", or the last column without a header row; "a,b": pairs
     header: bool = True  # delimited text: the first row names the columns
     sep: str | None = None  # delimited text with this separator, whatever the file's name
     encoding: str = "utf-8"
@@ -50,6 +52,9 @@ class RowReader:
 
     def __post_init__(self):
         self.path = Path(self.path)
+        self.keys = text_columns(self.text_col)  # [] (the default column), one, or two (pairs)
+        if len(self.keys) > 2:
+            raise UsageError(f"--text-col {self.text_col}: one text column, or two for pairs of texts")
         if not self.path.is_file():
             raise LorafitError(f"--file {self.path}: not found")
         try:
@@ -62,7 +67,7 @@ class RowReader:
         self.table: TableFormat | None = None  # None: plain text, one text a line
         if self.sep is not None or self.path.suffix.lower() in TABLE_SUFFIXES:
             sample = head.decode(self.encoding, errors="replace")
-            expected = (self.text_col or "text",) if self.header else ()
+            expected = tuple(self.keys or ["text"]) if self.header else ()
             self.table = sniff_format(self.path, sample, parse_sep(self.sep) if self.sep else None, expected)
             if self.table.kind == "parquet":
                 raise LorafitError(f"--file {self.path}: Parquet is not streamed; give CSV, TSV or JSONL")
@@ -94,7 +99,7 @@ class RowReader:
             yield from {"delimited": self._table, "jsonl": self._jsonl, "text": self._text}[kind](lines)
 
     def _text(self, lines: "_Lines") -> Iterator[tuple[dict, str]]:
-        if self.text_col is not None:
+        if self.keys:
             raise UsageError(f"--text-col: --file {self.path} is plain text (one text a line); columns need a "
                              ".csv, .tsv or .jsonl file, or --sep")
         self.columns = ["text"]
@@ -110,30 +115,32 @@ class RowReader:
             if first is None:
                 raise LorafitError(f"--file {self.path}: empty")
             self.columns = first if self.header else [str(i) for i in range(len(first))]
-            index = self._text_index()
+            index = self._text_indexes()
             if not self.header:
-                yield self._table_row(first, 1), first[index]
+                yield self._table_row(first, 1), _pick(first, index)
             start = reader.line_num + 1
             for values in reader:
                 if values:  # not a blank line
-                    yield self._table_row(values, start), values[index]
+                    yield self._table_row(values, start), _pick(values, index)
                 start = reader.line_num + 1
         except csv.Error as e:
             raise LorafitError(f"--file {self.path}: line {reader.line_num}: {e} (read as "
                                f"{self.table.describe()}; choose with --sep)") from e
 
-    def _text_index(self) -> int:
+    def _text_indexes(self) -> list[int]:
+        """The text column's position (or the two of a pair's)."""
         if self.header:
-            key = self.text_col or "text"
-            if key not in self.columns:
-                raise LorafitError(f"--file {self.path}: no column {key!r}; columns found: "
+            missing = [k for k in self.keys or ["text"] if k not in self.columns]
+            if missing:
+                raise LorafitError(f"--file {self.path}: no column {missing[0]!r}; columns found: "
                                    f"{', '.join(self.columns)} (choose with --text-col)")
-            return self.columns.index(key)
-        key = self.text_col if self.text_col is not None else str(len(self.columns) - 1)
-        if not key.isdigit() or int(key) >= len(self.columns):
-            raise UsageError(f"--text-col {key!r}: without a header row, a column number from 0 to "
+            return [self.columns.index(k) for k in self.keys or ["text"]]
+        keys = self.keys or [str(len(self.columns) - 1)]
+        bad = next((k for k in keys if not k.isdigit() or int(k) >= len(self.columns)), None)
+        if bad is not None:
+            raise UsageError(f"--text-col {bad!r}: without a header row, a column number from 0 to "
                              f"{len(self.columns) - 1}")
-        return int(key)
+        return [int(k) for k in keys]
 
     def _table_row(self, values: list[str], line: int) -> dict:
         if len(values) != len(self.columns):
@@ -143,7 +150,7 @@ class RowReader:
         return dict(zip(self.columns, values))
 
     def _jsonl(self, lines: "_Lines") -> Iterator[tuple[dict, str]]:
-        key = self.text_col or "text"
+        keys = self.keys or ["text"]
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -151,13 +158,20 @@ class RowReader:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise LorafitError(f"--file {self.path}: line {number} is not JSON ({e.msg})") from e
-            text = row.get(key) if isinstance(row, dict) else None
-            if not isinstance(text, (str, int, float)) or isinstance(text, bool):
-                what = "not a JSON object" if not isinstance(row, dict) else f"has no text in {key!r}"
+            texts = [row.get(key) if isinstance(row, dict) else None for key in keys]
+            bad = next((k for k, t in zip(keys, texts) if not isinstance(t, (str, int, float)) or isinstance(t, bool)),
+                       None)
+            if bad is not None:
+                what = "not a JSON object" if not isinstance(row, dict) else f"has no text in {bad!r}"
                 raise LorafitError(f"--file {self.path}: line {number} {what} (choose the field with --text-col)")
             if self.columns is None:
                 self.columns = list(row)
-            yield row, str(text)
+            yield row, str(texts[0]) if len(texts) == 1 else (str(texts[0]), str(texts[1]))
+
+
+def _pick(values: list[str], index: list[int]):
+    """A row's text, or its pair of texts."""
+    return values[index[0]] if len(index) == 1 else (values[index[0]], values[index[1]])
 
 
 class _Lines:

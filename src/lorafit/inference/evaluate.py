@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ..adapters.lora import lora_merged
+from ..adapters.storage import ClassifierSpec
 from ..data.batching import Encoded, encode_frame
+from ..errors import FieldError
 from ..data.datasets import SPLIT_NAMES, DataConfig, Splits
 from ..reporting.calibration import decide
 from ..reporting.metrics import classification_metrics, multilabel_metrics
@@ -57,6 +59,18 @@ def evaluate_model(model, pad_id: int, data: dict[str, Encoded], labels: list[st
     return split_metrics(probs, data, labels, thresholds), rate
 
 
+def read_like_run(data: DataConfig, spec: ClassifierSpec):
+    """``data.data`` read as the run was trained: label sets or one label, pairs (by default from the run's
+    own two columns) or single texts."""
+    if spec.pair and data.text_col is None:
+        data = replace(data, text_col=list(spec.text_pair.columns))
+    if spec.pair != data.pair:
+        raise FieldError("{text_col}: " + ("the run classifies pairs of texts: name two columns (it was trained on {})"
+                                          if spec.pair else "the run classifies single texts: name one column{}"),
+                         ",".join(spec.text_pair.columns) if spec.pair else "")
+    return replace(data, multi_label=spec.multi_label).read(data.data)
+
+
 def evaluate_run(run: str | Path, data: DataConfig | None = None, *, device: str = "auto", precision: str = "auto",
                  batch_size: int = 32) -> dict:
     """Re-evaluate a saved adapter: on the run's own saved splits, or on ``data.data``, a labelled file or
@@ -65,10 +79,10 @@ def evaluate_run(run: str | Path, data: DataConfig | None = None, *, device: str
     loaded = load_for_inference(run, device, precision)
     spec, encoder, context = loaded.spec, loaded.backbone.encoder, loaded.backbone.context_length
     if data is not None and data.data:  # read as the run was trained: one label per text or label sets
-        frames = {"data": (replace(data, multi_label=spec.multi_label).read(data.data), str(data.data))}
+        frames = {"data": (read_like_run(data, spec), str(data.data))}
     else:
         splits = Splits.load(run, spec.labels, hint="; pass {data} FILE to evaluate on other data",
-                             multi_label=spec.multi_label)
+                             multi_label=spec.multi_label, pair=spec.pair)
         frames = {name: (getattr(splits, name), f"{name} split") for name in SPLIT_NAMES}
     enc = {name: encode_frame(encoder, context, df, spec.labels, where, spec.multi_label)
            for name, (df, where) in frames.items()}

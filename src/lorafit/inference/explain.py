@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import LorafitError, SettingError
 from ..runtime import Compute
-from ..data.batching import encode_texts
+from ..data.batching import encode_texts, shown
 from .predict import label_texts, load_for_inference
 
 METHODS = ("auto", "ig", "occlusion")
@@ -204,11 +204,11 @@ def explain_texts(run: str | Path, texts: list[str], *, target: str | None = Non
     if target is not None and target not in labels:
         raise SettingError("{target} {!r}: not one of the labels {}", target, ", ".join(labels))
     rows = label_texts(loaded, texts, threshold=threshold)
-    enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input")
+    enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input", pair=loaded.spec.pair)
     forward, embedding = classifier_forward(loaded.model, loaded.compute), token_embedding(loaded.model.backbone)
     out = []
-    for row, ids in zip(rows, enc.ids):
-        e = explain_ids(forward, embedding, encoder, row["text"], ids, labels, labels.index(target or row["label"]),
+    for text, row, ids in zip(texts, rows, enc.ids):
+        e = explain_ids(forward, embedding, encoder, shown(text), ids, labels, labels.index(target or row["label"]),
                         method, steps)
         e.extra = {"predicted": row["label"], "probability": row["probability"], "probabilities": row["probabilities"]}
         out.append(e)

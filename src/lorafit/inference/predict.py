@@ -15,7 +15,7 @@ from ..adapters.lora import merge_and_unload, store_frozen_linears
 from ..adapters.storage import ClassifierSpec
 from ..backbones.base import Backbone
 from ..backbones.int8 import quantize_checked, quantize_linears, resolve_inference_compute
-from ..data.batching import Encoded, encode_texts, eval_order, iterate, lengths_of
+from ..data.batching import Encoded, Input, encode_texts, eval_order, iterate, lengths_of, text_fields
 from ..reporting.calibration import decide, thresholds_for
 from ..runtime import Compute, check_compute, resolve_compute
 
@@ -79,51 +79,53 @@ def load_for_inference(run: str | Path, device: str = "auto", precision: str = "
     if compute.int8:
         if precision == "int8":
             quantize_linears(model.backbone)
-        elif not quantize_checked(model.backbone, lambda: _sample_logits(model, backbone, run)):
+        elif not quantize_checked(model.backbone, lambda: _sample_logits(model, backbone, run, spec.pair)):
             compute = resolve_compute(compute.device, "auto", backbone.hidden_size)
     if compute.autocast_dtype is not None:  # the merged weights in the compute precision: no casts per batch
         store_frozen_linears(model, compute.autocast_dtype)
     return InferenceModel(model.to(compute.device), backbone, spec, compute)
 
 
-def _sample_logits(model: Classifier, backbone: Backbone, run: str | Path) -> torch.Tensor:
-    enc = encode_texts(backbone.encoder, sample_texts(run), None, backbone.context_length, where="sample texts")
+def _sample_logits(model: Classifier, backbone: Backbone, run: str | Path, pair: bool) -> torch.Tensor:
+    enc = encode_texts(backbone.encoder, sample_texts(run, pair=pair), None, backbone.context_length,
+                       where="sample texts")
     return predict_logits(model, enc, backbone.encoder.pad_id)
 
 
-def predict_texts(run: str | Path, texts: list[str], *, device: str = "auto", precision: str = "auto",
+def predict_texts(run: str | Path, texts: list[Input], *, device: str = "auto", precision: str = "auto",
                   batch_size: int = 32, threshold: float | dict | None = None) -> list[dict]:
     """Label and (calibrated) probability for each text, in order. The label is the run's decision: its
     saved thresholds (``lorafit train --target-precision``), or ``threshold``, or else the most probable class.
     Multi-label: ``labels``, every label whose probability reaches its threshold (``label`` joins them with
-    ``|``), and each label's probability."""
+    ``|``), and each label's probability. A pair classifier takes pairs ``(a, b)`` (each answered with
+    ``text`` and ``text_pair``); a classifier of single texts, texts."""
     return label_texts(load_for_inference(run, device, precision), texts, batch_size=batch_size, threshold=threshold)
 
 
-def label_texts(loaded: InferenceModel, texts: list[str], *, batch_size: int = 32,
+def label_texts(loaded: InferenceModel, texts: list[Input], *, batch_size: int = 32,
                 threshold: float | dict | None = None) -> list[dict]:
     """:func:`predict_texts` with a model :func:`load_for_inference` returned (``loaded``)."""
     encoder, labels = loaded.backbone.encoder, loaded.labels
-    enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input")
+    enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input", pair=loaded.spec.pair)
     probs = predict_proba(loaded.model, enc, encoder.pad_id, batch_size=batch_size, compute=loaded.compute)
     return labelled(loaded, texts, probs, thresholds_for(loaded.spec.thresholds, labels, threshold))
 
 
-def labelled(loaded: InferenceModel, texts: list[str], probs: np.ndarray, thresholds: dict[str, float]) -> list[dict]:
+def labelled(loaded: InferenceModel, texts: list[Input], probs: np.ndarray, thresholds: dict[str, float]) -> list[dict]:
     """Each text with its decided label, that label's probability and every label's (multi-label: the label
     set, see :func:`predict_texts`)."""
     labels = loaded.labels
     if loaded.spec.multi_label:
         return [_label_set(t, p, labels, thresholds) for t, p in zip(texts, probs)]
     best = decide(probs, labels, thresholds)
-    return [{"text": t, "label": labels[k], "probability": float(p[k]),
+    return [{**text_fields(t), "label": labels[k], "probability": float(p[k]),
              "probabilities": dict(zip(labels, map(float, p)))} for t, k, p in zip(texts, best, probs)]
 
 
-def _label_set(text: str, probs: np.ndarray, labels: list[str], thresholds: dict[str, float]) -> dict:
+def _label_set(text: Input, probs: np.ndarray, labels: list[str], thresholds: dict[str, float]) -> dict:
     """One multi-label prediction: the labels at or over their thresholds (0.5 for a label without one)."""
     t = np.array([thresholds.get(k, 0.5) for k in labels])
     chosen = [name for name, p, th in zip(labels, probs, t) if p >= th]
-    return {"text": text, "label": "|".join(chosen), "labels": chosen,
+    return {**text_fields(text), "label": "|".join(chosen), "labels": chosen,
             "probabilities": dict(zip(labels, map(float, probs))),
             "thresholds": dict(zip(labels, map(float, t)))}

@@ -51,11 +51,16 @@ class FileScorer:
         self.thresholds = thresholds_for(self.loaded.spec.thresholds, self.labels, threshold)  # a bad one fails now
         self.batch_size, self.truncated = batch_size, 0
 
+    @property
+    def text_col(self) -> str | None:
+        """The columns a file's texts are read from by default: a pair classifier's two training columns."""
+        return ",".join(self.loaded.spec.text_pair.columns) if self.loaded.spec.pair else None
+
     def _encoded(self, reader: RowReader):
         backbone = self.loaded.backbone
         for chunk in reader.chunks():
             yield chunk, encode_texts(backbone.encoder, chunk.texts, None, backbone.context_length,
-                                      where=f"--file {reader.path}", warn=False)
+                                      where=f"--file {reader.path}", warn=False, pair=self.loaded.spec.pair)
 
     def chunks(self, reader: RowReader) -> Iterator[tuple[Chunk, np.ndarray]]:
         """(chunk, class probabilities (n, C)) for each chunk of ``reader``, in the file's order."""

@@ -16,7 +16,7 @@ import torch
 
 from ..adapters.classifier import Classifier
 from ..adapters.storage import ClassifierSpec, save_spec
-from ..data.batching import Encoded
+from ..data.batching import Encoded, shown
 from ..inference.evaluate import split_metrics
 from ..inference.explain import explain_ids, resolve_method, token_embedding
 from ..reporting.calibration import Calibration, DecisionConfig, calibrate, decide, pr_curve, reliability, roc_curve
@@ -35,7 +35,7 @@ class Kept:
     model: Classifier
     encoder: object  # lorafit.backbones.base.Encoder
     compute: Compute
-    test_texts: list[str]
+    test_texts: list  # texts, or pairs of texts
 
 
 def decide_run(out: Path, spec: ClassifierSpec, probs: dict[str, np.ndarray], enc: dict[str, Encoded],
@@ -78,7 +78,8 @@ def most_wrong(kept: Kept, test: Encoded, probs: np.ndarray, spec: ClassifierSpe
     model.eval()
     rows = []
     for i in wrong:
-        e = explain_ids(forward, embedding, kept.encoder, kept.test_texts[i], test.ids[i], labels, int(decided[i]), method)
+        e = explain_ids(forward, embedding, kept.encoder, shown(kept.test_texts[i]), test.ids[i], labels, int(decided[i]),
+                        method)
         rows.append({"text": e.text, "label": labels[test.labels[i]], "predicted": e.label, "p_true": float(p_true[i]),
                      "method": e.method, "top_tokens": e.top(3)})
     model.train(was_training)

@@ -23,8 +23,9 @@ from ..adapters.build import build_classifier
 from ..adapters.storage import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, adapter_state, check_compatible,
                                 load_adapter_into, save_adapter, save_spec)
 from ..backbones.base import Backbone
-from ..data.batching import encode_frame
-from ..data.datasets import SPLIT_NAMES, DataConfig, Splits, load_splits
+from ..backbones.pairs import PairJoin
+from ..data.batching import encode_frame, frame_inputs
+from ..data.datasets import SPLIT_NAMES, DataConfig, Splits, load_splits, text_columns
 from ..errors import FieldError, LorafitError, WriteError
 from ..files import remove_temp_files, write_json, write_text
 from ..inference.evaluate import predict_splits, split_metrics
@@ -93,7 +94,8 @@ def train_run(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig
         if settings.decision.target:
             settings.decision.positive_class(splits.labels)  # a wrong positive class fails before training
         spec = replace(spec, labels=splits.labels, backbone=replace(spec.backbone, seed=train_cfg.seed),
-                       multi_label=splits.multi_label)
+                       multi_label=splits.multi_label,
+                       text_pair=PairJoin(columns=tuple(text_columns(data_cfg.text_col))) if splits.pair else None)
         if splits.balancing.get("method") == "weights" and train_cfg.class_weights is None:
             train_cfg = replace(train_cfg, class_weights="auto")  # balancing by the loss, every text kept
         plan = RunPlan(spec, data_cfg, train_cfg, settings, splits.skipped_empty, dist.world)
@@ -112,7 +114,7 @@ def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig 
     out = Path(out)
     ckpt = load_checkpoint(out)
     plan = ckpt.plan
-    splits = Splits.load(out, plan.spec.labels, multi_label=plan.spec.multi_label)
+    splits = Splits.load(out, plan.spec.labels, multi_label=plan.spec.multi_label, pair=plan.spec.pair)
     dev = check_compute(plan.settings.device, plan.settings.precision)
     with session(dev, launch, f"resume {out.resolve()}") as (dist, dev):
         if dist.is_main:
@@ -242,7 +244,7 @@ class _Training:
             save_spec(self.out, spec)
             return spec, split_metrics(probs, enc, spec.labels, spec.thresholds), {}
         return decide_run(self.out, spec, probs, enc, self.plan.settings.decision,
-                          Kept(model, backbone.encoder, compute, list(self.splits.test.text)))
+                          Kept(model, backbone.encoder, compute, frame_inputs(self.splits.test)))
 
     def saver(self, model: Classifier) -> Callable[[TrainState], None]:
         """Writes a checkpoint of ``model`` at a given state (on rank 0; on the others, nothing)."""

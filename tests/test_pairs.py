@@ -1,0 +1,165 @@
+"""Pairs of texts (--text-col a,b): read, joined as each base expects, trained, evaluated and predicted on the
+tiny GPT-2; the join kept in the adapter; the wrong kind of input refused in one line."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lorafit.cli import main
+from lorafit.data.datasets import DataConfig, load_splits, read_table
+from lorafit.errors import LorafitError, SettingError
+from lorafit.inference.predict import predict_texts
+
+TOPICS = {"money": ["WIN cash prize now", "FREE entry txt WIN", "claim your prize call now"],
+          "lunch": ["see you at lunch", "ok thanks, later", "dinner tonight?"]}
+
+
+def write_pairs(path: Path, n: int = 200, seed: int = 0) -> Path:
+    """Two texts per row, labelled by whether they are on the same topic: neither text alone tells."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.choice(list(TOPICS)), rng.choice(list(TOPICS))
+        rows.append({"first": f"{rng.choice(TOPICS[a])} {rng.randint(0, 9)}",
+                     "second": f"{rng.choice(TOPICS[b])} {rng.randint(0, 9)}", "label": "same" if a == b else "diff"})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def cpu(*args) -> list[str]:
+    return [*args, "--device", "cpu", "--precision", "fp32"]
+
+
+def test_two_text_columns_read_as_pairs_and_three_are_refused(tmp_path):
+    data = write_pairs(tmp_path / "pairs.csv", n=20)
+    df = read_table(data, "first,second")
+    assert list(df.columns) == ["text", "text_pair", "label"] and df["text_pair"].iloc[0].split()[-1].isdigit()
+    assert read_table(data, ["first", "second"]).equals(df)
+    splits = load_splits(DataConfig(str(data), text_col="first,second"))
+    assert splits.pair and sum(map(len, (splits.train, splits.val, splits.test))) == 20
+    with pytest.raises(SettingError, match="text_col names one text column, or two for text pairs; got 3"):
+        DataConfig(str(data), text_col="first,second,label")
+    with pytest.raises(LorafitError, match="no column 'answer'"):
+        read_table(data, "first,answer")
+    (tmp_path / "blank.csv").write_text("a,b,label\nhello,,x\nhi,there,y\nyo,man,x\n")
+    assert read_table(tmp_path / "blank.csv", "a,b").attrs["skipped_empty"] == 1
+
+
+def test_gpt2_joins_a_pair_with_endoftext_and_cuts_the_longer_text_first(hf_gpt2_dir):
+    from lorafit.backbones.loader import load_backbone
+    from lorafit.backbones.base import BackboneSpec
+
+    enc = load_backbone(BackboneSpec(str(hf_gpt2_dir)), lm_head=False).encoder
+    eot = enc.encoding.eot_token
+    (ids,), cut = enc.encode_pairs([("ab", "cde")])
+    assert ids == enc.encode(["ab"])[0] + [eot] + enc.encode(["cde"])[0] and cut == 0
+    (ids,), cut = enc.encode_pairs([("abcdefgh", "xy")], max_length=6)
+    assert cut == 1 and ids == enc.encode(["abc"])[0] + [eot] + enc.encode(["xy"])[0]
+    assert enc.pair_join.join == "sep" and enc.pair_join.sep == "<|endoftext|>"
+
+
+def test_hf_tokenizers_use_their_pair_template_or_put_eos_between(tiny_bert, tiny_llama):
+    from transformers import AutoTokenizer
+
+    from lorafit.backbones.hf import HFEncoder
+
+    bert = HFEncoder(AutoTokenizer.from_pretrained(tiny_bert))
+    assert bert.pair_join.join == "template"
+    (ids,), _ = bert.encode_pairs([("win cash", "see you at lunch")])
+    assert ids == bert.tokenizer("win cash", "see you at lunch")["input_ids"]  # [CLS] a [SEP] b [SEP]
+    (ids,), cut = bert.encode_pairs([("win cash prize now", "see you")], max_length=6)
+    assert cut == 1 and ids == bert.tokenizer("win cash prize now", "see you", truncation=True, max_length=6)["input_ids"]
+    word = HFEncoder(AutoTokenizer.from_pretrained(tiny_llama))  # no pair template: a </s> b
+    assert word.pair_join.join == "sep" and word.pair_join.sep == "</s>"
+    (ids,), _ = word.encode_pairs([("win cash", "see you")])
+    t = word.tokenizer
+    assert ids == t("win cash")["input_ids"] + [t.eos_token_id] + t("see you")["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def pair_run(tmp_path_factory):
+    """A pair run on the tiny GPT-2: the run directory."""
+    from conftest import TINY, hf_gpt2_config, train_args, write_bpe
+    from lorafit.backbones.gpt2 import GPTConfig
+    from transformers import GPT2LMHeadModel
+
+    tmp = tmp_path_factory.mktemp("pairs")
+    torch.manual_seed(1)
+    base = tmp / "hf-gpt2"
+    GPT2LMHeadModel(hf_gpt2_config(GPTConfig(**TINY))).eval().save_pretrained(base)
+    write_bpe(base, names=("vocab.json", "merges.txt"))
+    out = tmp / "run"
+    assert main(train_args(base, write_pairs(tmp / "pairs.csv"), out, "--text-col", "first,second",
+                           "--epochs", "6", "--lr", "5e-3", "--no-head-bias")) == 0
+    return out
+
+
+def test_a_pair_run_learns_and_keeps_its_join(pair_run, capsys):
+    report = json.loads((pair_run / "report.json").read_text())
+    assert report["metrics"]["test"]["accuracy"] > 0.8, report["metrics"]
+    spec = json.loads((pair_run / "adapter.json").read_text())
+    assert spec["text_pair"] == {"join": "sep", "sep": "<|endoftext|>", "columns": ["first", "second"]}
+    assert list(pd.read_csv(pair_run / "test.csv").columns) == ["text", "text_pair", "label"]
+    assert main(["eval", "--run", str(pair_run), "--json", *cpu()]) == 0
+    again = json.loads(capsys.readouterr().out)["metrics"]["test"]
+    assert again["accuracy"] == report["metrics"]["test"]["accuracy"]
+
+
+def test_eval_on_a_file_reads_the_runs_own_two_columns(pair_run, tmp_path, capsys):
+    data = write_pairs(tmp_path / "more.csv", n=40, seed=5)
+    assert main(["eval", "--run", str(pair_run), "--data", str(data), "--json", *cpu()]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["data"]["n"] == 40
+    assert main(["eval", "--run", str(pair_run), "--data", str(data), "--text-col", "first", *cpu()]) == 1
+    assert "--text-col: the run classifies pairs of texts: name two columns (it was trained on first,second)" in \
+        capsys.readouterr().err
+
+
+def test_predict_pairs_as_arguments_and_from_a_file(pair_run, tmp_path, capsys):
+    pairs = [("WIN cash prize now 3", "claim your prize call now 1"), ("WIN cash prize now 3", "see you at lunch 2")]
+    rows = predict_texts(pair_run, pairs, device="cpu", precision="fp32")
+    assert [(r["text"], r["text_pair"]) for r in rows] == pairs and [r["label"] for r in rows] == ["same", "diff"]
+    assert main(["predict", "--run", str(pair_run), "--pair", *pairs[0], "--pair", *pairs[1], "--json", *cpu()]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["probability"] for p in printed] == pytest.approx([r["probability"] for r in rows], abs=1e-6)
+    file = tmp_path / "in.csv"
+    pd.DataFrame({"id": [1, 2], "first": [a for a, _ in pairs], "second": [b for _, b in pairs]}).to_csv(file, index=False)
+    out = tmp_path / "out.csv"
+    assert main(["predict", "--run", str(pair_run), "--file", str(file), "--out", str(out), "--quiet", *cpu()]) == 0
+    capsys.readouterr()
+    scored = pd.read_csv(out)
+    assert scored["predicted"].tolist() == ["same", "diff"] and list(scored.columns[:3]) == ["id", "first", "second"]
+    assert scored["probability"].tolist() == pytest.approx([r["probability"] for r in rows], abs=1e-5)
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("".join(json.dumps({"q": a, "r": b}) + "\n" for a, b in pairs))
+    assert main(["predict", "--run", str(pair_run), "--file", str(jsonl), "--text-col", "q,r", *cpu()]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()] == ["same", "diff"]
+
+
+def test_the_wrong_kind_of_input_is_refused_in_one_line(pair_run, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="2"):
+        main(["predict", "--run", str(pair_run), "just one text", *cpu()])
+    assert "classifies pairs of texts: give each as --pair FIRST SECOND" in capsys.readouterr().err
+    with pytest.raises(LorafitError, match="the model classifies pairs of texts; got single texts"):
+        predict_texts(pair_run, ["one", "two"], device="cpu", precision="fp32")
+    with pytest.raises(LorafitError, match="input 1 is one text, input 0 a pair"):
+        predict_texts(pair_run, [("a", "b"), "c"], device="cpu", precision="fp32")
+    with pytest.raises(LorafitError, match="input 0 is not a pair of two texts"):
+        predict_texts(pair_run, [("a", "b", "c")], device="cpu", precision="fp32")
+    file = tmp_path / "one.csv"
+    file.write_text("first,other\nhello,there\n")
+    assert main(["predict", "--run", str(pair_run), "--file", str(file), *cpu()]) == 1
+    assert "no column 'second'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main(["predict", "--run", str(pair_run), "--file", str(file), "--text-col", "a,b,c", *cpu()])
+    assert "one text column, or two for pairs of texts" in capsys.readouterr().err
+
+
+def test_a_single_text_run_refuses_pairs(gpt2_run, capsys):
+    assert main(["predict", "--run", str(gpt2_run), "--pair", "a", "b", *cpu()]) == 1
+    assert "the model classifies single texts; got pairs" in capsys.readouterr().err
