@@ -163,3 +163,68 @@ def test_the_wrong_kind_of_input_is_refused_in_one_line(pair_run, tmp_path, caps
 def test_a_single_text_run_refuses_pairs(gpt2_run, capsys):
     assert main(["predict", "--run", str(gpt2_run), "--pair", "a", "b", *cpu()]) == 1
     assert "the model classifies single texts; got pairs" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def pair_client(pair_run, tmp_path_factory):
+    """The pair run served next to a single-text adapter of the same base (``/models/single``)."""
+    pytest.importorskip("fastapi", reason="lorafit[serve] is not installed")
+    from conftest import trained_run
+    from fastapi.testclient import TestClient
+
+    from lorafit.adapters.lora import LoRAConfig
+    from lorafit.serving.app import create_app
+    from lorafit.serving.config import ServeConfig
+    from lorafit.serving.model import ServedModel
+
+    single = trained_run(tmp_path_factory.mktemp("single") / "run", str(pair_run.parent / "hf-gpt2"),
+                         LoRAConfig(rank=4, alpha=8), head_bias=False)
+    config = ServeConfig(runs=(f"pairs={pair_run}", f"single={single}"), device="cpu", precision="fp32")
+    with TestClient(create_app(ServedModel.load(config), config)) as client:
+        yield client, single
+
+
+PAIRS = [("WIN cash prize now 3", "claim your prize call now 1"), ("WIN cash prize now 3", "see you at lunch 2")]
+
+
+def test_serve_takes_tei_s_pair_shapes(pair_run, pair_client):
+    client, _ = pair_client
+    expected = predict_texts(pair_run, PAIRS, device="cpu", precision="fp32")
+    one = client.post("/predict", json={"inputs": list(PAIRS[0])})  # one pair: one list of labels
+    assert one.status_code == 200, one.text
+    assert {p["label"]: p["score"] for p in one.json()} == pytest.approx(expected[0]["probabilities"], abs=1e-5)
+    batch = client.post("/predict", json={"inputs": [list(p) for p in PAIRS]}).json()  # a batch: a list per pair
+    assert [b[0]["label"] for b in batch] == [r["label"] for r in expected]
+    vllm = client.post("/classify", json={"model": "pairs", "input": [list(p) for p in PAIRS]}).json()
+    assert [d["label"] for d in vllm["data"]] == [r["label"] for r in expected]
+    info = client.get("/info").json()
+    assert info["text_pair"] == {"join": "sep", "sep": "<|endoftext|>", "columns": ["first", "second"]}
+    why = client.post("/explain", json={"inputs": list(PAIRS[1])}).json()
+    assert why["text"] == "WIN cash prize now 3 \u2016 see you at lunch 2" and "<|endoftext|>" in \
+        [t["token"] for t in why["tokens"]]
+
+
+@pytest.mark.parametrize("body, model, words", [
+    ({"inputs": "one text"}, "pairs", "inputs: the model classifies pairs of texts: send [first, second]"),
+    ({"inputs": ["a", "b", "c"]}, "pairs", "inputs: a pair is two strings [first, second], got 3"),
+    ({"inputs": [["a", "b"], ["c"]]}, "pairs", "inputs[1]: the model classifies pairs of texts"),
+    ({"inputs": [["a", "b", "c"]]}, "pairs", "inputs[0] must be [text] or [first, second]"),
+    ({"inputs": [["a", " "]]}, "pairs", "inputs[0][1] is an empty string"),
+    ({"inputs": [["a", "b"]]}, "single", "inputs[0] is a pair; the model classifies single texts"),
+])
+def test_the_wrong_kind_of_input_is_a_422(pair_client, body, model, words):
+    client, _ = pair_client
+    r = client.post("/predict", json={**body, "model": model})
+    assert r.status_code == 422 and words in r.json()["error"], r.text
+
+
+def test_a_single_text_adapter_is_served_beside_the_pair_one(pair_client):
+    client, single = pair_client
+    expected = predict_texts(single, ["see you at lunch 2", "WIN 3"], device="cpu", precision="fp32")
+    got = client.post("/predict", json={"inputs": ["see you at lunch 2", "WIN 3"], "model": "single"}).json()
+    for row, exp in zip(got, expected):
+        assert {p["label"]: p["score"] for p in row} == pytest.approx(exp["probabilities"], abs=1e-5)
+    tei_batch = client.post("/models/single", json={"inputs": [["see you at lunch 2"], ["WIN 3"]]}).json()
+    assert [r[0]["label"] for r in tei_batch] == [r[0]["label"] for r in got]
+    cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert cards["single"]["text_pair"] is None and cards["pairs"]["text_pair"]["columns"] == ["first", "second"]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone
+from ..data.batching import encode_texts
 from ..backbones.int8 import Int8Linear, quantize_checked, quantize_linears, resolve_inference_compute
 from ..backbones.loader import load_backbone
 from ..errors import LorafitError
@@ -31,7 +32,7 @@ from .hf_layout import sample_texts
 from .loading import load_classifier
 from .lora import LoRAConfig, merge_and_unload, store_frozen_linears
 from .build import weight_fingerprint
-from .storage import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, read_spec
+from .storage import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ClassifierSpec, read_spec, with_pair_join
 
 LORA_KEYS = ("lora_A", "lora_B", "lora_magnitude", "pissa_A0", "pissa_B0")
 
@@ -204,7 +205,7 @@ class SharedBase:
             out.extend(F.linear(pooled[s:e].to(w.dtype), w, a.head_bias).float())  # (C_k,) each
         return out
 
-    def quantize(self, adapter: Adapter, texts: list[str], checked: bool) -> bool:
+    def quantize(self, adapter: Adapter, texts: list, checked: bool) -> bool:
         """The base's linears in int8; ``checked``: only if ``adapter``'s classes and probabilities of ``texts``
         stay put (:func:`~lorafit.backbones.int8.quantize_checked`). Returns whether int8 was kept."""
         module = self.backbone.module
@@ -212,8 +213,8 @@ class SharedBase:
             quantize_linears(module)
             return True
         self.wrap(list(adapter.layers))
-        ids = self.backbone.encoder.encode(texts)
-        lengths = [max(len(x), 1) for x in ids]
+        ids = encode_texts(self.backbone.encoder, texts, None, self.backbone.context_length, warn=False).ids
+        lengths = [len(x) for x in ids]
         input_ids = torch.full((len(ids), max(lengths)), self.backbone.encoder.pad_id, dtype=torch.long)
         for row, x in enumerate(ids):
             input_ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)
@@ -233,6 +234,7 @@ class SharedBase:
                                f"classifiers share a base only as adapters (a merged or PEFT folder is served alone)")
         spec = read_spec(directory)
         self.check(spec, str(directory))
+        spec = with_pair_join(spec, self.backbone, str(directory))  # a pair adapter beside single-text ones
         tensors = load_safetensors(directory / ADAPTER_WEIGHTS)
         layers = self._layer_updates(tensors, spec.lora, directory / ADAPTER_WEIGHTS)
         head_w, head_b = tensors.get("head.weight"), tensors.get("head.bias")
@@ -306,7 +308,8 @@ def open_base(name: str, directory: str | Path, device: str, precision: str) -> 
     where the first run's sample texts keep their classes, and otherwise loads the base again in float.
     """
     base, adapter = _open(name, Path(directory), device, precision)
-    if base.compute.int8 and not base.quantize(adapter, sample_texts(directory), checked=precision == "auto"):
+    if base.compute.int8 and not base.quantize(adapter, sample_texts(directory, pair=adapter.spec.pair),
+                                               checked=precision == "auto"):
         width = base.backbone.hidden_size
         dtype = choose_autocast_dtype("auto", base.compute.device, width)
         base, adapter = _open(name, Path(directory), device, "fp32" if dtype is None else "bf16")

@@ -129,7 +129,8 @@ def _add_predict_routes(app, served: ServedModel, config: ServeConfig, batcher: 
     async def answer(request, name: str | None):
         t0 = time.perf_counter()
         try:
-            req = PredictRequest.parse(await read_body(request, config.max_request_bytes), config.max_client_batch)
+            req = PredictRequest.parse(await read_body(request, config.max_request_bytes), config.max_client_batch,
+                                       lambda model: served.resolve(name or model).spec.pair)
             adapter = served.resolve(name or req.model)
             ids = served.encode(req.texts, req.truncate, req.truncation_direction)
             logits = await _infer(batcher, ids, adapter)
@@ -160,11 +161,11 @@ def _add_classify_route(app, served: ServedModel, config: ServeConfig, batcher: 
     async def classify(request: Request):
         t0 = time.perf_counter()
         try:
-            req = ClassifyRequest.parse(await read_body(request, config.max_request_bytes), config.max_client_batch)
+            req = ClassifyRequest.parse(await read_body(request, config.max_request_bytes), config.max_client_batch,
+                                        lambda model: served.resolve(model).spec.pair)
             adapter = served.resolve(req.model)
-            ids = served.encode(req.texts, req.keep_last is not None, "left")  # vLLM keeps the last tokens
-            if req.keep_last and req.keep_last > 0:
-                ids = [x[-req.keep_last:] for x in ids]
+            keep = req.keep_last if req.keep_last and req.keep_last > 0 else None
+            ids = served.encode(req.texts, req.keep_last is not None, "left", keep)  # vLLM keeps the last tokens
             logits = await _infer(batcher, ids, adapter)
             _count(metrics, adapter, len(ids), t0)
             return JSONResponse(classification(logits, adapter.labels, adapter.name, sum(map(len, ids)),

@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 from ..adapters.multi import Adapter
+from ..data.batching import shown
 from ..errors import LorafitError
 from ..inference.explain import IG_STEPS, METHODS, Explanation, explain_ids, resolve_method, token_embedding
 from ..reporting.calibration import decide, thresholds_for
 from .model import RequestError, ServedModel
-from .schema import invalid, json_object, model_of, texts_of, threshold_of
+from .schema import PairOf, invalid, json_object, model_of, texts_of, threshold_of
 from .security import read_body
 
 MAX_TEXTS = 8  # explanations cost tens of forward passes each
@@ -28,7 +29,7 @@ MAX_TEXTS = 8  # explanations cost tens of forward passes each
 
 @dataclass
 class ExplainRequest:
-    texts: list[str]
+    texts: list  # texts, or (first, second) pairs
     single: bool
     model: str | None = None
     method: str = "auto"
@@ -36,9 +37,9 @@ class ExplainRequest:
     threshold: float | dict | None = None
 
     @classmethod
-    def parse(cls, body: bytes) -> "ExplainRequest":
+    def parse(cls, body: bytes, pair_of: PairOf = lambda model: False) -> "ExplainRequest":
         data = json_object(body, "inputs")
-        texts, single = texts_of(data, "inputs", MAX_TEXTS)
+        texts, single = texts_of(data, "inputs", MAX_TEXTS, pair_of(model_of(data)))
         method = data.get("method", "auto")
         if method not in METHODS:
             raise invalid(f"method must be one of {', '.join(METHODS)}, got {json.dumps(method)}")
@@ -80,7 +81,7 @@ def explain(served: ServedModel, adapter: Adapter, req: ExplainRequest) -> list[
                 probs = torch.softmax(forward(torch.tensor([x], device=served.compute.device)), -1).cpu().numpy()
             decided = labels[int(decide(probs.astype(np.float64), labels, thresholds)[0])]
             k = labels.index(req.target or decided)
-            e = explain_ids(forward, embedding, served.encoder, text, x, labels, k, method, IG_STEPS)
+            e = explain_ids(forward, embedding, served.encoder, shown(text), x, labels, k, method, IG_STEPS)
             e.extra = {"predicted": decided, "probability": float(probs[0, labels.index(decided)]),
                        "probabilities": dict(zip(labels, map(float, probs[0])))}
             out.append(e)
@@ -95,7 +96,8 @@ def explain_route(app, served: ServedModel, config, answer_error) -> None:
     @app.post("/explain")
     async def explain_texts(request: Request):
         try:
-            req = ExplainRequest.parse(await read_body(request, config.max_request_bytes))
+            req = ExplainRequest.parse(await read_body(request, config.max_request_bytes),
+                                       lambda model: served.resolve(model).spec.pair)
             adapter = served.resolve(req.model)
             result = [e.to_dict() for e in await asyncio.to_thread(explain, served, adapter, req)]
             return JSONResponse(result[0] if req.single else result)

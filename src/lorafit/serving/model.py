@@ -93,15 +93,21 @@ class ServedModel:
             self.base.wrap(list(adapter.layers))
         self.adapters = {**self.adapters, adapter.name: adapter}
 
-    def encode(self, texts: list[str], truncate: bool, direction: str = "right") -> list[list[int]]:
-        """Token ids of each text; a text over the limit is cut (``truncate``) or refused with 413."""
-        ids = self.encoder.encode(texts)
+    def encode(self, texts: list, truncate: bool, direction: str = "right", limit: int | None = None) -> list[list[int]]:
+        """Token ids of each text, or of each (first, second) pair joined as the base joins pairs; an input over
+        the limit (``limit`` or the server's) is cut (``truncate``: a text at ``direction``, a pair longest first)
+        or refused with 413."""
+        limit = min(limit or self.max_input_tokens, self.max_input_tokens)
+        if texts and isinstance(texts[0], tuple):
+            ids, _ = self.encoder.encode_pairs(texts, limit if truncate else None)
+        else:
+            ids = self.encoder.encode(texts)
         for i, x in enumerate(ids):
-            if len(x) > self.max_input_tokens:
+            if len(x) > limit:
                 if not truncate:
                     raise RequestError(413, "Validation", f"inputs[{i}] has {len(x)} tokens, more than the limit "
-                                       f"of {self.max_input_tokens} (--max-input-tokens); send truncate: true to cut it")
-                ids[i] = x[:self.max_input_tokens] if direction == "right" else x[-self.max_input_tokens:]
+                                       f"of {limit} (--max-input-tokens); send truncate: true to cut it")
+                ids[i] = x[:limit] if direction == "right" else x[-limit:]
         return ids  # never empty: the schema refuses empty and blank texts
 
     @torch.inference_mode()
@@ -141,7 +147,8 @@ class ServedModel:
         return {"name": adapter.name, "run": adapter.source, "labels": adapter.labels,
                 "num_classes": len(adapter.labels), "lora": spec.lora.to_dict() if adapter.layers else None,
                 "adapted_layers": len(adapter.layers), "size_bytes": adapter.size_bytes,
-                "temperature": spec.temperature, "thresholds": spec.thresholds}
+                "temperature": spec.temperature, "thresholds": spec.thresholds,
+                "text_pair": None if spec.text_pair is None else spec.text_pair.to_dict()}
 
     def info(self, config: ServeConfig, adapter: Adapter | None = None) -> dict:
         """GET /info: text-embeddings-inference's fields for one adapter (the default), then lorafit's own."""
@@ -164,6 +171,7 @@ class ServedModel:
             "architecture": adapter.spec.architecture,
             "labels": labels,
             "problem_type": adapter.spec.problem_type,
+            "text_pair": None if adapter.spec.text_pair is None else adapter.spec.text_pair.to_dict(),  # pairs: how joined
             **({"thresholds": dict(adapter.spec.thresholds)} if adapter.spec.thresholds else {}),
             "lora": adapter.spec.lora.to_dict(),
             "temperature": adapter.spec.temperature,  # calibration: logits are divided by it

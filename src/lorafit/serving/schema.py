@@ -2,9 +2,10 @@
 
 POST /predict (and POST /, as Hugging Face text-embeddings-inference): ``{"inputs": "text" | ["t1", ...],
 "truncate": false, "raw_scores": false, "truncation_direction": "right", "model": "name"}``; ``model`` (lorafit's
-addition) picks the adapter, other fields are ignored, as text-embeddings-inference does. Response: for one
-string, every class as ``{"label", "score"}`` highest first; for a list, one such list per input, in input
-order. POST /classify is vLLM's: ``{"model", "input": "text" | [...], "truncate_prompt_tokens"}`` ->
+addition) picks the adapter, other fields are ignored, as text-embeddings-inference does. A pair model's inputs
+are text-embeddings-inference's pairs: ``["first", "second"]`` or ``[["first", "second"], ...]`` (:func:`texts_of`).
+Response: for one input, every class as ``{"label", "score"}`` highest first; for a list, one such list per
+input, in input order. POST /classify is vLLM's: ``{"model", "input": "text" | [...], "truncate_prompt_tokens"}`` ->
 ``{"id", "object": "list", "created", "model", "data": [{"index", "label", "probs", "num_classes"}], "usage"}``.
 GET /v1/models is OpenAI's model list. Errors, on every route:
 ``{"error": "one line", "error_type": "Validation" | "Overloaded" | "Backend" | "Unhealthy" | ...}``.
@@ -17,12 +18,16 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from ..reporting.calibration import decide
 from .config import TRUNCATION_DIRECTIONS
 from .model import RequestError
+
+PairOf = Callable[[str | None], bool]  # a request's model name -> whether that adapter classifies pairs of texts
+
 
 def invalid(message: str) -> RequestError:
     return RequestError(422, "Validation", message)
@@ -41,27 +46,51 @@ def json_object(body: bytes, field: str) -> dict:
     return data
 
 
-def texts_of(data: dict, field: str, max_client_batch: int) -> tuple[list[str], bool]:
-    """``data[field]``, a string or a list of non-blank strings, as a list; and whether it was one string."""
+def texts_of(data: dict, field: str, max_client_batch: int, pair: bool = False) -> tuple[list, bool]:
+    """``data[field]`` as a list of inputs (texts, or for a ``pair`` model (first, second) tuples), and whether
+    it was one input. Text-embeddings-inference's shapes: ``"text"``; ``["first", "second"]``, one pair;
+    ``[["text"] | ["first", "second"], ...]``, a batch. For a model of single texts a list of strings is a
+    batch of texts (lorafit's and vLLM's reading; text-embeddings-inference reads two strings as a pair)."""
     if field not in data:
         raise invalid(f"missing field \"{field}\" (a string or a list of strings)")
-    inputs = data[field]
-    single = isinstance(inputs, str)
-    texts = [inputs] if single else inputs
-    if not isinstance(texts, list):
-        raise invalid(f"{field} must be a string or a list of strings, got {type(inputs).__name__}")
-    if not texts:
+    value = data[field]
+    if not isinstance(value, (str, list)):
+        raise invalid(f"{field} must be a string or a list of strings, got {type(value).__name__}")
+    if not value and isinstance(value, list):
         raise invalid(f"{field} is an empty list")
-    if len(texts) > max_client_batch:
-        raise RequestError(413, "Validation", f"{len(texts)} inputs in one request, more than the limit of "
+    if isinstance(value, str):
+        inputs, single = [value], True
+    elif isinstance(value[0], list):  # a batch of [text] / [first, second]
+        bad = next((i for i, x in enumerate(value) if not isinstance(x, list) or len(x) not in (1, 2)), None)
+        if bad is not None:
+            raise invalid(f"{field}[{bad}] must be [text] or [first, second], like {field}[0]")
+        inputs, single = [x[0] if len(x) == 1 else tuple(x) for x in value], False
+    elif pair:  # text-embeddings-inference: a list of strings is one input, a pair
+        if len(value) != 2:
+            raise invalid(f"{field}: a pair is two strings [first, second], got {len(value)}; send a batch of pairs "
+                          f"as [[first, second], ...]")
+        inputs, single = [tuple(value)], True
+    else:
+        inputs, single = value, False
+    if len(inputs) > max_client_batch:
+        raise RequestError(413, "Validation", f"{len(inputs)} inputs in one request, more than the limit of "
                            f"{max_client_batch} (--max-client-batch)")
-    for i, t in enumerate(texts):
-        where = field if single else f"{field}[{i}]"
+    for i, t in enumerate(inputs):
+        _check_input(t, field if single else f"{field}[{i}]", pair)
+    return inputs, single
+
+
+def _check_input(value, where: str, pair: bool) -> None:
+    """One input: a non-blank text, or a pair of them, whichever the model reads."""
+    if isinstance(value, tuple) != pair:
+        raise invalid(f"{where}: the model classifies pairs of texts: send [first, second], or a batch "
+                      "[[first, second], ...]" if pair else f"{where} is a pair; the model classifies single texts")
+    for k, t in enumerate(value if pair else (value,)):
+        at = f"{where}[{k}]" if pair else where
         if not isinstance(t, str):
-            raise invalid(f"{where} must be a string, got {type(t).__name__}")
+            raise invalid(f"{at} must be a string, got {type(t).__name__}")
         if not t.strip():
-            raise invalid(f"{where} is an empty string")
-    return texts, single
+            raise invalid(f"{at} is an empty string")
 
 
 def model_of(data: dict) -> str | None:
@@ -84,8 +113,8 @@ def threshold_of(data: dict) -> float | dict | None:
 
 @dataclass
 class PredictRequest:
-    texts: list[str]
-    single: bool  # inputs was one string: the response is one list, not a list of lists
+    texts: list  # texts, or (first, second) pairs
+    single: bool  # inputs was one input: the response is one list, not a list of lists
     truncate: bool = False
     raw_scores: bool = False
     truncation_direction: str = "right"
@@ -93,10 +122,11 @@ class PredictRequest:
     threshold: float | dict | None = None  # overrides the adapter's own (lorafit train --target-precision)
 
     @classmethod
-    def parse(cls, body: bytes, max_client_batch: int) -> "PredictRequest":
-        """The request, or a RequestError naming the first thing wrong with it."""
+    def parse(cls, body: bytes, max_client_batch: int, pair_of: PairOf = lambda model: False) -> "PredictRequest":
+        """The request, or a RequestError naming the first thing wrong with it. ``pair_of(model)``: whether the
+        adapter the request names classifies pairs of texts."""
         data = json_object(body, "inputs")
-        texts, single = texts_of(data, "inputs", max_client_batch)
+        texts, single = texts_of(data, "inputs", max_client_batch, pair_of(model_of(data)))
         flags = {}
         for name in ("truncate", "raw_scores"):
             flags[name] = data.get(name, False)
@@ -113,14 +143,15 @@ class PredictRequest:
 class ClassifyRequest:
     """vLLM's POST /classify request (text inputs)."""
 
-    texts: list[str]
+    texts: list  # texts, or (first, second) pairs
     model: str | None
     keep_last: int | None  # truncate_prompt_tokens: keep this many tokens, the last ones (-1: the limit)
 
     @classmethod
-    def parse(cls, body: bytes, max_client_batch: int) -> "ClassifyRequest":
+    def parse(cls, body: bytes, max_client_batch: int, pair_of: PairOf = lambda model: False) -> "ClassifyRequest":
+        """vLLM's /classify has no pair form: a pair model takes text-embeddings-inference's shapes here too."""
         data = json_object(body, "input")
-        texts, _ = texts_of(data, "input", max_client_batch)
+        texts, _ = texts_of(data, "input", max_client_batch, pair_of(model_of(data)))
         keep = data.get("truncate_prompt_tokens")
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep == 0 or keep < -1):
             raise invalid(f"truncate_prompt_tokens must be a positive integer or -1, got {json.dumps(keep)}")

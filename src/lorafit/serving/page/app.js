@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 let maxClientBatch = 64;
 let labels = [];
+let pairColumns = null;  // a pair classifier's two training columns; null: it classifies single texts
 
 function apiKey() { return sessionStorage.getItem("lorafit-api-key") || ""; }
 
@@ -54,6 +55,7 @@ async function loadInfo() {
     const info = await call("/info?model=" + encodeURIComponent(model()));
     labels = info.labels;
     maxClientBatch = info.max_client_batch_size;
+    showPairs(info.text_pair ? info.text_pair.columns : null);
     const base = info.base_model.model + (info.base_model.random_init ? " (random weights)" : "");
     const decides = Object.entries(info.thresholds || {}).map(([k, t]) => `${k} when P(${k}) ≥ ${t.toFixed(3)}`);
     $("model-info").textContent = `Classifier ${info.model_id} on ${base}: classes ${labels.join(", ")}; ` +
@@ -65,6 +67,20 @@ async function loadInfo() {
     $("model-info").textContent = e.message;
   }
 }
+
+// A pair classifier reads two texts: a second box, and batches of first<TAB>second lines or two CSV columns.
+function showPairs(columns) {
+  pairColumns = columns;
+  $("pair-row").hidden = !columns;
+  $("one-title").textContent = columns ? "Classify a pair of texts" : "Classify a message";
+  $("text").placeholder = columns ? `First text (${columns[0]})` : "Type or paste a message";
+  if (columns) $("pair-label").textContent = `Second text (${columns[1]})`;
+  $("many-hint").textContent = columns
+    ? `One pair per line (first and second text separated by a tab), or a .csv file (its ${columns.join(" and ")} columns, else the first two).`
+    : "One message per line, or a .txt (one per line) or .csv file (its text column, else the first).";
+}
+
+function oneInput() { return pairColumns ? [$("text").value, $("text-pair").value] : $("text").value; }
 
 function renderBars(predictions) {
   const bars = $("bars");
@@ -91,7 +107,7 @@ function renderBars(predictions) {
 }
 
 async function classifyOne() {
-  const text = $("text").value;
+  const text = oneInput();
   showError("error", "");
   $("result").hidden = true;
   $("classify").disabled = true;
@@ -164,8 +180,22 @@ function textsOfFile(name, content) {
   if (!name.toLowerCase().endsWith(".csv")) return content.split(/\r?\n/);
   const rows = parseCsv(content).filter((r) => r.some((f) => f.trim()));
   if (!rows.length) return [];
-  const col = rows[0].map((h) => h.trim().toLowerCase()).indexOf("text");
+  const head = rows[0].map((h) => h.trim().toLowerCase());
+  if (pairColumns) {  // the run's two columns, else the first two; one tab-joined line per pair
+    const cols = pairColumns.map((c) => head.indexOf(c.toLowerCase()));
+    const named = cols.every((k) => k >= 0);
+    return (named ? rows.slice(1) : rows).map((r) => named ? cols.map((k) => r[k] || "") : [r[0] || "", r[1] || ""])
+      .map((p) => p.map((t) => t.replace(/[\t\r\n]+/g, " ")).join("\t"));
+  }
+  const col = head.indexOf("text");
   return col >= 0 ? rows.slice(1).map((r) => r[col] || "") : rows.map((r) => r[0]);
+}
+
+// A batch line as the request's input: a pair model's first<TAB>second as [first, second].
+function inputOfLine(line) {
+  if (!pairColumns) return line;
+  const at = line.indexOf("\t");
+  return at < 0 ? [line, ""] : [line.slice(0, at), line.slice(at + 1)];
 }
 
 function csvField(s) { return /[",\n\r]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s; }
@@ -174,26 +204,28 @@ function renderTable(texts, results) {
   const classes = results.length ? results[0].map((p) => p.label).sort() : labels;
   const head = $("batch-head");
   head.replaceChildren();
-  for (const h of ["#", "text", "label", ...classes.map((c) => "P(" + c + ")")]) {
+  const textCols = pairColumns ? ["text", "text_pair"] : ["text"];
+  for (const h of ["#", ...(pairColumns || ["text"]), "label", ...classes.map((c) => "P(" + c + ")")]) {
     const th = document.createElement("th");
     th.textContent = h;
     head.appendChild(th);
   }
   const body = $("batch-body");
   body.replaceChildren();
-  const lines = [["text", "label", ...classes.map((c) => "p_" + c)].map(csvField).join(",")];
+  const lines = [[...textCols, "label", ...classes.map((c) => "p_" + c)].map(csvField).join(",")];
   results.forEach((preds, i) => {
     const score = Object.fromEntries(preds.map((p) => [p.label, p.score]));
     const tr = document.createElement("tr");
-    const cells = [String(i + 1), texts[i], preds[0].label, ...classes.map((c) => score[c].toFixed(4))];
+    const shown = [].concat(inputOfLine(texts[i]));
+    const cells = [String(i + 1), ...shown, preds[0].label, ...classes.map((c) => score[c].toFixed(4))];
     cells.forEach((v, k) => {
       const td = document.createElement("td");
       td.textContent = v;
-      if (k === 0 || k > 2) td.className = "num";
+      if (k === 0 || k > shown.length + 1) td.className = "num";
       tr.appendChild(td);
     });
     body.appendChild(tr);
-    lines.push([texts[i], preds[0].label, ...classes.map((c) => String(score[c]))].map(csvField).join(","));
+    lines.push([...shown, preds[0].label, ...classes.map((c) => String(score[c]))].map(csvField).join(","));
   });
   $("batch-table").hidden = false;
   const link = $("download");
@@ -212,7 +244,9 @@ async function classifyMany(fromFile) {
   try {
     for (let i = 0; i < texts.length; i += maxClientBatch) {
       $("batch-status").textContent = `${i} of ${texts.length}…`;
-      results.push(...await call("/predict", { inputs: texts.slice(i, i + maxClientBatch), model: model() }));
+      const inputs = texts.slice(i, i + maxClientBatch).map(inputOfLine);
+      // a pair model's batch is a list of [first, second] lists (text-embeddings-inference's shape)
+      results.push(...await call("/predict", { inputs, model: model() }));
     }
     $("batch-status").textContent = `${texts.length} messages in ${(performance.now() - t0).toFixed(0)} ms`;
     renderTable(texts, results);
