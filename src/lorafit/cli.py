@@ -29,6 +29,7 @@ from .backbones.generate import generate
 from .backbones.loader import load_backbone
 from .data.datasets import BALANCING, DataConfig
 from .data.rows import RowReader
+from .data.windows import LONG_MODES, POOLS, LongTexts
 from .errors import FieldError, LorafitError, UsageError
 from .inference.evaluate import evaluate_run
 from .inference.explain import IG_STEPS, METHODS as EXPLAIN_METHODS, explain_texts
@@ -158,10 +159,25 @@ def _data_args(g) -> None:
                         "(--label-col a,b,c); sigmoid + binary cross-entropy, per-label thresholds chosen on validation")
 
 
+def _long_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("long texts (kept in the adapter: eval, predict and serve read texts the same way)")
+    d = LongTexts()
+    g.add_argument("--long", default=d.long, choices=LONG_MODES,
+                   help="texts longer than the window: truncate (keep the first tokens), or chunk into overlapping "
+                        "windows whose logits are pooled into the text's (the loss is on the pooled logits)")
+    g.add_argument("--stride", type=int, metavar="N", help="--long chunk: tokens between window starts, less than "
+                                                           "the window (none: half the window)")
+    g.add_argument("--pool", default=d.pool, choices=POOLS, help="--long chunk: a text's logits are the max or the "
+                                                                 "mean of its windows'")
+    g.add_argument("--max-length", type=int, metavar="N", help="tokens in a window, where truncation cuts "
+                                                               "(none: the model's context)")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     _lora_args(p)
     _data_args(p.add_argument_group("data"))
+    _long_args(p)
     g = p.add_argument_group("training")
     d = TrainConfig()
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
@@ -345,7 +361,8 @@ def cmd_train(args) -> None:
 
 def train_configs(args, command: str = "") -> tuple[ClassifierSpec, DataConfig, TrainConfig, RunSettings]:
     """``lorafit train``'s flags as the library's configs (what :func:`train_run` takes)."""
-    spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args), head_bias=args.head_bias)
+    spec = ClassifierSpec(backbone=_backbone_spec(args), lora=_lora_config(args), head_bias=args.head_bias,
+                          long=LongTexts(args.long, args.stride, args.pool, args.max_length))
     loggers = LoggerConfig(tuple(args.logger or ()), args.mlflow_uri)
     settings = RunSettings(command, args.device, args.precision,
                            CheckpointPolicy(args.save_every, args.save_every_minutes), loggers, _decision_config(args))

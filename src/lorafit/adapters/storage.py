@@ -18,8 +18,9 @@ from torch import nn
 from ..backbones.base import Backbone, BackboneSpec
 from ..backbones.loader import backbone_skeleton
 from ..backbones.pairs import PairJoin
+from ..data.windows import LongTexts
 from ..errors import LorafitError
-from ..files import atomic_dir, load_safetensors, save_safetensors, write_json
+from ..files import atomic_dir, from_known_fields, load_safetensors, save_safetensors, write_json
 from .classifier import Classifier
 from .lora import LoRAConfig, lora_layers, lora_merged
 
@@ -46,6 +47,7 @@ class ClassifierSpec:
     thresholds: dict[str, float] = field(default_factory=dict)
     multi_label: bool = False  # a sigmoid per label, trained with binary cross-entropy
     text_pair: PairJoin | None = None  # None: one text per input; else pairs, joined as the base joins them
+    long: LongTexts = field(default_factory=LongTexts)  # texts over the window: truncated, or chunked and pooled
 
     @property
     def num_classes(self) -> int:
@@ -63,7 +65,7 @@ class ClassifierSpec:
             "num_classes": self.num_classes, "pooling": self.pooling, "architecture": self.architecture,
             "fingerprint": self.fingerprint, "head_bias": self.head_bias, "problem_type": self.problem_type,
             "temperature": self.temperature, "thresholds": dict(self.thresholds),
-            "text_pair": None if self.text_pair is None else self.text_pair.to_dict(),
+            "text_pair": None if self.text_pair is None else self.text_pair.to_dict(), "long": self.long.to_dict(),
         }
 
     @classmethod
@@ -71,7 +73,8 @@ class ClassifierSpec:
         return cls(BackboneSpec.from_dict(d["backbone"]), LoRAConfig.from_dict(d["lora"]), list(d["labels"]),
                    d.get("pooling"), d.get("architecture", {}), d.get("fingerprint", ""), d.get("head_bias", True),
                    float(d.get("temperature", 1.0)), {str(k): float(v) for k, v in d.get("thresholds", {}).items()},
-                   d.get("problem_type") == "multi_label_classification", PairJoin.from_dict(d.get("text_pair")))
+                   d.get("problem_type") == "multi_label_classification", PairJoin.from_dict(d.get("text_pair")),
+                   from_known_fields(LongTexts, d.get("long") or {}))
 
     @property
     def pair(self) -> bool:

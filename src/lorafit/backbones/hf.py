@@ -82,6 +82,17 @@ class HFEncoder:
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
 
+    @functools.cached_property
+    def frame(self) -> tuple[int, int]:
+        """Special tokens the tokenizer puts before and after a text ([CLS] ... [SEP]: (1, 1)); a text cut into
+        windows (lorafit.data.windows) gets them in every window."""
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        for lead in range(len(full) - len(plain) + 1):
+            if full[lead:lead + len(plain)] == plain:
+                return lead, len(full) - lead - len(plain)
+        return 0, 0
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 

@@ -2,7 +2,8 @@
 
 Training order: shuffle, then sort by length inside chunks of ``bucket`` batches, then shuffle the
 batches — most padding disappears while every epoch still sees a fresh random order. Evaluation
-sorts everything by length (results are put back in the input order).
+sorts everything by length (results are put back in the input order). Texts chunked into windows
+(:mod:`.windows`) are cut when their batch is made: a batch of texts holds all their windows as rows.
 """
 
 from __future__ import annotations
@@ -15,17 +16,33 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import LorafitError
+from ..errors import LorafitError, SettingError
 from .datasets import TEXT, TEXT_PAIR, encode_labels
+from .windows import LongTexts, Windows, frame_of, pool_windows
 
 Input = str | tuple[str, str]  # one text, or a pair of texts (a pair classifier's input)
 
 
 @dataclass
 class Encoded:
-    ids: list[list[int]]
+    ids: list[list[int]]  # each text's tokens (whole when chunked: cut into windows per batch)
     labels: np.ndarray | None  # (N,) class indices, (N, C) 0/1 rows for multi-label, or None for unlabelled texts
     truncated: int  # how many texts were cut to the context length
+    windows: Windows | None = None  # chunked: how each text is cut (None: every text is one row)
+
+    @property
+    def chunked(self) -> int:
+        """Texts longer than one window."""
+        return 0 if self.windows is None else sum(len(x) > self.windows.size for x in self.ids)
+
+    @property
+    def n_windows(self) -> int:
+        """Rows the model runs on: every window of every text."""
+        return len(self.ids) if self.windows is None else sum(self.windows.count(len(x)) for x in self.ids)
+
+    def subset(self, n: int) -> "Encoded":
+        """The first ``n`` texts."""
+        return Encoded(self.ids[:n], None if self.labels is None else self.labels[:n], 0, self.windows)
 
 
 def pairs_of(texts: list, where: str, pair: bool | None = None) -> list[tuple[str, str]] | None:
@@ -47,31 +64,38 @@ def pairs_of(texts: list, where: str, pair: bool | None = None) -> list[tuple[st
 
 
 def encode_texts(encoder, texts: list[Input], labels: np.ndarray | None, context_length: int, where: str = "data",
-                 warn: bool = True, pair: bool | None = None) -> Encoded:
-    """Tokenise; texts longer than the context keep their first ``context_length`` tokens, with a warning
-    (``warn=False``: counted only, for a caller that warns once about many calls). Pairs of texts (see
-    :func:`pairs_of`; ``pair``: what the model takes) are joined as the encoder joins them and cut longest first."""
+                 warn: bool = True, pair: bool | None = None, long: LongTexts | None = None) -> Encoded:
+    """Tokenise; texts longer than the window (``long.max_length``, else the context) keep their first
+    tokens, with a warning (``warn=False``: counted only, for a caller that warns once about many calls), or
+    with ``long.long == "chunk"`` are kept whole, to be cut into windows per batch. Pairs of texts (see
+    :func:`pairs_of`; ``pair``: what the model takes) are joined as the encoder joins them and cut longest
+    first (never chunked: which window would hold which text?)."""
+    long = long or LongTexts()
     pairs = pairs_of(list(texts), where, pair)
-    if pairs is None:
-        ids = encoder.encode(list(texts))
-        truncated = sum(len(x) > context_length for x in ids)
-        if truncated:
-            ids = [x[:context_length] for x in ids]
+    windows = long.windows(context_length, frame_of(encoder))
+    limit = long.length(context_length)
+    if pairs is not None:
+        if windows is not None:
+            raise SettingError("{long} chunk reads single texts; pairs of texts are cut longest first to the window")
+        ids, truncated = encoder.encode_pairs(pairs, limit)
     else:
-        ids, truncated = encoder.encode_pairs(pairs, context_length)
+        ids = encoder.encode(list(texts))
+        truncated = 0 if windows is not None else sum(len(x) > limit for x in ids)
+        if truncated:
+            ids = [x[:limit] for x in ids]
     if truncated and warn:
         what = "pair(s) of texts" if pairs is not None else "text(s)"
-        warnings.warn(f"{where}: {truncated} {what} longer than {context_length} tokens were truncated", stacklevel=2)
+        warnings.warn(f"{where}: {truncated} {what} longer than {limit} tokens were truncated", stacklevel=2)
     ids = [x if x else [encoder.pad_id] for x in ids]  # an empty encoding still needs one position
-    return Encoded(ids, labels, truncated)
+    return Encoded(ids, labels, truncated, windows)
 
 
 def encode_frame(encoder, context_length: int, df: pd.DataFrame, labels: list[str], where: str,
-                 multi_label: bool = False) -> Encoded:
+                 multi_label: bool = False, long: LongTexts | None = None) -> Encoded:
     """A (text, label) frame (or text, text_pair, label), tokenised, with class indices for ``labels``
     (multi-label: 0/1 rows)."""
     return encode_texts(encoder, frame_inputs(df), encode_labels(df, labels, where, multi_label), context_length,
-                        where=where)
+                        where=where, long=long)
 
 
 def frame_inputs(df: pd.DataFrame) -> list[Input]:
@@ -96,7 +120,9 @@ class Batch:
     input_ids: torch.Tensor  # (B, T) right-padded
     attention_mask: torch.Tensor  # (B, T) 1 on real tokens
     labels: torch.Tensor | None  # (B,) class indices, or (B, C) float 0/1 for multi-label
-    index: np.ndarray  # (B,) positions of these rows in the dataset
+    index: np.ndarray  # (B,) positions of these texts in the dataset
+    owner: torch.Tensor | None = None  # chunked: (R,) the text (0..B-1) each of the R rows is a window of
+    pool: str = "mean"  # chunked: how a text's window logits become its own
 
     @property
     def n_tokens(self) -> int:
@@ -104,11 +130,18 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device),
-                     None if self.labels is None else self.labels.to(device), self.index)
+                     None if self.labels is None else self.labels.to(device), self.index,
+                     None if self.owner is None else self.owner.to(device), self.pool)
+
+    def pooled(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's row logits (R, C) -> one row per text (B, C): chunked texts' windows pooled."""
+        return logits if self.owner is None else pool_windows(logits, self.owner, len(self.index), self.pool)
 
 
 def collate(data: Encoded, index: np.ndarray, pad_id: int) -> Batch:
-    seqs = [data.ids[i] for i in index]
+    seqs, owner = [data.ids[i] for i in index], None
+    if data.windows is not None:
+        seqs, owner = data.windows.split(seqs)
     t = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), t), dtype=torch.long)
@@ -117,7 +150,7 @@ def collate(data: Encoded, index: np.ndarray, pad_id: int) -> Batch:
         mask[row, : len(s)] = 1
     labels = None if data.labels is None else torch.as_tensor(
         data.labels[index], dtype=torch.float32 if data.labels.ndim == 2 else torch.long)
-    return Batch(input_ids, mask, labels, index)
+    return Batch(input_ids, mask, labels, index, owner, data.windows.pool if data.windows else "mean")
 
 
 def train_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: int = 32) -> list[np.ndarray]:

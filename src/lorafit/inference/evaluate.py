@@ -84,7 +84,7 @@ def evaluate_run(run: str | Path, data: DataConfig | None = None, *, device: str
         splits = Splits.load(run, spec.labels, hint="; pass {data} FILE to evaluate on other data",
                              multi_label=spec.multi_label, pair=spec.pair)
         frames = {name: (getattr(splits, name), f"{name} split") for name in SPLIT_NAMES}
-    enc = {name: encode_frame(encoder, context, df, spec.labels, where, spec.multi_label)
+    enc = {name: encode_frame(encoder, context, df, spec.labels, where, spec.multi_label, spec.long)
            for name, (df, where) in frames.items()}
     metrics, rate = evaluate_model(loaded.model, encoder.pad_id, enc, spec.labels, loaded.compute, batch_size,
                                    thresholds=spec.thresholds)

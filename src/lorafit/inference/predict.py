@@ -36,7 +36,7 @@ def predict_logits(model, data: Encoded, pad_id: int, *, batch_size: int = 32, c
     for batch in iterate(data, order, pad_id):
         batch = batch.to(compute.device)
         with compute.autocast():
-            logits = model(batch.input_ids, batch.attention_mask)  # (B, C)
+            logits = batch.pooled(model(batch.input_ids, batch.attention_mask))  # (B, C): a chunked text's windows pooled
         out[torch.from_numpy(batch.index)] = logits.float().cpu()
     model.train(was_training)
     return out
@@ -106,7 +106,8 @@ def label_texts(loaded: InferenceModel, texts: list[Input], *, batch_size: int =
                 threshold: float | dict | None = None) -> list[dict]:
     """:func:`predict_texts` with a model :func:`load_for_inference` returned (``loaded``)."""
     encoder, labels = loaded.backbone.encoder, loaded.labels
-    enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input", pair=loaded.spec.pair)
+    enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input", pair=loaded.spec.pair,
+                       long=loaded.spec.long)
     probs = predict_proba(loaded.model, enc, encoder.pad_id, batch_size=batch_size, compute=loaded.compute)
     return labelled(loaded, texts, probs, thresholds_for(loaded.spec.thresholds, labels, threshold))
 

@@ -33,7 +33,7 @@ class FileScore:
 
     rows: int
     seconds: float  # reading, tokenising, the model and writing; the model's loading not included
-    truncated: int  # texts cut to the model's context
+    truncated: int  # texts cut to the model's window (none when the run chunks long texts)
 
     @property
     def texts_per_s(self) -> float:
@@ -60,7 +60,8 @@ class FileScorer:
         backbone = self.loaded.backbone
         for chunk in reader.chunks():
             yield chunk, encode_texts(backbone.encoder, chunk.texts, None, backbone.context_length,
-                                      where=f"--file {reader.path}", warn=False, pair=self.loaded.spec.pair)
+                                      where=f"--file {reader.path}", warn=False, pair=self.loaded.spec.pair,
+                                      long=self.loaded.spec.long)
 
     def chunks(self, reader: RowReader) -> Iterator[tuple[Chunk, np.ndarray]]:
         """(chunk, class probabilities (n, C)) for each chunk of ``reader``, in the file's order."""
@@ -75,7 +76,7 @@ class FileScorer:
                                            batch_size=self.batch_size, compute=self.loaded.compute)
         if self.truncated:
             warnings.warn(f"--file {reader.path}: {self.truncated} text(s) longer than "
-                          f"{backbone.context_length} tokens were truncated", stacklevel=2)
+                          f"{self.loaded.spec.long.length(backbone.context_length)} tokens were truncated", stacklevel=2)
 
     def output_columns(self, reader: RowReader) -> list[str]:
         """The input's columns, then the prediction's; a name taken by both is refused."""

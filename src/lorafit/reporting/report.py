@@ -89,7 +89,22 @@ def _summary(r: dict) -> list[str]:
         f"targets {', '.join(lora['targets'])}, "
         f"{len(r['model']['labels'])} classes ({', '.join(r['model']['labels'])}).",
         *_balancing(r["data"].get("balancing")),
+        *_long_texts(r["data"]),
     ]
+
+
+def _long_texts(data: dict) -> list[str]:
+    """One line on texts longer than the window: how many were chunked into how many windows, or truncated."""
+    long, truncated = data.get("long") or {}, sum((data.get("truncated_texts") or {}).values())
+    if long.get("long") == "chunk":
+        texts, chunked, windows = (sum(long[k].values()) for k in ("texts", "chunked_texts", "windows"))
+        return ["", f"Long texts: {chunked:,} of {texts:,} texts longer than the {long['window']}-token window were "
+                    f"chunked (stride {long['stride']}); {texts:,} texts ran as {windows:,} windows, each text's "
+                    f"window logits {long['pool']}-pooled."]
+    if truncated:
+        return ["", f"Long texts: {truncated:,} longer than the window were truncated to its length; `--long chunk` "
+                    "would keep them whole, as pooled windows."]
+    return []
 
 
 def _balancing(b: dict | None) -> list[str]:

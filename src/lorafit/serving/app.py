@@ -132,8 +132,8 @@ def _add_predict_routes(app, served: ServedModel, config: ServeConfig, batcher: 
             req = PredictRequest.parse(await read_body(request, config.max_request_bytes), config.max_client_batch,
                                        lambda model: served.resolve(name or model).spec.pair)
             adapter = served.resolve(name or req.model)
-            ids = served.encode(req.texts, req.truncate, req.truncation_direction)
-            logits = await _infer(batcher, ids, adapter)
+            ids = served.encode(req.texts, req.truncate, req.truncation_direction, adapter=adapter)
+            logits = await _infer(batcher, ids, adapter, served)
             _count(metrics, adapter, len(ids), t0)
             result = predictions(logits, adapter.labels, req.raw_scores, adapter.spec.multi_label,
                                  _thresholds(adapter, req.threshold))
@@ -165,8 +165,8 @@ def _add_classify_route(app, served: ServedModel, config: ServeConfig, batcher: 
                                         lambda model: served.resolve(model).spec.pair)
             adapter = served.resolve(req.model)
             keep = req.keep_last if req.keep_last and req.keep_last > 0 else None
-            ids = served.encode(req.texts, req.keep_last is not None, "left", keep)  # vLLM keeps the last tokens
-            logits = await _infer(batcher, ids, adapter)
+            ids = served.encode(req.texts, req.keep_last is not None, "left", keep, adapter=adapter)  # vLLM keeps the last tokens
+            logits = await _infer(batcher, ids, adapter, served)
             _count(metrics, adapter, len(ids), t0)
             return JSONResponse(classification(logits, adapter.labels, adapter.name, sum(map(len, ids)),
                                                adapter.spec.multi_label, adapter.spec.thresholds))
@@ -234,15 +234,17 @@ def _count(metrics: Metrics, adapter, texts: int, t0: float) -> None:
     metrics.model_latency.labels(adapter.name).observe(time.perf_counter() - t0)
 
 
-async def _infer(batcher: Batcher, ids: list[list[int]], adapter):
+async def _infer(batcher: Batcher, ids: list[list[int]], adapter, served: ServedModel):
+    """Logits of each text; a chunking adapter's texts run as their windows, pooled back into one row each."""
+    rows, owner = served.rows(adapter, ids)
     try:
-        future = batcher.submit(ids, adapter)
+        future = batcher.submit(rows, adapter)
     except Overloaded as e:
         raise RequestError(429, "Overloaded", f"server busy: {e}; retry later") from e
     except Stopped as e:
         raise RequestError(503, "Unhealthy", str(e)) from e
     try:
-        return await asyncio.wrap_future(future)
+        return served.pooled(adapter, await asyncio.wrap_future(future), owner, len(ids))
     except Exception as e:  # the worker logged the traceback
         raise RequestError(500, "Backend", "inference failed; the server log has the details") from e
 

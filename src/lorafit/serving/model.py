@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..adapters.multi import Adapter, SharedBase, open_base
+from ..data.windows import Windows, frame_of, pool_windows
 from ..errors import LorafitError
 from ..reporting.report import library_versions
 from ..runtime import Compute, check_compute
@@ -89,14 +90,33 @@ class ServedModel:
         return adapter
 
     def _register(self, adapter: Adapter) -> None:
+        self.windows(adapter)  # settings that do not fit this base fail here, before it is served
         with self.base.lock:  # layers are wrapped between batches, never under one
             self.base.wrap(list(adapter.layers))
         self.adapters = {**self.adapters, adapter.name: adapter}
 
-    def encode(self, texts: list, truncate: bool, direction: str = "right", limit: int | None = None) -> list[list[int]]:
+    def windows(self, adapter: Adapter) -> Windows | None:
+        """How ``adapter`` cuts long texts (None: it truncates them), as in its training."""
+        return adapter.spec.long.windows(self.base.backbone.context_length, frame_of(self.encoder))
+
+    def encode(self, texts: list, truncate: bool, direction: str = "right", limit: int | None = None,
+               adapter: Adapter | None = None) -> list[list[int]]:
         """Token ids of each text, or of each (first, second) pair joined as the base joins pairs; an input over
         the limit (``limit`` or the server's) is cut (``truncate``: a text at ``direction``, a pair longest first)
-        or refused with 413."""
+        or refused with 413. An ``adapter`` that chunks long texts gets them whole (:meth:`rows` cuts them; an
+        explicit ``limit`` still cuts first); one trained with a shorter ``max_length`` gets them cut there, as
+        its training cut them."""
+        pairs = bool(texts) and isinstance(texts[0], tuple)
+        if adapter is not None and not pairs and self.windows(adapter) is not None:
+            ids = self.encoder.encode(texts)
+            return ids if limit is None else [x[:limit] if direction == "right" else x[-limit:] for x in ids]
+        ids = self._encode(texts, truncate, direction, limit)
+        trained = adapter.spec.long.max_length if adapter is not None else None
+        if trained and any(len(x) > trained for x in ids):
+            ids = self.encoder.encode_pairs(texts, trained)[0] if pairs else [x[:trained] for x in ids]
+        return ids
+
+    def _encode(self, texts: list, truncate: bool, direction: str, limit: int | None) -> list[list[int]]:
         limit = min(limit or self.max_input_tokens, self.max_input_tokens)
         if texts and isinstance(texts[0], tuple):
             ids, _ = self.encoder.encode_pairs(texts, limit if truncate else None)
@@ -109,6 +129,19 @@ class ServedModel:
                                        f"of {limit} (--max-input-tokens); send truncate: true to cut it")
                 ids[i] = x[:limit] if direction == "right" else x[-limit:]
         return ids  # never empty: the schema refuses empty and blank texts
+
+    def rows(self, adapter: Adapter, ids: list[list[int]]) -> tuple[list[list[int]], torch.Tensor | None]:
+        """What the model runs for these texts: the texts themselves, or (a chunking adapter) every window,
+        with the text each window came from."""
+        windows = self.windows(adapter)
+        return (ids, None) if windows is None else windows.split(ids)
+
+    @staticmethod
+    def pooled(adapter: Adapter, logits: list[torch.Tensor], owner: torch.Tensor | None, n: int) -> list[torch.Tensor]:
+        """Logits per row -> per text: a chunked text's windows pooled as in training."""
+        if owner is None:
+            return logits
+        return list(pool_windows(torch.stack(logits), owner, n, adapter.spec.long.pool))
 
     @torch.inference_mode()
     def logits(self, ids: list[list[int]], adapters: list[Adapter], batch_size: int) -> list[torch.Tensor]:
@@ -148,7 +181,7 @@ class ServedModel:
                 "num_classes": len(adapter.labels), "lora": spec.lora.to_dict() if adapter.layers else None,
                 "adapted_layers": len(adapter.layers), "size_bytes": adapter.size_bytes,
                 "temperature": spec.temperature, "thresholds": spec.thresholds,
-                "text_pair": None if spec.text_pair is None else spec.text_pair.to_dict()}
+                "text_pair": None if spec.text_pair is None else spec.text_pair.to_dict(), "long": spec.long.to_dict()}
 
     def info(self, config: ServeConfig, adapter: Adapter | None = None) -> dict:
         """GET /info: text-embeddings-inference's fields for one adapter (the default), then lorafit's own."""

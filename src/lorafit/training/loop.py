@@ -338,7 +338,7 @@ class Trainer:
         """
         batch = batch.to(self.device)
         with self.compute.autocast():
-            logits = self.forward_module(batch.input_ids, batch.attention_mask)  # (B, C)
+            logits = batch.pooled(self.forward_module(batch.input_ids, batch.attention_mask))  # (B, C)
         loss = classification_loss(logits, batch.labels, self.weight)
         (loss * (weight / self.cfg.grad_accum)).backward()
         accum.add(loss.item(), len(batch.index), batch.n_tokens)
@@ -362,7 +362,7 @@ class Trainer:
         self.hooks.log(record)
         if cfg.eval_every and state.step % cfg.eval_every == 0 and len(self.val.ids):
             n = min(len(self.val.ids), cfg.eval_batches * cfg.batch_size)
-            m = self.validate(Encoded(self.val.ids[:n], self.val.labels[:n], 0))
+            m = self.validate(self.val.subset(n))
             evaluation = {"event": "eval", "step": state.step, "epoch": epoch_position,
                           "examples_seen": history.train_examples, "val_loss": m["loss"],
                           "val_accuracy": m["accuracy"], "val_examples": n}

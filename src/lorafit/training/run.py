@@ -195,7 +195,7 @@ class _Training:
         wall = time.perf_counter()
         model, backbone, compute = self.build()
         enc = {name: encode_frame(backbone.encoder, backbone.context_length, getattr(self.splits, name),
-                                  self.splits.labels, f"{name} split", self.splits.multi_label)
+                                  self.splits.labels, f"{name} split", self.splits.multi_label, self.plan.spec.long)
                for name in SPLIT_NAMES}
         policy = self.plan.settings.checkpoints
         checkpoints = PeriodicCheckpoints(self.saver(model), policy.save_every, policy.save_every_minutes,
@@ -293,12 +293,23 @@ class _Training:
         data = {**asdict(plan.data), "labels": self.splits.labels, "balancing": self.splits.balancing,
                 "skipped_empty_texts": plan.skipped_empty,
                 "sizes": {k: len(v.ids) for k, v in enc.items()},
-                "truncated_texts": {k: v.truncated for k, v in enc.items()}}
+                "truncated_texts": {k: v.truncated for k, v in enc.items()}, "long": long_texts(plan.spec, enc)}
         return build_report(name=self.out.name, command=plan.settings.command, spec=plan.spec.to_dict(),
                             train=plan.train.to_dict(), data=data, parameters=count_parameters(model).to_dict(),
                             metrics=metrics, history=history, compute=compute, eval_examples_per_s=eval_rate,
                             wall_seconds=wall_seconds, resumed=self.resume is not None,
                             distributed=self.dist.describe(), extra=decisions)
+
+
+def long_texts(spec: ClassifierSpec, enc: dict) -> dict:
+    """report.json's account of long texts: the settings, and per split how many texts were chunked into how
+    many windows (truncated ones are counted in ``truncated_texts``)."""
+    out = spec.long.to_dict()
+    windows = next((e.windows for e in enc.values() if e.windows is not None), None)
+    if windows is not None:
+        out.update(window=windows.size, stride=windows.stride, chunked_texts={k: e.chunked for k, e in enc.items()},
+                   windows={k: e.n_windows for k, e in enc.items()}, texts={k: len(e.ids) for k, e in enc.items()})
+    return out
 
 
 def _hparams(spec: ClassifierSpec, train_cfg: TrainConfig, precision: str) -> dict:
