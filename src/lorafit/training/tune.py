@@ -7,14 +7,21 @@ itself); its full-validation accuracy after each epoch goes to Optuna, whose med
 that trail the others at the same epoch. The study lives in ``<out>/study.journal`` (Optuna's journal
 storage, safe for several processes): running the same command again continues it up to ``--trials``.
 The best trial is copied to ``<out>/best`` and the table written to ``<out>/tune.md``.
+
+Ctrl-C (SIGINT) or SIGTERM stops the whole search, not one trial: the trial in progress stops at its next
+step, is recorded as failed and its settings queued again, so the same command continues with them; the
+finished trials stay in the journal. A trial that fails (a diverged loss, a setting the base refuses) is
+one line naming the trial and its run folder, and the search goes on.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,9 +30,9 @@ from ..data.datasets import DataConfig
 from ..errors import LorafitError, SettingError
 from ..files import write_json, write_text
 from ..reporting.report import percent
-from .loop import TrainConfig
+from .loop import TrainConfig, TrainingStopped
 from .checkpoint import CheckpointPolicy, RunSettings
-from .run import train_run
+from .run import stop_on_signals, train_run
 
 SPACE = ("lr", "rank", "alpha", "epochs", "dropout", "variant")
 VARIANTS = ("lora", "rslora", "dora", "loraplus", "pissa")
@@ -55,12 +62,19 @@ class TuneConfig:
             raise error
 
 
+class TuneInterrupted(LorafitError):
+    """The search was stopped by a signal (exit code 130, as a shell's Ctrl-C); rerunning continues it."""
+
+    exit_code = 130
+
+
 def require_optuna():
     try:
         import optuna
     except ImportError as e:
         raise LorafitError("lorafit tune needs Optuna: pip install 'lorafit[tune]'") from e
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs a failed trial with its whole traceback at WARNING: lorafit says it in one line instead
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna
 
 
@@ -107,8 +121,12 @@ def suggest(trial, spec: ClassifierSpec, train: TrainConfig, cfg: TuneConfig) ->
 
 
 def tune(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, out: str | Path,
-         cfg: TuneConfig | None = None, settings: RunSettings | None = None, *, progress: bool = True) -> dict:
-    """Run (or continue) the search in ``out``; returns the summary written to ``out/tune.json``."""
+         cfg: TuneConfig | None = None, settings: RunSettings | None = None, *, progress: bool = True,
+         stop: Callable[[], bool] | None = None) -> dict:
+    """Run (or continue) the search in ``out``; returns the summary written to ``out/tune.json``.
+
+    SIGINT / SIGTERM, or ``stop()`` turning true (a notebook's button), end the search at the next training
+    step with :class:`TuneInterrupted` (see the module's docstring)."""
     optuna = require_optuna()
     out, cfg, settings = Path(out), cfg or TuneConfig(), settings or RunSettings()
     out.mkdir(parents=True, exist_ok=True)
@@ -118,22 +136,46 @@ def tune(spec: ClassifierSpec, data_cfg: DataConfig, train_cfg: TrainConfig, out
     study = optuna.create_study(study_name=STUDY, storage=storage, direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=train_cfg.seed), pruner=pruner)
     states = optuna.trial.TrialState
-    for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):  # a killed earlier command's
+    for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):  # a killed earlier command's: run again
         study.tell(t.number, state=states.FAIL)
+        study.enqueue_trial(t.params)
     if not study.trials:
         study.enqueue_trial(first)
-    finished = len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
-    remaining = cfg.trials - finished
-    if remaining > 0:
+    if cfg.trials > _finished(optuna, study):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.jobs))
-        study.optimize(_objective(optuna, spec, data_cfg, train_cfg, cfg, out, settings),
-                       n_trials=remaining, n_jobs=cfg.jobs, show_progress_bar=progress, catch=(LorafitError,))
+        with stop_on_signals() as signalled:
+            halt = (lambda: signalled() or stop()) if stop else signalled  # noqa: E731
+            objective = _objective(optuna, spec, data_cfg, train_cfg, cfg, out, settings, halt)
+            try:
+                _optimize(optuna, study, objective, cfg, progress)
+            except KeyboardInterrupt:
+                n = _finished(optuna, study)
+                raise TuneInterrupted(f"{out}: search interrupted; {n} finished trial{'s' if n != 1 else ''} kept in "
+                                      f"{out / JOURNAL}: run the same command again to continue") from None
     return _summarise(optuna, study, out)
 
 
-def _objective(optuna, spec, data_cfg, train_cfg, cfg, out, settings):
+def _finished(optuna, study) -> int:
+    states = optuna.trial.TrialState
+    return len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
+
+
+def _optimize(optuna, study, objective, cfg: TuneConfig, progress: bool) -> None:
+    """Trials until ``cfg.trials`` have finished (complete or pruned); failed ones are replaced, up to
+    ``cfg.trials`` failures in this command (a base that fails every trial ends the search)."""
+    failures = 0
+    while (remaining := cfg.trials - (done := _finished(optuna, study))) > 0 and failures < cfg.trials:
+        n = min(remaining, cfg.trials - failures)
+        study.optimize(objective, n_trials=n, n_jobs=cfg.jobs, show_progress_bar=progress)
+        failures += n - (_finished(optuna, study) - done)  # trials run less trials finished
+
+
+def _objective(optuna, spec, data_cfg, train_cfg, cfg, out, settings, halt: Callable[[], bool]):
     def objective(trial) -> float:
         spec_t, train_t = suggest(trial, spec, train_cfg, cfg)
+        if halt():  # asked to stop between two trials
+            trial.study.enqueue_trial(trial.params)
+            raise KeyboardInterrupt
         directory = out / f"trial-{trial.number:03d}"
         trial.set_user_attr("run", directory.name)
 
@@ -146,13 +188,29 @@ def _objective(optuna, spec, data_cfg, train_cfg, cfg, out, settings):
 
         trial_settings = replace(settings, command=f"{settings.command} (trial {trial.number})",
                                  checkpoints=CheckpointPolicy(save_every_minutes=0))
-        result = train_run(spec_t, data_cfg, train_t, directory, trial_settings, overwrite=True, progress=False,
-                           on_record=on_record)
+        try:
+            result = train_run(spec_t, data_cfg, train_t, directory, trial_settings, overwrite=True, progress=False,
+                               on_record=on_record, stop=halt)
+        except TrainingStopped as e:
+            if e.exit_code != 130:
+                return _failed(trial, e, directory)
+            trial.study.enqueue_trial(trial.params)  # the same settings first when the search continues
+            raise KeyboardInterrupt from None
+        except LorafitError as e:
+            return _failed(trial, e, directory)
         metrics = result.report["metrics"]
         trial.set_user_attr("test_accuracy", metrics.get("test", {}).get("accuracy"))
         trial.set_user_attr("train_seconds", result.report["speed"]["train_seconds"])
         return metrics["val"]["accuracy"]
     return objective
+
+
+def _failed(trial, error: LorafitError, directory: Path) -> float:
+    """A failed trial, said in one line; NaN makes Optuna record it as failed and go on."""
+    message = str(error).split("; resume with")[0].split("; last good state")[0]
+    trial.set_user_attr("error", message)
+    warnings.warn(f"trial {trial.number} failed: {message} (its run folder: {directory})", stacklevel=2)
+    return float("nan")
 
 
 def _summarise(optuna, study, out: Path) -> dict:
