@@ -165,7 +165,8 @@ def _add_classify_route(app, served: ServedModel, config: ServeConfig, batcher: 
                                         lambda model: served.resolve(model).spec.pair)
             adapter = served.resolve(req.model)
             keep = req.keep_last if req.keep_last and req.keep_last > 0 else None
-            ids = served.encode(req.texts, req.keep_last is not None, "left", keep, adapter=adapter)  # vLLM keeps the last tokens
+            # vLLM keeps the last tokens
+            ids = served.encode(req.texts, req.keep_last is not None, "left", keep, adapter=adapter)
             logits = await _infer(batcher, ids, adapter, served)
             _count(metrics, adapter, len(ids), t0)
             return JSONResponse(classification(logits, adapter.labels, adapter.name, sum(map(len, ids)),
