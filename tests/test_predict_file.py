@@ -97,7 +97,7 @@ def test_jsonl_tsv_and_plain_text(gpt2_run, tmp_path, capsys):
     ("bad.csv", "id,text\n" + "".join(f"{i},hello {i}\n" for i in range(2000)) + "2000,one,too many\n",
      "line 2002 has 3 fields, the header 2"),
     ("bad.jsonl", "".join(json.dumps({"text": f"hi {i}"}) + "\n" for i in range(1500)) + "{not json\n",
-     "line 1501 is not JSON"),
+     "line 1501 is not valid JSON"),
     ("nofield.jsonl", '{"text": "a"}\n{"body": "b"}\n', "line 2 has no text in 'text'"),
     ("cols.csv", "id,body\n1,hello\n", "no column 'text'; columns found: id, body (choose with --text-col)"),
     ("taken.csv", "text,predicted\nhello,x\n", "already has a column 'predicted'"),

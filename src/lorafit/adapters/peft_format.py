@@ -129,7 +129,7 @@ def user_lines(base: str, gguf: str | None, labels: list[str], pad_id: int, adap
         extra += f", problem_type={problem_type!r}"
     return (f"from transformers import AutoModelForSequenceClassification; from peft import PeftModel; import torch\n"
             f"model = AutoModelForSequenceClassification.from_pretrained({base!r}{extra}, num_labels={len(labels)}, "
-            f"id2label={id2label!r}, label2id={label2id!r}, pad_token_id={pad_id}, dtype=torch.float32)\n"
+            f"id2label={id2label!r}, label2id={label2id!r}, pad_token_id={pad_id}, torch_dtype=torch.float32)\n"
             f"model = PeftModel.from_pretrained(model, {adapter!r}).eval()")
 
 

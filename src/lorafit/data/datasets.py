@@ -12,7 +12,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import io
-import json
 import os
 import urllib.request
 import warnings
@@ -25,7 +24,7 @@ import pandas as pd
 
 from ..errors import FieldError, LorafitError, SettingError
 from ..files import atomic_path
-from .formats import TableFormat, encoding_of, parse_sep, sniff_format
+from .formats import TableFormat, encoding_of, json_objects, parse_sep, sniff_format
 
 SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SMS_MD5 = "1949b64a224790d01335c2bf8a0e48b2"
@@ -251,19 +250,8 @@ def _read_delimited(path: Path, content: str, fmt: TableFormat, header: bool, co
 
 def read_jsonl(path: Path, content: str) -> pd.DataFrame:
     """One JSON object a line (blank lines skipped); the line numbers kept for the checks after."""
-    records, lines = [], []
-    for n, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LorafitError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(record, dict):
-            raise LorafitError(f"{path}: line {n} is a JSON {type(record).__name__}, expected an object "
-                               f"such as {{\"text\": ..., \"label\": ...}}")
-        records.append(record)
-        lines.append(n)
+    numbered = list(json_objects(content.splitlines(), str(path)))
+    lines, records = [n for n, _ in numbered], [r for _, r in numbered]
     return pd.DataFrame.from_records(records, index=pd.Index(lines, name="line"))
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
-from ..errors import SettingError
+from ..errors import LorafitError, SettingError
 
 SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}  # sniffed in this order of preference
 SEP_NAMES = {**{name: sep for sep, name in SEPARATORS.items()}, "\\t": "\t"}
@@ -94,3 +96,19 @@ def _rows(lines: list[str], fmt: TableFormat) -> list[list[str]]:
 
 def _delimited(sep: str) -> TableFormat:
     return TableFormat("delimited", sep, csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL)
+
+
+def json_objects(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of JSON-lines text; a line that is not one JSON object
+    is refused naming ``where`` and the line."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LorafitError(f"{where}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(record, dict):
+            raise LorafitError(f"{where}: line {n} is a JSON {type(record).__name__}, expected an object "
+                               f"such as {{\"text\": ..., \"label\": ...}}")
+        yield n, record

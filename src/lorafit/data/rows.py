@@ -23,7 +23,7 @@ from typing import IO, Iterator
 from ..errors import LorafitError, UsageError
 from ..files import atomic_path
 from .datasets import text_columns
-from .formats import TableFormat, encoding_of, parse_sep, sniff_format
+from .formats import TableFormat, encoding_of, json_objects, parse_sep, sniff_format
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl", ".json")
 SNIFF_BYTES = 65536
@@ -151,19 +151,13 @@ class RowReader:
 
     def _jsonl(self, lines: "_Lines") -> Iterator[tuple[dict, str]]:
         keys = self.keys or ["text"]
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LorafitError(f"--file {self.path}: line {number} is not JSON ({e.msg})") from e
-            texts = [row.get(key) if isinstance(row, dict) else None for key in keys]
+        for number, row in json_objects(lines, f"--file {self.path}"):
+            texts = [row.get(key) for key in keys]
             bad = next((k for k, t in zip(keys, texts) if not isinstance(t, (str, int, float)) or isinstance(t, bool)),
                        None)
             if bad is not None:
-                what = "not a JSON object" if not isinstance(row, dict) else f"has no text in {bad!r}"
-                raise LorafitError(f"--file {self.path}: line {number} {what} (choose the field with --text-col)")
+                raise LorafitError(f"--file {self.path}: line {number} has no text in {bad!r} (choose the field "
+                                   "with --text-col)")
             if self.columns is None:
                 self.columns = list(row)
             yield row, str(texts[0]) if len(texts) == 1 else (str(texts[0]), str(texts[1]))
