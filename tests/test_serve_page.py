@@ -44,8 +44,9 @@ def test_the_page_classifies_one_message_and_a_file(tmp_path, browser):
     run = write_tiny_run(tmp_path)
     topic = write_adapter(tmp_path / "base", tmp_path / "topic", ["sport", "news", "tech", "food"], LoRAConfig(rank=2),
                           seed=5)
+    tags = multi_label_run(tmp_path / "base", tmp_path / "tags")
     reference = {r["text"]: r for r in predict_texts(run, TEXTS, device="cpu", precision="fp32")}
-    proc, url = start_server(run, "--run", f"topic={topic}")
+    proc, url = start_server(run, "--run", f"topic={topic}", "--run", f"tags={tags}")
     try:
         wait = WebDriverWait(browser, 30)
         browser.get(url)
@@ -101,6 +102,51 @@ def test_the_page_classifies_one_message_and_a_file(tmp_path, browser):
         bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar-row")
         shown = {b.get_attribute("data-label"): b.find_element(By.CLASS_NAME, "bar-value").text for b in bars}
         assert shown == {k: f"{100 * p:.1f} %" for k, p in expected["probabilities"].items()}
+        check_multi_label(browser, wait, tags, tmp_path)
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+def multi_label_run(base, out):
+    """A multi-label adapter of three labels whose thresholds put TEXTS[1]'s first label over, its second under,
+    and leave the third at 0.5."""
+    from dataclasses import replace
+
+    from lorafit.adapters.storage import read_spec, save_spec
+
+    write_adapter(base, out, ["late", "money", "urgent"], LoRAConfig(rank=2), seed=7)
+    save_spec(out, replace(read_spec(out), multi_label=True))
+    p = predict_texts(out, [TEXTS[1]], device="cpu", precision="fp32")[0]["probabilities"]
+    save_spec(out, replace(read_spec(out), thresholds={"late": p["late"] - 0.01, "money": p["money"] + 0.01}))
+    return out
+
+
+def check_multi_label(browser, wait, run, tmp_path) -> None:
+    """Every label of a multi-label run with its score, its threshold and whether it passes; the label line
+    and the batch table give every label over its threshold."""
+    Select(browser.find_element(By.ID, "model")).select_by_visible_text("tags")
+    wait.until(lambda d: "Classifier tags" in d.find_element(By.ID, "model-info").text)
+    assert "every label whose probability reaches its threshold" in browser.find_element(By.ID, "model-info").text
+    expected = predict_texts(run, [TEXTS[1]], device="cpu", precision="fp32")[0]
+    browser.find_element(By.ID, "text").clear()
+    browser.find_element(By.ID, "text").send_keys(TEXTS[1])
+    browser.find_element(By.ID, "classify").click()
+    wait.until(lambda d: d.find_element(By.ID, "label-name").text == "Labels")
+    assert browser.find_element(By.ID, "label").text == (" | ".join(expected["labels"]) or "(none)")
+    rows = {b.get_attribute("data-label"): b for b in browser.find_elements(By.CSS_SELECTOR, "#bars .bar-row")}
+    assert set(rows) == {"late", "money", "urgent"}
+    for name, row in rows.items():
+        p, t = expected["probabilities"][name], expected["thresholds"][name]
+        assert row.find_element(By.CLASS_NAME, "bar-value").text == f"{100 * p:.1f} %"
+        assert row.get_attribute("data-passes") == str(p >= t).lower()
+        assert row.find_element(By.CLASS_NAME, "bar-verdict").text == ("✓ ≥ " if p >= t else "✗ < ") + f"{100 * t:.1f} %"
+    assert rows["late"].get_attribute("data-passes") == "true" and rows["money"].get_attribute("data-passes") == "false"
+    upload = tmp_path / "tags.txt"
+    upload.write_text(f"{TEXTS[1]}\n{TEXTS[0]}\n", encoding="utf-8")
+    browser.find_element(By.ID, "file").send_keys(str(upload))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#batch-body tr")) == 2
+               and d.find_element(By.CSS_SELECTOR, "#batch-body tr td:nth-child(2)").text == TEXTS[1])
+    for tr, text in zip(browser.find_elements(By.CSS_SELECTOR, "#batch-body tr"), (TEXTS[1], TEXTS[0])):
+        labels = predict_texts(run, [text], device="cpu", precision="fp32")[0]["labels"]
+        assert tr.find_elements(By.TAG_NAME, "td")[2].text == (" | ".join(labels) or "(none)")

@@ -6,6 +6,8 @@ const $ = (id) => document.getElementById(id);
 let maxClientBatch = 64;
 let labels = [];
 let pairColumns = null;  // a pair classifier's two training columns; null: it classifies single texts
+let multiLabel = false;  // any number of labels per text: each decided by its own threshold
+let thresholds = {};  // label -> the probability that decides it (the run's, fitted on validation)
 
 function apiKey() { return sessionStorage.getItem("lorafit-api-key") || ""; }
 
@@ -54,10 +56,13 @@ async function loadInfo() {
     await loadModels();
     const info = await call("/info?model=" + encodeURIComponent(model()));
     labels = info.labels;
+    multiLabel = info.problem_type === "multi_label_classification";
+    thresholds = info.thresholds || {};
     maxClientBatch = info.max_client_batch_size;
     showPairs(info.text_pair ? info.text_pair.columns : null);
     const base = info.base_model.model + (info.base_model.random_init ? " (random weights)" : "");
-    const decides = Object.entries(info.thresholds || {}).map(([k, t]) => `${k} when P(${k}) ≥ ${t.toFixed(3)}`);
+    const decides = multiLabel ? ["every label whose probability reaches its threshold"]
+      : Object.entries(thresholds).map(([k, t]) => `${k} when P(${k}) ≥ ${t.toFixed(3)}`);
     $("model-info").textContent = `Classifier ${info.model_id} on ${base}: classes ${labels.join(", ")}; ` +
       `up to ${info.max_input_length} tokens a message; lorafit ${info.version}.` +
       (info.temperature && info.temperature !== 1 ? ` Calibrated (temperature ${info.temperature.toFixed(3)}).` : "") +
@@ -82,12 +87,25 @@ function showPairs(columns) {
 
 function oneInput() { return pairColumns ? [$("text").value, $("text-pair").value] : $("text").value; }
 
+// Multi-label: a label's threshold (0.5 where the run has none) and whether its probability reaches it.
+function threshold(label) { return label in thresholds ? thresholds[label] : 0.5; }
+function passes(p) { return p.score >= threshold(p.label); }
+
+// What was decided: the top class, or (multi-label) every label over its threshold, "(none)" when none is.
+function decided(predictions) {
+  if (!multiLabel) return predictions[0].label;
+  const over = new Set(predictions.filter(passes).map((p) => p.label));
+  const chosen = labels.filter((k) => over.has(k));  // in the run's label order, as lorafit predict gives them
+  return chosen.length ? chosen.join(" | ") : "(none)";
+}
+
 function renderBars(predictions) {
   const bars = $("bars");
   bars.replaceChildren();
+  bars.classList.toggle("multi", multiLabel);
   predictions.forEach((p, i) => {
     const row = document.createElement("div");
-    row.className = "bar-row" + (i === 0 ? " top" : "");
+    row.className = "bar-row" + ((multiLabel ? passes(p) : i === 0) ? " top" : "");
     row.dataset.label = p.label;
     const name = document.createElement("span");
     name.className = "bar-label";
@@ -102,6 +120,18 @@ function renderBars(predictions) {
     value.className = "bar-value";
     value.textContent = (100 * p.score).toFixed(1) + " %";
     row.append(name, track, value);
+    if (multiLabel) {  // the threshold as a tick on the bar, and the verdict in words
+      const t = threshold(p.label);
+      const tick = document.createElement("div");
+      tick.className = "bar-threshold";
+      tick.style.left = (100 * t).toFixed(1) + "%";
+      track.appendChild(tick);
+      const verdict = document.createElement("span");
+      verdict.className = "bar-verdict";
+      verdict.textContent = (passes(p) ? "✓ ≥ " : "✗ < ") + (100 * t).toFixed(1) + " %";
+      row.dataset.passes = String(passes(p));
+      row.append(verdict);
+    }
     bars.appendChild(row);
   });
 }
@@ -115,7 +145,8 @@ async function classifyOne() {
   try {
     const predictions = await call("/predict", { inputs: text, model: model() });
     $("latency").textContent = `answered in ${(performance.now() - t0).toFixed(0)} ms`;
-    $("label").textContent = predictions[0].label;
+    $("label-name").textContent = multiLabel ? "Labels" : "Label";
+    $("label").textContent = decided(predictions);
     renderBars(predictions);
     $("result").hidden = false;
     await explainOne(text);
@@ -217,7 +248,7 @@ function renderTable(texts, results) {
     const score = Object.fromEntries(preds.map((p) => [p.label, p.score]));
     const tr = document.createElement("tr");
     const shown = [].concat(inputOfLine(texts[i]));
-    const cells = [String(i + 1), ...shown, preds[0].label, ...classes.map((c) => score[c].toFixed(4))];
+    const cells = [String(i + 1), ...shown, decided(preds), ...classes.map((c) => score[c].toFixed(4))];
     cells.forEach((v, k) => {
       const td = document.createElement("td");
       td.textContent = v;
@@ -225,7 +256,7 @@ function renderTable(texts, results) {
       tr.appendChild(td);
     });
     body.appendChild(tr);
-    lines.push([...shown, preds[0].label, ...classes.map((c) => String(score[c]))].map(csvField).join(","));
+    lines.push([...shown, decided(preds), ...classes.map((c) => String(score[c]))].map(csvField).join(","));
   });
   $("batch-table").hidden = false;
   const link = $("download");
