@@ -129,6 +129,11 @@ def plot_reliability(before: dict, after: dict, ece: tuple[float, float], temper
     _save(fig, path)
 
 
+def _star(ax, xy: tuple[float, float], colour: int, label: str) -> None:
+    """The operating point on a curve: a star in the curve's colour (``C{colour}``)."""
+    ax.plot([xy[0]], [xy[1]], marker="*", ms=15, ls="none", color=f"C{colour}", markeredgecolor="black", label=label)
+
+
 def plot_pr(curves: dict[str, dict], points: dict[str, tuple[float, float]], rule: str, title: str,
             path: Path) -> None:
     """Precision against recall, one line per curve; ``points``: curve name -> (recall, precision) of the
@@ -138,8 +143,7 @@ def plot_pr(curves: dict[str, dict], points: dict[str, tuple[float, float]], rul
         ax.step(np.r_[0.0, c["recall"]], np.r_[1.0, c["precision"]], where="post", color=f"C{i}", label=name)
         if name in points:
             r, p = points[name]
-            ax.plot([r], [p], marker="*", ms=15, ls="none", color=f"C{i}", markeredgecolor="black",
-                    label=f"{rule} on {name}: recall {100 * r:.1f} %, precision {100 * p:.1f} %")
+            _star(ax, (r, p), i, f"{rule} on {name}: recall {100 * r:.1f} %, precision {100 * p:.1f} %")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.01)
@@ -159,8 +163,7 @@ def plot_roc(curves: dict[str, dict], points: dict[str, tuple[float, float]], ru
         ax.plot(c["fpr"], c["tpr"], color=f"C{i}", label=f"{name} (AUC {c['auc']:.4f})")
         if name in points:
             f, t = points[name]
-            ax.plot([f], [t], marker="*", ms=15, ls="none", color=f"C{i}", markeredgecolor="black",
-                    label=f"{rule} on {name}: FPR {100 * f:.2f} %, TPR {100 * t:.1f} %")
+            _star(ax, (f, t), i, f"{rule} on {name}: FPR {100 * f:.2f} %, TPR {100 * t:.1f} %")
     ax.set_xlabel("false-positive rate")
     ax.set_ylabel("true-positive rate (recall)")
     ax.set_title(title)
