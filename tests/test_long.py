@@ -189,3 +189,11 @@ def test_multi_label_thresholds_are_chosen_on_pooled_logits(tmp_path, hf_gpt2_di
             assert math.isclose(evaluated[split][key], report["metrics"][split][key], abs_tol=1e-9), (split, key)
     [row] = predict_texts(out, [frame["text"][0]], device="cpu", precision="fp32")
     assert set(row["probabilities"]) == {"late", "money"} and isinstance(row["labels"], list)
+
+
+def test_an_export_says_how_to_pool_what_transformers_truncates(chunk_run, tmp_path, capsys):
+    code, err = run_cli(capsys, "export", "--run", str(chunk_run), "--format", "hf", "--out", str(tmp_path / "hf"))
+    assert code == 0, err
+    readme = (tmp_path / "hf" / "README.md").read_text()
+    assert "longer than 16 tokens as overlapping windows of that length starting every 8 tokens" in readme and "the max of the windows' logits" \
+        in readme

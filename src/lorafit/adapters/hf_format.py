@@ -148,5 +148,5 @@ def _readme(layout: Layout, spec, out: str) -> str:
                                                     f"are {thresholds}" if thresholds else "") + ".")
     call = 'classify("your text", top_k=None)' if spec.multi_label else 'classify("your text")'
     return (f"# Text classifier exported by lorafit\n\nA {layout.architecture} (LoRA merged) for the classes "
-            f"{', '.join(spec.labels)}.{multi} Needs only transformers:\n\n```python\nfrom transformers import pipeline\n"
+            f"{', '.join(spec.labels)}.{multi}{spec.long.describe()} Needs only transformers:\n\n```python\nfrom transformers import pipeline\n"
             f"classify = pipeline(\"text-classification\", model={out!r})\nprint({call})\n```\n")

@@ -139,7 +139,7 @@ def export_onnx(run: str | Path, out: str | Path, *, quantize: str | None = None
 def _readme(clf: TransformersClassifier, quantize: str | None, out: str) -> str:
     kind = f"{quantize} (dynamic quantisation)" if quantize else "fp32"
     return (f"# Text classifier exported by lorafit\n\nA {clf.layout.architecture} (LoRA merged) in ONNX, {kind}, for "
-            f"the classes {', '.join(clf.labels)}. Serve it with optimum's ONNX Runtime classes "
+            f"the classes {', '.join(clf.labels)}.{clf.spec.long.describe()} Serve it with optimum's ONNX Runtime classes "
             f"(`pip install optimum-onnx`):\n\n```python\n"
             f"from optimum.onnxruntime import ORTModelForSequenceClassification\n"
             f"from transformers import AutoTokenizer, pipeline\n"

@@ -188,7 +188,7 @@ def _exportable_layout(run: str | Path) -> Layout:
 def _readme(spec: ClassifierSpec, layout: Layout, lines: str) -> str:
     return (f"# LoRA adapter (PEFT) exported by lorafit\n\nA {layout.architecture} with LoRA rank {spec.lora.rank}, "
             f"alpha {spec.lora.alpha:g}{' (rsLoRA)' if spec.lora.use_rslora else ''}, classes "
-            f"{', '.join(spec.labels)}. In fp32 it gives lorafit's probabilities within 1e-5:\n\n"
+            f"{', '.join(spec.labels)}.{spec.long.describe()} In fp32 it gives lorafit's probabilities within 1e-5:\n\n"
             f"```python\n{lines}\n```\n")
 
 

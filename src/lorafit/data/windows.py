@@ -62,6 +62,17 @@ class LongTexts:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        """A sentence for an export's README: what lorafit does with a long text, that the export's user must
+        do the same to get lorafit's answers (transformers' pipelines truncate)."""
+        if self.long != "chunk":
+            return ""
+        window = f"{self.max_length} tokens" if self.max_length else "the context"
+        stride = f"every {self.stride} tokens" if self.stride else "every half window"
+        return (f" lorafit reads a text longer than {window} as overlapping windows of that length starting {stride}, "
+                f"the last one ending at the text's end, and takes the {self.pool} of the windows' logits; "
+                "transformers truncates instead, so run each window and pool their logits to get lorafit's answers.")
+
     def length(self, context_length: int) -> int:
         """Tokens in a window: ``max_length``, which may not exceed the model's ``context_length``."""
         if self.max_length is not None and self.max_length > context_length:
