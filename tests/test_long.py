@@ -16,7 +16,9 @@ import torch
 from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier
 from lorafit.data.batching import encode_texts
 from lorafit.data.datasets import DataConfig
+from lorafit.errors import LorafitError
 from lorafit.inference.evaluate import evaluate_run
+from lorafit.inference.explain import explain_texts
 from lorafit.data.windows import LongTexts, Windows
 from lorafit.inference.predict import predict_logits, predict_texts
 
@@ -139,6 +141,10 @@ def test_every_way_in_gives_one_pooled_answer(chunk_run, tmp_path, capsys):
         served = {d["label"]: d["score"] for d in answer.json()[0]}
         classified = client.post("/classify", json={"input": text}).json()["data"][0]["probs"]
         info = client.get("/info").json()["adapters"][0]["long"]
+        refused = client.post("/explain", json={"inputs": text})
+    assert refused.status_code == 422 and "more than the run's 16-token window" in refused.json()["error"]
+    with pytest.raises(LorafitError, match="input 0 has [0-9]+ tokens, more than the run's 16-token window"):
+        explain_texts(chunk_run, [text], device="cpu", precision="fp32", method="occlusion")
     assert info["long"] == "chunk" and info["pool"] == "max"
     for label, p in probs.items():
         assert math.isclose(served[label], p, abs_tol=1e-5) and math.isclose(classified[0 if label == "ham" else 1],

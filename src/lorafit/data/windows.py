@@ -124,6 +124,16 @@ class Windows:
         """How many windows a text of ``n_tokens`` tokens becomes."""
         return 1 if n_tokens <= self.size else -(-(n_tokens - self.size) // self.stride) + 1
 
+    def unexplained(self, texts: list[list[int]]) -> str | None:
+        """Why these texts cannot be explained token by token (a text over one window: its answer pools several
+        windows, which one sequence's attributions do not describe), or None."""
+        i = next((k for k, ids in enumerate(texts) if len(ids) > self.size), None)
+        if i is None:
+            return None
+        return (f"input {i} has {len(texts[i])} tokens, more than the run's {self.size}-token window (--long chunk): "
+                "its answer pools several windows, which token attributions do not explain; explain a text that "
+                "fits one window")
+
     def split(self, texts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
         """Encoded texts -> every window in text order, and the text each window came from (R,)."""
         rows, owner = [], []

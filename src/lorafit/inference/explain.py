@@ -204,7 +204,10 @@ def explain_texts(run: str | Path, texts: list[str], *, target: str | None = Non
     if target is not None and target not in labels:
         raise SettingError("{target} {!r}: not one of the labels {}", target, ", ".join(labels))
     rows = label_texts(loaded, texts, threshold=threshold)
-    enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input", pair=loaded.spec.pair)
+    enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input", pair=loaded.spec.pair,
+                       long=loaded.spec.long)
+    if enc.windows is not None and enc.windows.unexplained(enc.ids):
+        raise LorafitError(enc.windows.unexplained(enc.ids))
     forward, embedding = classifier_forward(loaded.model, loaded.compute), token_embedding(loaded.model.backbone)
     out = []
     for text, row, ids in zip(texts, rows, enc.ids):

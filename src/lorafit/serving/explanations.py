@@ -72,7 +72,10 @@ def explain(served: ServedModel, adapter: Adapter, req: ExplainRequest) -> list[
         raise invalid(str(e)) from e
     if req.target is not None and req.target not in labels:
         raise invalid(f"target {req.target!r} is not one of the labels {', '.join(labels)}")
-    ids = served.encode(req.texts, truncate=True)
+    ids = served.encode(req.texts, truncate=True, adapter=adapter)
+    windows = served.windows(adapter)
+    if windows is not None and windows.unexplained(ids):
+        raise invalid(windows.unexplained(ids))
     forward, embedding = _forward(served, adapter), token_embedding(served.base.backbone.module)
     out = []
     with served.base.lock:
