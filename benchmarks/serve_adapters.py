@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from lorafit.runtime import cpu_name
-from serve_load import Client, free_port, rss_mb, wait_healthy
+from serve_load import Client, free_port, rss_mb, run_clients, wait_healthy
 
 CLIENTS = 32
 
@@ -113,10 +112,9 @@ def _has_bf16() -> bool:
 
 def drive(ports: list[int], names: list[str | None], texts: list[str], requests: int) -> dict:
     """32 clients; request i of client c goes to adapter (c + i) mod N (its own port when each has one)."""
-    latencies, errors, lock = [], [], threading.Lock()
     per = max(1, requests // CLIENTS)
 
-    def work(c: int):
+    def send(c: int, record) -> None:
         clients = {p: Client(p) for p in set(ports)}
         for i in range(per):
             k = (c + i) % len(names)
@@ -125,18 +123,9 @@ def drive(ports: list[int], names: list[str | None], texts: list[str], requests:
             ok, dt, answer = client.post_json(body)
             if not ok and isinstance(answer, str):  # a keep-alive connection the server closed while idle (its
                 ok, dt, answer = client.post_json(body)  # 5 s timeout, with N ports): sent again, fresh connection
-            with lock:
-                latencies.append(dt) if ok else errors.append(answer)
+            record(ok, dt, answer)
 
-    threads = [threading.Thread(target=work, args=(c,)) for c in range(CLIENTS)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        print(f"{len(errors)} errors, the first: {errors[0]}", file=sys.stderr)
+    latencies, errors, wall = run_clients(CLIENTS, send)
     return {"texts_per_s": len(latencies) / wall, "latencies": np.array(latencies or [float("nan")]),
             "errors": len(errors), "requests": CLIENTS * per}
 

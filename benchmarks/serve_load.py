@@ -146,18 +146,17 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 300) -> Non
     raise SystemExit("server did not become healthy")
 
 
-def load(port: int, texts: list[str], clients: int, per_client: int) -> dict:
+def run_clients(clients: int, send) -> tuple[list[float], list, float]:
+    """``clients`` threads at once, thread k running ``send(k, record)``, which calls ``record(ok, seconds,
+    answer)`` per request: (latencies of the answered, errors, wall seconds); the first error is printed."""
     latencies, errors = [], []
     lock = threading.Lock()
 
-    def work(k: int):
-        c = Client(port)
-        for i in range(per_client):
-            ok, dt, body = c.post(texts[(k * per_client + i) % len(texts)])
-            with lock:
-                latencies.append(dt) if ok else errors.append(body)
+    def record(ok: bool, dt: float, answer) -> None:
+        with lock:
+            latencies.append(dt) if ok else errors.append(answer)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
+    threads = [threading.Thread(target=send, args=(k, record)) for k in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -166,6 +165,16 @@ def load(port: int, texts: list[str], clients: int, per_client: int) -> dict:
     wall = time.perf_counter() - t0
     if errors:
         print(f"{len(errors)} errors, the first: {errors[0]}", file=sys.stderr)
+    return latencies, errors, wall
+
+
+def load(port: int, texts: list[str], clients: int, per_client: int) -> dict:
+    def send(k: int, record) -> None:
+        c = Client(port)
+        for i in range(per_client):
+            record(*c.post(texts[(k * per_client + i) % len(texts)]))
+
+    latencies, errors, wall = run_clients(clients, send)
     lat = np.array(latencies or [float("nan")]) * 1000
     return {"clients": clients, "requests": clients * per_client, "texts_per_s": len(latencies) / wall,
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "errors": len(errors)}

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorafit import (BackboneSpec, ClassifierSpec, DataConfig, LoRAConfig, Splits, TrainConfig, predict_texts,
+from lorafit import (BackboneSpec, ClassifierSpec, DataConfig, LoRAConfig, RunSettings, Splits, TrainConfig, predict_texts,
                      train_run)
 from lorafit.adapters.peft_format import export_peft
 

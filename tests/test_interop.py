@@ -17,7 +17,6 @@ peft = pytest.importorskip("peft")
 
 from conftest import LABELS, trained_run  # noqa: E402
 from lorafit import BackboneSpec, ClassifierSpec, LoRAConfig, build_classifier, load_classifier  # noqa: E402
-from lorafit.adapters.hf_format import export_hf  # noqa: E402
 from lorafit.adapters.peft_format import export_peft  # noqa: E402
 from lorafit.backbones.hf import float32  # noqa: E402
 from lorafit.cli import main  # noqa: E402

@@ -101,3 +101,16 @@ def test_building_a_classifier_leaves_the_global_generator_alone(hf_gpt2_dir):
     torch.manual_seed(999)
     b, _, _ = build_classifier(spec, seed=7)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_no_undefined_or_unused_names():
+    """pyflakes' checks (ruff's F rules) over the package, benchmarks, examples and tests: a name used and
+    never imported breaks a benchmark nobody runs in CI (smollm2_export.py lost RunSettings that way)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ruff", reason="ruff is in the test extra")
+    found = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "F", "--output-format",
+                            "concise", "src", "benchmarks", "examples", "tests"], cwd=ROOT, capture_output=True,
+                           text=True)
+    assert found.returncode == 0, found.stdout + found.stderr

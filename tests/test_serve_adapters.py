@@ -5,7 +5,6 @@ vLLM-style POST /classify."""
 
 from __future__ import annotations
 
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 

@@ -9,7 +9,6 @@ import signal
 
 import pytest
 
-from lorafit.cli import main
 from lorafit.errors import LorafitError
 from lorafit.training import tune as tune_module
 
