@@ -21,20 +21,77 @@ from lorafit.runtime import check_precision
 TEXTS = ["Hello there", "WINNER!! Claim your prize now", "see you at lunch later? ok thanks", "call me", "free entry"]
 
 
-def test_int8_linear_is_close_to_fp32_and_independent_of_the_batch():
+@pytest.mark.parametrize("rows", [1, 10, int8.SMALL_ROWS + 40])  # fbgemm's pack up to SMALL_ROWS, oneDNN's above
+def test_int8_linear_is_close_to_fp32(rows):
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
-    x = torch.randn(10, 64)
-    x[3] *= 50  # an outlier token: with a scale per token it costs only its own precision
-    q = Int8Linear(linear)
+    x = torch.randn(rows, 64)
+    q = Int8Linear.of(linear)
     with torch.no_grad():
         ref, out = linear(x), q(x)
     rel = (out - ref).norm(dim=1) / ref.norm(dim=1)
     assert float(rel.max()) < 0.02
-    assert torch.equal(q(x[:1]), out[:1])  # the same row alone gives the same bits
-    assert q.qweight.dtype == torch.int8 and q.qweight.shape == (48, 64)
-    assert torch.allclose(q.dequantized(), linear.weight, atol=float(q.scale.max()) / 2 + 1e-7)
+    assert out.shape == (rows, 48) and q(x.view(1, rows, 64)).shape == (1, rows, 48)
+    w = q.dequantized()
+    assert torch.allclose(w, linear.weight, atol=float(linear.weight.detach().abs().max()) / 254 + 1e-7)  # half a step
     assert torch.allclose(q(x, with_bias=False) + linear.bias, out, atol=1e-5)
+
+
+def test_outlier_tokens_of_a_down_projection_are_quantised_apart():
+    torch.manual_seed(0)
+    down = nn.Linear(128, 32)  # narrowing, as a feed-forward's down projection
+    x = torch.randn(40, 128)
+    x[0] *= 2000  # a massive activation, as SmolLM2's feed-forwards give a few tokens
+    q = Int8Linear.of(down)
+    with torch.no_grad():
+        ref, out = down(x), q(x)
+    rel = (out - ref).norm(dim=1) / ref.norm(dim=1)
+    assert float(rel.max()) < 0.02  # with one scale for all, the other 39 rows would get ~2 int8 steps each
+    assert torch.allclose(q(x[1:]), out[1:], atol=1e-5)  # the others as if the outlier were not there
+
+
+def test_weights_are_packed_once_at_load_not_per_call(tiny_cfg, monkeypatch):
+    packed, real = [], int8.prepack
+
+    def counting(*args):
+        packed.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(int8, "prepack", counting)
+    module = GPTModel(tiny_cfg, lm_head=False).eval()
+    quantize_linears(module)
+    engines = len(set(int8.quantized_engines()))
+    # per block: one pack of the stacked Q, K, V, one each for out_proj and the two feed-forward linears
+    assert len(packed) == 4 * tiny_cfg.n_layers * engines
+    ids = torch.randint(0, tiny_cfg.vocab_size, (3, 7))
+    with torch.inference_mode():
+        for _ in range(3):
+            module.hidden_states(ids, torch.ones_like(ids))
+    assert len(packed) == 4 * tiny_cfg.n_layers * engines
+
+
+@pytest.mark.parametrize("lengths", [[5, 3, 7], [40] * 8])  # few rows and many: both engines' packs
+def test_stacked_qkv_equals_separate_linears_and_runs_once(tiny_cfg, lengths):
+    torch.manual_seed(0)
+    fused = GPTModel(tiny_cfg, lm_head=False).eval()
+    separate = GPTModel(tiny_cfg, lm_head=False).eval()
+    separate.load_state_dict(fused.state_dict())
+    quantize_linears(fused)
+    quantize_linears(separate, share=False)
+    att = fused.trf_blocks[0].att
+    assert isinstance(att.W_query, int8.Int8Slice) and att.W_query.shared is att.W_value.shared
+    assert isinstance(separate.trf_blocks[0].att.W_query, Int8Linear)
+    calls = []
+    inner = att.W_query.shared.linear
+    inner.forward = lambda x, **k: calls.append(x.shape[0]) or Int8Linear.forward(inner, x, **k)
+    ids = torch.randint(0, tiny_cfg.vocab_size, (len(lengths), max(lengths)))
+    mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+    with torch.inference_mode():
+        a, b = fused.hidden_states(ids, mask), separate.hidden_states(ids, mask)
+        last = torch.tensor(lengths) - 1
+        pa, pb = fused.hidden_states(ids, mask, at=last), separate.hidden_states(ids, mask, at=last)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(pa, pb, atol=1e-5)
+    assert calls == [sum(lengths), sum(lengths)]  # Q, K and V of block 0 in one product per forward
 
 
 def _probs(run, precision):
@@ -50,6 +107,7 @@ def test_int8_classifier_agrees_with_fp32(run_fixture, request):
     linears = [m for m in loaded.model.backbone.modules() if isinstance(m, Int8Linear)]
     assert linears and not any(type(m) is nn.Linear for m in loaded.model.backbone.modules())
     assert type(loaded.model.head) is nn.Linear  # the head stays fp32
+    assert any(isinstance(m, int8.Int8Slice) for m in loaded.model.backbone.modules())  # Q/K/V (and gate/up) stacked
     fp32, q = _probs(run, "fp32"), _probs(run, "int8")
     assert (fp32.argmax(1) == q.argmax(1)).all()
     # width 32 and a head of N(0, 1) weights: rounding costs far more here than at GPT-2's 768 (README: >= 99.5 %

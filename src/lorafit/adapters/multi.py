@@ -22,7 +22,7 @@ from torch import nn
 
 from ..backbones.base import Backbone
 from ..data.batching import encode_texts
-from ..backbones.int8 import Int8Linear, quantize_checked, quantize_linears, resolve_inference_compute
+from ..backbones.int8 import INT8_LINEARS, quantize_checked, quantize_linears, resolve_inference_compute
 from ..backbones.loader import load_backbone
 from ..errors import LorafitError
 from ..files import load_safetensors
@@ -121,7 +121,7 @@ class GroupedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base, bias = self.base, self.base.bias
-        int8 = isinstance(base, Int8Linear)  # int8 weights take fp32 inputs; the updates stay in fp32
+        int8 = isinstance(base, INT8_LINEARS)  # int8 weights take fp32 inputs; the updates stay in fp32
         x2 = x.reshape(-1, x.shape[-1]).to(torch.float32 if int8 else base.weight.dtype)  # (N, in), cast once
         segments = self._owner[0].segments
         spans = [(u, start, n) for u, start, n in segments.split(self.name, x2.shape[0]) if u is not None and n]
@@ -172,7 +172,7 @@ class SharedBase:
 
     def linear_names(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.backbone.module.named_modules()
-                if isinstance(m, (nn.Linear, Int8Linear, GroupedLoRALinear))}
+                if isinstance(m, (nn.Linear, *INT8_LINEARS, GroupedLoRALinear))}
 
     def wrap(self, names: list[str]) -> None:
         """Give these linears a per-segment update path (the first adapter that targets them does it)."""
@@ -279,7 +279,7 @@ class SharedBase:
             updates[name] = self._update(m.base if isinstance(m, GroupedLoRALinear) else m, parts, lora, f"{path}: {name}")
         return updates
 
-    def _update(self, linear: nn.Linear | Int8Linear, parts: dict[str, torch.Tensor], lora: LoRAConfig, where: str) -> LayerUpdate:
+    def _update(self, linear: nn.Module, parts: dict[str, torch.Tensor], lora: LoRAConfig, where: str) -> LayerUpdate:
         a, b = parts.get("lora_A"), parts.get("lora_B")
         if a is None or b is None or a.shape[1] != linear.in_features or b.shape[0] != linear.out_features \
                 or a.shape[0] != b.shape[1]:
@@ -289,7 +289,7 @@ class SharedBase:
             a, b = torch.cat([a, parts["pissa_A0"]]), torch.cat([b, -parts["pissa_B0"]], dim=1)
         row_scale = None
         if "lora_magnitude" in parts:
-            w = (linear.dequantized() if isinstance(linear, Int8Linear) else linear.weight.detach()).float()
+            w = (linear.dequantized() if isinstance(linear, INT8_LINEARS) else linear.weight.detach()).float()
             norm = torch.linalg.vector_norm(w + lora.scaling * (b.float() @ a.float()), dim=1)
             row_scale = (parts["lora_magnitude"].float() / norm)
         return LayerUpdate(self._stored(a), self._stored(b.t()), lora.scaling,

@@ -58,6 +58,9 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
+GELU_2C = 2 * math.sqrt(2 / math.pi)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with the book's parameter names (scale, shift) so its state dicts load unchanged."""
 
@@ -72,10 +75,19 @@ class LayerNorm(nn.Module):
 
 
 class GELU(nn.Module):
-    """GPT-2's GELU: the tanh approximation ("gelu_new"), not the exact erf form."""
+    """GPT-2's GELU: the tanh approximation ("gelu_new"), not the exact erf form.
+
+    Outside autograd it is computed as ``x * sigmoid(2u)``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``: the same
+    function (``0.5 (1 + tanh u) = sigmoid(2u)``), within 5e-7 of torch's, in 0.62x its time on a Zen 5 at
+    640 x 3072 (torch's CPU tanh is slow; the feed-forward's GELU was 16 % of int8 inference).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate="tanh")
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.gelu(x, approximate="tanh")
+        u = x * x  # (N, 4D)
+        u.mul_(0.044715 * GELU_2C).add_(GELU_2C).mul_(x)  # 2 sqrt(2/pi) (x + 0.044715 x^3)
+        return u.sigmoid_().mul_(x)
 
 
 class FeedForward(nn.Module):

@@ -1,13 +1,22 @@
 """Int8 inference on the CPU: frozen linears quantised once, activations quantised as they come.
 
-Each weight is stored as int8 with one scale per output channel (symmetric: ``W ~ s_w * Wq``); each input
-row (one token) gets its own scale at run time, and the product runs int8 x int8 -> int32 in
-``torch._int_mm`` (oneDNN: VNNI dot products on AVX-512/AVX2-VNNI CPUs, AMX on newer Xeons), then
-``y = acc * s_x * s_w + b`` in fp32. Everything else (norms, attention, the head) stays fp32.
+Each weight is stored as int8 with one scale per output channel (symmetric: ``W ~ s_w * Wq``) and packed
+once, at load, into the layouts of PyTorch's quantized engines (VNNI dot products on AVX-512/AVX-VNNI
+CPUs, AMX on newer Xeons): fbgemm's for a few rows (one text), oneDNN's for batches, each faster where it
+is used (single-thread, Zen 5: 0.68x oneDNN's time at 1 row and 0.81x at 20; oneDNN 0.88x fbgemm's at 640
+rows of GPT-2 small's four products). Each call quantises its input to
+uint8 with one scale for the whole (N, in) input, as ``torch.ao``'s dynamic linear and ONNX Runtime's
+dynamic quantisation do, and the engine runs int8 x uint8 -> int32 and the requantisation to fp32 with the
+bias in one kernel. A narrowing linear (a feed-forward's down projection) quantises outlier tokens apart
+(:meth:`Int8Linear._product_apart`). Everything else (norms, attention, the head) stays fp32.
 
-Why a scale per token rather than one per batch (what ``torch.ao`` and ONNX Runtime's dynamic quantisation
-do): a token with outlier activations (the first token of many pretrained decoders) then costs only its own
-precision, and a text's result does not depend on what else is in its batch, packed or padded.
+Linears that a block always calls on the same input (GPT-2's W_query, W_key, W_value; Llama's q/k/v
+projections, and its gate and up projections) become one int8 product: one quantisation of the input and
+one larger matmul instead of three (:class:`SharedInput`).
+
+A per-token activation scale (``torch._int_mm`` with separate quantise and dequantise passes) was this
+module's first kernel: it makes a text's result independent of its batch-mates, but it ran at 0.55x the
+prepacked engine's texts/s on a Zen 5 (oneDNN repacks an unpacked weight on every call), slower than bf16.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +36,10 @@ from ..runtime import Compute, check_precision, cpu_flags, resolve_compute, reso
 
 INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # int8 dot-product instructions oneDNN uses
 INT8_TOLERANCE = 0.05  # the largest change of a class probability ``auto`` accepts on a run's sample texts
+OUTLIER_RATIO = 8.0  # a token whose input to a narrowing linear exceeds the median token's this many times: quantised apart
+SMALL_ROWS = 192  # inputs up to this many rows (tokens) run on fbgemm's kernel, larger ones on oneDNN's
+# sibling linears a block calls on one input, by the names lorafit's GPT-2 and Llama decoders give them
+SHARED_INPUT_GROUPS = (("W_query", "W_key", "W_value"), ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,46 +49,172 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).to(torch.int8), scale
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x W^T + b`` for (N, in) fp32 ``x`` and an int8 ``weight`` (out, in) with per-channel ``scale``."""
-    sx = torch.linalg.vector_norm(x, ord=float("inf"), dim=1, keepdim=True).clamp_min_(1e-12).div_(127)  # (N, 1)
-    xq = torch.round(x / sx).to(torch.int8)  # (N, in), |values| <= 127 by construction
-    y = torch.mul(torch._int_mm(xq, weight.t()), scale)  # (N, out) fp32: int32 sums times the weight's scales
-    return y.mul_(sx) if bias is None else torch.addcmul(bias, y, sx)
+def quantized_engines() -> tuple[str, str]:
+    """The engines int8 weights are packed for: (up to ``SMALL_ROWS`` input rows, more rows). fbgemm (``x86``)
+    is the faster of PyTorch's two x86 engines for a single text, oneDNN for batches (README, measured on a
+    Zen 5); where only one is built in (qnnpack on ARM), it serves both."""
+    engines = torch.backends.quantized.supported_engines
+    small = next((e for e in ("x86", "fbgemm", "onednn", "qnnpack") if e in engines), "none")
+    return small, "onednn" if "onednn" in engines else small
+
+
+def cpu_has_int8_dot() -> bool:
+    """Whether the CPU has int8 dot-product instructions (VNNI or AMX), without which int8 does not pay."""
+    return bool(cpu_flags() & INT8_DOT_FLAGS)
+
+
+def prepack(weight: torch.Tensor, bias: torch.Tensor | None, engine: str):
+    """(out, in) float weight -> ``engine``'s packed int8 weight (per-channel scales) with its fp32 bias."""
+    wq, scale = quantize_weight(weight)
+    before = torch.backends.quantized.engine
+    with warnings.catch_warnings():  # quantized tensors are deprecated as a user API; the kernels are not replaced yet
+        warnings.simplefilter("ignore", UserWarning)
+        q = torch._make_per_channel_quantized_tensor(wq, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+        try:
+            torch.backends.quantized.engine = engine
+            return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float().contiguous())
+        finally:
+            torch.backends.quantized.engine = before
 
 
 class Int8Linear(nn.Module):
-    """A frozen ``nn.Linear`` with its weight in int8 (a quarter of fp32's bytes); inference only."""
+    """A frozen ``nn.Linear`` with its weight in int8 (a quarter of fp32's bytes), prepacked; inference only."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight, scale = quantize_weight(linear.weight)
-        self.register_buffer("qweight", weight)  # (out, in) int8
-        self.register_buffer("scale", scale)  # (out,)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        # packed once, in each engine's layout (not re-laid-out per call); one pack where both engines are one
+        small, large = quantized_engines()
+        self.packed_small = prepack(weight, self.bias, small)
+        self.packed = self.packed_small if large == small else prepack(weight, self.bias, large)
+        # 8-bit activations need no headroom with VNNI / AMX (int32 sums); without them fbgemm's 16-bit
+        # intermediate sums saturate, so activations get 7 bits, as torch.ao does there
+        self.reduce_range = not cpu_has_int8_dot()
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        """(N, in) -> (N, out) fp32 with the bias, the input quantised with one scale."""
+        packed = self.packed_small if x2.shape[0] <= SMALL_ROWS else self.packed
+        return torch.ops.quantized.linear_dynamic(x2, packed, self.reduce_range)
+
+    def _product_apart(self, x2: torch.Tensor) -> torch.Tensor:
+        """:meth:`_product` with outlier rows quantised apart: tokens whose largest input is over ``OUTLIER_RATIO``
+        times the median token's, which a feed-forward's down projection meets in pretrained decoders (SmolLM2:
+        a few tokens at 3,000 against a median 1.6; one scale for all would leave the rest a few int8 steps)."""
+        amax = torch.linalg.vector_norm(x2, ord=float("inf"), dim=1)  # (N,)
+        big = amax > OUTLIER_RATIO * amax.median()
+        if not bool(big.any()):
+            return self._product(x2)
+        rows, rest = big.nonzero().squeeze(1), (~big).nonzero().squeeze(1)
+        y = x2.new_empty(x2.shape[0], self.out_features)
+        y.index_copy_(0, rest, self._product(x2.index_select(0, rest)))
+        y.index_copy_(0, rows, self._product(x2.index_select(0, rows)))
+        return y
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()  # (N, in)
-        y = int8_linear(x2, self.qweight, self.scale, self.bias if with_bias else None)
+        y = self._product(x2) if self.in_features <= self.out_features else self._product_apart(x2)  # (N, out)
+        if not with_bias and self.bias is not None:
+            y -= self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
         """The (out, in) fp32 weight this layer computes with."""
-        return self.qweight.float() * self.scale[:, None]
+        return torch.ops.quantized.linear_unpack(self.packed)[0].dequantize()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
-def quantize_linears(module: nn.Module, skip: tuple[nn.Module, ...] = ()) -> dict[str, nn.Linear]:
-    """Replace every ``nn.Linear`` inside ``module`` (except those in ``skip``) by an :class:`Int8Linear`,
-    in place; returns the float linears by name (for :func:`restore_linears`). LoRA must be merged (or
-    unwrapped) first: only plain linears are taken."""
+class SharedInput(nn.Module):
+    """Sibling linears that always see the same input, as one :class:`Int8Linear` (their weights stacked).
+
+    Each sibling's place in the model holds a :class:`Int8Slice` of it; the first slice called on an input
+    computes every sibling's output and keeps it until each slice has taken its columns (a slice called again,
+    or on another input, such as the last block's queries at the pooled rows only, computes afresh).
+    """
+
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        weight = torch.cat([m.weight.detach().float() for m in linears])  # (sum of outs, in)
+        bias = None if linears[0].bias is None else torch.cat([m.bias.detach().float() for m in linears])
+        self.linear = Int8Linear(weight, bias)
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self._waiting: set[int] = set()  # slices that have not taken their part of the kept output
+
+    def output_for(self, x: torch.Tensor, part: int, parts: int) -> torch.Tensor:
+        """The stacked output (N, sum of outs) for input ``x``, as slice ``part`` of ``parts`` asks for it."""
+        kept = self._input
+        same = kept is not None and (x is kept or (x.data_ptr() == kept.data_ptr() and x.shape == kept.shape
+                                                   and x.stride() == kept.stride() and x.dtype == kept.dtype))
+        if not (same and part in self._waiting):
+            self._input, self._output, self._waiting = x, self.linear(x), set(range(parts))
+        out = self._output
+        self._waiting.discard(part)
+        if not self._waiting:  # every sibling has its part: let go of the input and output
+            self._input = self._output = None
+        return out
+
+
+class Int8Slice(nn.Module):
+    """One sibling of a :class:`SharedInput`: its columns of the stacked int8 product."""
+
+    def __init__(self, shared: SharedInput, start: int, stop: int, part: int, parts: int):
+        super().__init__()
+        self.shared = shared
+        self.start, self.stop, self.part, self.parts = start, stop, part, parts
+        self.in_features, self.out_features = shared.linear.in_features, stop - start
+        bias = shared.linear.bias
+        self.register_buffer("bias", None if bias is None else bias[start:stop].clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()  # (N, in)
+        y = self.shared.output_for(x2, self.part, self.parts)[:, self.start:self.stop]  # (N, out), a view
+        if not with_bias and self.bias is not None:
+            y = y - self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.shared.linear.dequantized()[self.start:self.stop]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, columns {self.start}:{self.stop}"
+
+
+INT8_LINEARS = (Int8Linear, Int8Slice)  # what an int8 model's frozen linears are
+
+
+def quantize_linears(module: nn.Module, skip: tuple[nn.Module, ...] = (), share: bool = True) -> dict[str, nn.Linear]:
+    """Replace every ``nn.Linear`` inside ``module`` (except those in ``skip``) by an :class:`Int8Linear`, or
+    (``share``) siblings of one input (``SHARED_INPUT_GROUPS``) by slices of one :class:`SharedInput`, in place;
+    returns the float linears by name (for :func:`restore_linears`). LoRA must be merged (or unwrapped) first:
+    only plain linears are taken."""
     found = {n: m for n, m in module.named_modules() if type(m) is nn.Linear and not any(m is s for s in skip)}
+    grouped: set[str] = set()
+    for parent_name, _ in list(module.named_modules()) if share else ():
+        prefix = f"{parent_name}." if parent_name else ""
+        for names in SHARED_INPUT_GROUPS:
+            full = [prefix + n for n in names]
+            if all(f in found for f in full) and len({(found[f].in_features, found[f].bias is None) for f in full}) == 1:
+                _share(module, full, [found[f] for f in full])
+                grouped.update(full)
     for name, linear in found.items():
-        _set(module, name, Int8Linear(linear))
+        if name not in grouped:
+            _set(module, name, Int8Linear.of(linear))
     return found
+
+
+def _share(module: nn.Module, names: list[str], linears: list[nn.Linear]) -> None:
+    shared = SharedInput(linears)
+    start = 0
+    for part, (name, linear) in enumerate(zip(names, linears)):
+        _set(module, name, Int8Slice(shared, start, start + linear.out_features, part, len(names)))
+        start += linear.out_features
 
 
 def restore_linears(module: nn.Module, linears: dict[str, nn.Linear]) -> None:
@@ -100,11 +240,6 @@ def quantize_checked(module: nn.Module, logits: Callable[[], torch.Tensor], skip
         return True
     restore_linears(module, linears)
     return False
-
-
-def cpu_has_int8_dot() -> bool:
-    """Whether the CPU has int8 dot-product instructions (VNNI or AMX), without which int8 does not pay."""
-    return bool(cpu_flags() & INT8_DOT_FLAGS)
 
 
 AUTO_INT8_GAIN = 0.9  # auto takes int8 only where a block runs in at most this fraction of the float time
