@@ -203,3 +203,12 @@ def test_an_export_says_how_to_pool_what_transformers_truncates(chunk_run, tmp_p
     readme = (tmp_path / "hf" / "README.md").read_text()
     assert "longer than 16 tokens as overlapping windows of that length starting every 8 tokens" in readme and "the max of the windows' logits" \
         in readme
+
+
+def test_pairs_are_not_chunked(bpe_dir):
+    from lorafit.backbones.tokenizer import TiktokenEncoder, load_tokenizer
+    from lorafit.errors import SettingError
+
+    encoder = TiktokenEncoder(load_tokenizer(bpe_dir))
+    with pytest.raises(SettingError, match="long chunk reads single texts"):
+        encode_texts(encoder, [("first text", "second text")], None, 64, long=LongTexts("chunk"))
