@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = Path(lorafit.__file__).parent
 # Imported inside functions on purpose: optional extras, loaded only by the command that needs them.
 OPTIONAL = {"transformers", "peft", "tensorflow", "fastapi", "uvicorn", "prometheus_client", "datasets", "pyarrow",
-            "mlflow", "torch.utils.tensorboard", "tensorboard", "selenium", "onnx", "onnxruntime", "captum", "optuna"}
+            "mlflow", "torch.utils.tensorboard", "tensorboard", "selenium", "onnx", "onnxruntime", "captum", "optuna",
+            "tokenizers"}  # tokenizers: transformers' own dependency
 
 
 def test_layers_point_down_only():

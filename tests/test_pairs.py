@@ -228,3 +228,66 @@ def test_a_single_text_adapter_is_served_beside_the_pair_one(pair_client):
     assert [r[0]["label"] for r in tei_batch] == [r[0]["label"] for r in got]
     cards = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert cards["single"]["text_pair"] is None and cards["pairs"]["text_pair"]["columns"] == ["first", "second"]
+
+
+@pytest.mark.parametrize("fmt", ["hf", "peft", "onnx"])
+def test_exports_join_pairs_as_lorafit_does(pair_run, tmp_path, fmt, capsys):
+    transformers = pytest.importorskip("transformers")
+    if fmt != "hf":
+        pytest.importorskip("peft" if fmt == "peft" else "onnxruntime")
+    from lorafit.backbones.loader import load_backbone
+    from lorafit.adapters.storage import read_spec
+
+    out = tmp_path / fmt
+    if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 49):  # pools before the first pad
+        assert main(["export", "--run", str(pair_run), "--format", fmt, "--out", str(out)]) == 1
+        assert "exporting it needs transformers >= 4.49; nothing written" in capsys.readouterr().err
+        return
+    assert main(["export", "--run", str(pair_run), "--format", fmt, "--out", str(out)]) == 0  # logits checked inside
+    encoder = load_backbone(read_spec(pair_run).backbone, lm_head=False).encoder
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    firsts, seconds = [a for a, _ in PAIRS], [b for _, b in PAIRS]
+    assert tokenizer(firsts, seconds)["input_ids"] == encoder.encode_pairs(PAIRS)[0]
+    assert "token_type_ids" not in tokenizer(firsts[0], seconds[0])  # GPT-2 would add them to its embeddings
+    assert '"text_pair": "second text"' in (out / "README.md").read_text() or fmt == "peft"
+    expected = predict_texts(pair_run, PAIRS, device="cpu", precision="fp32")
+    if fmt == "hf":
+        classify = transformers.pipeline("text-classification", model=str(out), device="cpu")
+        got = [classify({"text": a, "text_pair": b}) for a, b in PAIRS]
+        got = [g[0] if isinstance(g, list) else g for g in got]
+        assert [g["label"] for g in got] == [r["label"] for r in expected]
+        assert [g["score"] for g in got] == pytest.approx([r["probability"] for r in expected], abs=1e-5)
+    if fmt == "peft":  # read back into lorafit, the folder is still a pair classifier
+        back = predict_texts(out, PAIRS, device="cpu", precision="fp32")
+        assert [r["probability"] for r in back] == pytest.approx([r["probability"] for r in expected], abs=1e-5)
+
+
+def test_a_llama_pair_classifier_exports_its_eos_join(tiny_llama, tmp_path):
+    """A Llama-architecture base whose tokenizer has no pair template: ``a </s> b``, written into tokenizer.json."""
+    transformers = pytest.importorskip("transformers")
+    from lorafit.adapters.build import build_classifier
+    from lorafit.adapters.lora import LoRAConfig, lora_layers
+    from lorafit.adapters.storage import ClassifierSpec, save_adapter
+    from lorafit.backbones.base import BackboneSpec
+    from lorafit.backbones.pairs import PairJoin
+
+    spec = ClassifierSpec(BackboneSpec(f"hf:{tiny_llama}"), LoRAConfig(rank=4, alpha=8), ["diff", "same"],
+                          head_bias=False, text_pair=PairJoin(columns=("a", "b")))
+    model, _, spec = build_classifier(spec, seed=3)
+    with torch.no_grad():
+        for m in lora_layers(model).values():
+            m.lora_B.normal_(0, 0.3)
+        model.head.weight.normal_(0, 1.0)
+    save_adapter(tmp_path / "run", model, spec)
+    assert spec.text_pair == PairJoin("sep", "</s>", ("a", "b"))
+    out = tmp_path / "hf"
+    assert main(["export", "--run", str(tmp_path / "run"), "--format", "hf", "--out", str(out)]) == 0
+    pairs = [("win cash now", "see you at lunch"), ("ok thanks", "are we still on for dinner tonight")]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer(*map(list, zip(*pairs)))["input_ids"] == \
+        [tokenizer(a)["input_ids"] + [tokenizer.eos_token_id] + tokenizer(b)["input_ids"] for a, b in pairs]
+    classify = transformers.pipeline("text-classification", model=str(out), device="cpu")
+    expected = predict_texts(tmp_path / "run", pairs, device="cpu", precision="fp32")
+    got = [classify({"text": a, "text_pair": b}) for a, b in pairs]
+    got = [g[0] if isinstance(g, list) else g for g in got]
+    assert [g["score"] for g in got] == pytest.approx([r["probability"] for r in expected], abs=1e-5)

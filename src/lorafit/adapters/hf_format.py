@@ -18,10 +18,10 @@ import torch
 
 from ..backbones.hf import float32, require_transformers
 from ..backbones.weights import lorafit_to_hf
-from ..errors import FieldError, LorafitError
-from ..files import atomic_dir, read_json, write_json, write_text
+from ..errors import LorafitError
+from ..files import atomic_dir, write_text
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps, layout_of,
-                        padded, sample_texts)
+                        padded, sample_texts, save_tokenizer, transformers_tokenizer)
 from .loading import load_classifier
 from .lora import merge_and_unload
 from .storage import ClassifierSpec
@@ -50,25 +50,6 @@ def _state(model, layout: Layout) -> dict[str, torch.Tensor]:
     return {**sd, **base_changes, "score.weight": score}
 
 
-def _tokenizer(transformers, backbone, layout: Layout):
-    """The base's tokenizer as transformers' (GPT-2: from the same BPE files lorafit's tiktoken reads)."""
-    if layout.kind == "llama":
-        tokenizer = backbone.module.tokenizer  # loaded for this export only
-        # a generic tokenizer also returns token_type_ids, which Llama's forward refuses (transformers < 4.5x)
-        tokenizer.model_input_names = tokenizer.init_kwargs["model_input_names"] = ["input_ids", "attention_mask"]
-        return tokenizer
-    files = getattr(backbone.encoder, "files", None)
-    if not files and backbone.directory is not None and (Path(backbone.directory) / "vocab.json").is_file():
-        files = (Path(backbone.directory) / "vocab.json", Path(backbone.directory) / "merges.txt")
-    if not files:
-        raise FieldError("{export_hf}: the GPT-2 tokenizer's files (vocab.json + merges.txt or encoder.json + "
-                         "vocab.bpe) are not known for this run; train with {tokenizer} DIR")
-    pad = backbone.encoder.decode([backbone.encoder.pad_id])
-    # the two files positionally: transformers 4.x names them vocab_file / merges_file, 5.x vocab / merges
-    return transformers.GPT2Tokenizer(str(files[0]), str(files[1]), unk_token=pad, bos_token=pad, eos_token=pad,
-                                      pad_token=pad)
-
-
 @dataclass
 class TransformersClassifier:
     """A run rebuilt as a transformers classifier (LoRA merged, fp32, eval), with lorafit's own logits on
@@ -79,26 +60,18 @@ class TransformersClassifier:
     encoder: object  # lorafit's
     layout: Layout
     labels: list[str]
-    texts: list[str]
+    texts: list  # texts, or pairs of texts for a pair classifier
     reference: torch.Tensor  # (len(texts), C) lorafit's logits
     spec: ClassifierSpec  # the run's: problem type, thresholds
 
 
-def save_tokenizer(tokenizer, directory: Path) -> None:
-    """``tokenizer.save_pretrained``, readable by transformers 4 as well as 5: 5 names a plain fast tokenizer
-    ``TokenizersBackend``, a class 4 lacks (optimum-onnx, which serves ONNX exports, still needs 4)."""
-    tokenizer.save_pretrained(directory)
-    path = directory / "tokenizer_config.json"
-    config = read_json(path)
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        write_json(path, {**config, "tokenizer_class": "PreTrainedTokenizerFast"})
-
-
-def to_transformers(run: str | Path, texts: list[str], where: str, transformers=None) -> TransformersClassifier:
-    """``run`` (a lorafit run, merged model or PEFT adapter) as a transformers classifier; a base or head
-    transformers cannot hold exactly is refused in one line."""
+def to_transformers(run: str | Path, n_texts: int, where: str, transformers=None) -> TransformersClassifier:
+    """``run`` (a lorafit run, merged model or PEFT adapter) as a transformers classifier, with lorafit's logits
+    on the run's sample texts (:func:`.hf_layout.sample_texts`, ``n_texts`` of its test split; pairs for a
+    pair classifier); a base, head or pair join transformers cannot hold exactly is refused in one line."""
     transformers = transformers or require_transformers(where)
     model, backbone, spec = load_classifier(run)
+    texts = sample_texts(run, n_texts, pair=spec.pair)
     model.divide_logits(spec.temperature)  # the run's calibration, folded into the exported head
     layout = layout_of(spec)
     with torch.no_grad():  # batches of 32: memory stays small however many texts there are
@@ -108,7 +81,7 @@ def to_transformers(run: str | Path, texts: list[str], where: str, transformers=
     id2label, label2id = label_maps(spec.labels)
     config.update({"architectures": [layout.architecture], "id2label": id2label, "label2id": label2id,
                    "pad_token_id": backbone.encoder.pad_id, "problem_type": spec.problem_type})
-    tokenizer = _tokenizer(transformers, backbone, layout)
+    tokenizer = transformers_tokenizer(transformers, backbone, layout, spec, where)
     state = _state(model, layout)
     hf = getattr(transformers, layout.architecture)(config)
     missing, unexpected = hf.load_state_dict(state, strict=False)
@@ -123,8 +96,8 @@ def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> f
     place. Returns the largest difference seen."""
     transformers = require_transformers("--format hf")
     out = Path(out)
-    texts = sample_texts(run)
-    clf = to_transformers(run, texts, str(out), transformers)
+    clf = to_transformers(run, 13, str(out), transformers)
+    texts = clf.texts
     batch, mask = padded(clf.encoder, texts, str(out))
     with atomic_dir(out, overwrite) as tmp:
         clf.model.save_pretrained(tmp)
@@ -139,6 +112,15 @@ def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> f
     return diff
 
 
+def pair_note(spec: ClassifierSpec) -> str:
+    """A pair classifier's model-card sentence: how the two texts are joined (the tokenizer does it)."""
+    if not spec.pair:
+        return ""
+    needs = " (transformers >= 4.49 pools it right)" if spec.text_pair.join == "sep" else ""
+    return (f" It classifies pairs of texts ({', '.join(spec.text_pair.columns)}), joined as "
+            f"{spec.text_pair.describe()}: the tokenizer's pair template does it, `tokenizer(first, second)`{needs}.")
+
+
 def _readme(layout: Layout, spec, out: str) -> str:
     multi = ""
     if spec.multi_label:
@@ -146,7 +128,9 @@ def _readme(layout: Layout, spec, out: str) -> str:
         multi = (" It is multi-label (config.json's problem_type): every label has its own sigmoid score; "
                  "`top_k=None` returns them all" + (f", and lorafit's per-label thresholds, chosen on validation, "
                                                     f"are {thresholds}" if thresholds else "") + ".")
-    call = 'classify("your text", top_k=None)' if spec.multi_label else 'classify("your text")'
+    text = '{"text": "first text", "text_pair": "second text"}' if spec.pair else '"your text"'
+    call = f'classify({text}, top_k=None)' if spec.multi_label else f'classify({text})'
     return (f"# Text classifier exported by lorafit\n\nA {layout.architecture} (LoRA merged) for the classes "
-            f"{', '.join(spec.labels)}.{multi}{spec.long.describe()} Needs only transformers:\n\n```python\nfrom transformers import pipeline\n"
+            f"{', '.join(spec.labels)}.{multi}{spec.long.describe()}{pair_note(spec)} Needs only transformers:\n\n"
+            f"```python\nfrom transformers import pipeline\n"
             f"classify = pipeline(\"text-classification\", model={out!r})\nprint({call})\n```\n")

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.batching import Encoded, collate, frame_inputs
+from ..backbones.pairs import PairJoin, split_pairs
+from ..data.batching import Encoded, collate, frame_inputs, pairs_of
 from ..data.datasets import TEXT, TEXT_PAIR, read_table
 from ..errors import FieldError, LorafitError
+from ..files import read_json, write_json
 from .classifier import Classifier
 from .storage import ClassifierSpec
 
@@ -128,17 +130,23 @@ def sample_texts(directory, n: int = 13, pair: bool = False) -> list:
     the run's own test split where it has one."""
     texts = ["Hello", "A longer sentence, with punctuation; and digits: 1, 22, 333!", "Accents too: café, naïve"]
     if pair:
-        texts = list(zip(texts, texts[1:] + texts[:1]))
+        texts = [("Hello", "Accents too: café, naïve"), ("A longer sentence, with punctuation;", "and digits: 1, 22, 333!")]
     test = Path(directory) / "test.csv"
     if test.is_file():  # texts only: any label set will do
         texts += frame_inputs(read_table(test, [TEXT, TEXT_PAIR] if pair else None, multi_label=True).head(n))
     return texts
 
 
-def padded(encoder, texts: list[str], where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``texts`` as one right-padded batch (ids, mask); a text whose last token is the pad token is refused
-    (transformers' pooling would skip it, lorafit's reads it)."""
-    ids, pad = encoder.encode(texts), encoder.pad_id
+def encoded(encoder, texts: list, where: str) -> list[list[int]]:
+    """lorafit's ids of texts, or of pairs of texts (joined as the encoder joins them), uncut."""
+    pairs = pairs_of(list(texts), where)
+    return encoder.encode(list(texts)) if pairs is None else encoder.encode_pairs(pairs)[0]
+
+
+def padded(encoder, texts: list, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``texts`` (or pairs) as one right-padded batch (ids, mask); an input whose last token is the pad token
+    is refused (transformers' pooling would skip it, lorafit's reads it)."""
+    ids, pad = encoded(encoder, texts, where), encoder.pad_id
     for text, row in zip(texts, ids):
         if row and row[-1] == pad:
             raise LorafitError(f"{where}: {text[:40]!r} ends with the pad token {pad}, which transformers' pooling "
@@ -147,9 +155,12 @@ def padded(encoder, texts: list[str], where: str) -> tuple[torch.Tensor, torch.T
     return batch.input_ids, batch.attention_mask
 
 
-def check_tokenizer(encoder, hf_tokenizer, texts: list[str], where: str) -> None:
-    """transformers' tokenizer must split every text as lorafit's does."""
-    for text, a, b in zip(texts, encoder.encode(texts), hf_tokenizer(list(texts))["input_ids"]):
+def check_tokenizer(encoder, hf_tokenizer, texts: list, where: str) -> None:
+    """transformers' tokenizer must split every text as lorafit's does, and join every pair as it does
+    (``tokenizer(first, second)``)."""
+    pairs = pairs_of(list(texts), where)
+    theirs = hf_tokenizer(list(texts))["input_ids"] if pairs is None else hf_tokenizer(*split_pairs(pairs))["input_ids"]
+    for text, a, b in zip(texts, encoded(encoder, texts, where), theirs):
         if list(a) != list(b):
             raise LorafitError(f"{where}: the transformers tokenizer splits {text[:40]!r} differently from lorafit's")
 
@@ -167,3 +178,78 @@ def check_same_predictions(ours: torch.Tensor, hf_model, batch: torch.Tensor, ma
         raise LorafitError(f"{where}: transformers' probabilities differ from lorafit's by {diff:.2e} "
                            f"(more than {atol:g}); nothing written")
     return diff
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """``tokenizer.save_pretrained``, readable by transformers 4 as well as 5: 5 names a plain fast tokenizer
+    ``TokenizersBackend``, a class 4 lacks (optimum-onnx, which serves ONNX exports, still needs 4)."""
+    tokenizer.save_pretrained(directory)
+    path = directory / "tokenizer_config.json"
+    config = read_json(path)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        write_json(path, {**config, "tokenizer_class": "PreTrainedTokenizerFast"})
+
+
+PAIR_POOLING = (4, 49)  # transformers pools the rightmost non-pad token from 4.49 (PR 35911), before it the token
+# before the first pad token: a pair joined by the pad token would be read up to its separator only
+
+
+def transformers_tokenizer(transformers, backbone, layout: Layout, spec: ClassifierSpec, where: str):
+    """The base's tokenizer as transformers' (GPT-2: from the same BPE files lorafit's tiktoken reads); a pair
+    classifier that joins pairs with a separator gets that join as the tokenizer's pair template."""
+    join = spec.text_pair
+    if layout.kind == "llama":
+        tokenizer = backbone.module.tokenizer  # loaded for this export only
+    else:
+        files = getattr(backbone.encoder, "files", None)
+        if not files and backbone.directory is not None and (Path(backbone.directory) / "vocab.json").is_file():
+            files = (Path(backbone.directory) / "vocab.json", Path(backbone.directory) / "merges.txt")
+        if not files:
+            raise FieldError("{export_hf}: the GPT-2 tokenizer's files (vocab.json + merges.txt or encoder.json + "
+                             "vocab.bpe) are not known for this run; train with {tokenizer} DIR")
+        pad = backbone.encoder.decode([backbone.encoder.pad_id])
+        # a pair template needs the fast tokenizer (GPT2Tokenizer is the slow one before transformers 5)
+        cls = transformers.GPT2TokenizerFast if join is not None else transformers.GPT2Tokenizer
+        # the two files positionally: transformers 4.x names them vocab_file / merges_file, 5.x vocab / merges
+        tokenizer = cls(str(files[0]), str(files[1]), unk_token=pad, bos_token=pad, eos_token=pad, pad_token=pad)
+    if join is not None and join.join == "sep":
+        _check_pair_pooling(transformers, backbone.encoder, join, where)
+        with_pair_template(tokenizer, backbone.encoder, join, where)
+    if layout.kind == "llama" or join is not None:
+        # a generic tokenizer also returns token_type_ids, which Llama's forward refuses (transformers < 4.5x)
+        # and GPT-2's adds to its embeddings
+        tokenizer.model_input_names = tokenizer.init_kwargs["model_input_names"] = ["input_ids", "attention_mask"]
+    return tokenizer
+
+
+def with_pair_template(tokenizer, encoder, join: PairJoin, where: str) -> None:
+    """Give a fast ``tokenizer`` lorafit's ``sep`` join as its pair template (tokenizer.json's post-processor),
+    so that ``tokenizer(first, second)`` gives lorafit's ids: the single-text template around
+    ``first SEP second``, every token of type 0. A token name the template syntax cannot hold is refused."""
+    from tokenizers import processors
+
+    prefix, suffix = getattr(encoder, "single_template", ([], []))
+    pre, suf = (tokenizer.convert_ids_to_tokens(list(ids)) for ids in (prefix, suffix))
+    names = [*pre, join.sep, *suf]
+    bad = next((n for n in names if ":" in n or " " in n or n.startswith("$")), None)
+    if bad is not None:
+        raise LorafitError(f"{where}: the special token {bad!r} cannot be written in tokenizer.json's pair template, "
+                           "so transformers could not join pairs as lorafit does; nothing written")
+    typed = lambda tokens: [f"{t}:0" for t in tokens]  # noqa: E731
+    template = processors.TemplateProcessing(
+        single=[*typed(pre), "$A:0", *typed(suf)], pair=[*typed(pre), "$A:0", f"{join.sep}:0", "$B:0", *typed(suf)],
+        special_tokens=[(n, tokenizer.convert_tokens_to_ids(n)) for n in dict.fromkeys(names)])
+    backend = tokenizer.backend_tokenizer
+    old = backend.post_processor  # GPT-2's ByteLevel only trims offsets: kept in front where it can be
+    keep = isinstance(old, processors.ByteLevel) and hasattr(processors, "Sequence")
+    backend.post_processor = processors.Sequence([old, template]) if keep else template
+
+
+def _check_pair_pooling(transformers, encoder, join: PairJoin, where: str) -> None:
+    """Refuse to export a pair classifier whose separator is the pad token where transformers would pool the
+    token before it (see ``PAIR_POOLING``)."""
+    version = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    if version < PAIR_POOLING and encoder.decode([encoder.pad_id]) == join.sep:
+        raise LorafitError(f"{where}: transformers {transformers.__version__} pools the token before the first pad "
+                           f"token, and this pair classifier's separator {join.sep} is the pad token: exporting it "
+                           f"needs transformers >= {'.'.join(map(str, PAIR_POOLING))}; nothing written")

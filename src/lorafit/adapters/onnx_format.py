@@ -23,8 +23,8 @@ import torch
 from ..backbones.hf import require_transformers
 from ..errors import LorafitError, SettingError
 from ..files import atomic_dir, write_text
-from .hf_format import TransformersClassifier, save_tokenizer, to_transformers
-from .hf_layout import check_tokenizer, padded, sample_texts
+from .hf_format import TransformersClassifier, pair_note, to_transformers
+from .hf_layout import check_tokenizer, padded, save_tokenizer
 
 ONNX_FILE = "model.onnx"
 INPUTS = ("input_ids", "attention_mask")
@@ -122,7 +122,7 @@ def export_onnx(run: str | Path, out: str | Path, *, quantize: str | None = None
     ort = require_onnxruntime(where)
     transformers = require_transformers(where)
     out = Path(out)
-    clf = to_transformers(run, sample_texts(run, CHECK_TEXTS), where, transformers)
+    clf = to_transformers(run, CHECK_TEXTS, where, transformers)
     with atomic_dir(out, overwrite) as tmp:
         clf.model.config.save_pretrained(tmp)
         save_tokenizer(clf.tokenizer, tmp)
@@ -138,13 +138,15 @@ def export_onnx(run: str | Path, out: str | Path, *, quantize: str | None = None
 
 def _readme(clf: TransformersClassifier, quantize: str | None, out: str) -> str:
     kind = f"{quantize} (dynamic quantisation)" if quantize else "fp32"
+    text = '{"text": "first text", "text_pair": "second text"}' if clf.spec.pair else '"your text"'
     return (f"# Text classifier exported by lorafit\n\nA {clf.layout.architecture} (LoRA merged) in ONNX, {kind}, for "
-            f"the classes {', '.join(clf.labels)}.{clf.spec.long.describe()} Serve it with optimum's ONNX Runtime classes "
+            f"the classes {', '.join(clf.labels)}.{clf.spec.long.describe()}{pair_note(clf.spec)} Serve it with "
+            f"optimum's ONNX Runtime classes "
             f"(`pip install optimum-onnx`):\n\n```python\n"
             f"from optimum.onnxruntime import ORTModelForSequenceClassification\n"
             f"from transformers import AutoTokenizer, pipeline\n"
             f"classify = pipeline(\"text-classification\", model=ORTModelForSequenceClassification.from_pretrained("
-            f"{out!r}), tokenizer=AutoTokenizer.from_pretrained({out!r}))\nprint(classify(\"your text\"))\n```\n\n"
+            f"{out!r}), tokenizer=AutoTokenizer.from_pretrained({out!r}))\nprint(classify({text}))\n```\n\n"
             f"or with onnxruntime alone: inputs `input_ids` and `attention_mask` (int64, batch x length, padded on "
             f"the right with `pad_token_id` {clf.encoder.pad_id}), output `logits` (batch x classes):\n\n```python\n"
             f"import onnxruntime\nsession = onnxruntime.InferenceSession({str(Path(out) / ONNX_FILE)!r})\n"

@@ -30,8 +30,9 @@ from ..errors import FieldError, LorafitError
 from ..files import (atomic_dir, load_safetensors, read_json, safetensors_metadata, save_safetensors, write_json,
                      write_text)
 from .classifier import Classifier
+from ..backbones.pairs import PairJoin
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps,
-                        layout_of, padded, sample_texts)
+                        layout_of, padded, sample_texts, save_tokenizer, transformers_tokenizer)
 from .lora import LoRAConfig, lora_layers
 from .build import build_classifier, rebuild_classifier
 from .storage import ClassifierSpec, is_merged, read_spec
@@ -160,13 +161,23 @@ def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False) ->
                     "problem_type": spec.problem_type}
         if spec.thresholds:
             metadata["thresholds"] = json.dumps(spec.thresholds)
+        if spec.pair:
+            metadata["text_pair"] = json.dumps(spec.text_pair.to_dict())
+            _save_pair_tokenizer(tmp, backbone, layout, spec, str(out))
         save_safetensors(tmp / PEFT_WEIGHTS, tensors, metadata=metadata)
         write_json(tmp / PEFT_CONFIG, config)
         write_text(tmp / "README.md", _readme(spec, layout, user_lines(base, gguf, spec.labels, pad, str(out),
-                                                                  spec.problem_type)))
+                                                                  spec.problem_type), str(out)))
         if _importable("transformers", "peft"):
-            diff = _verify(tmp, model, backbone, spec, local, gguf, sample_texts(run), str(out))
+            diff = _verify(tmp, model, backbone, spec, local, gguf, sample_texts(run, pair=spec.pair), str(out))
     return diff
+
+
+def _save_pair_tokenizer(folder: Path, backbone, layout: Layout, spec: ClassifierSpec, where: str) -> None:
+    """A pair adapter's folder holds the base's tokenizer with the run's pair join as its pair template: the
+    base's own tokenizer would run the two texts together (``sep`` joins)."""
+    transformers = require_transformers("{export_peft}")
+    save_tokenizer(transformers_tokenizer(transformers, backbone, layout, spec, where), folder)
 
 
 def _exportable_layout(run: str | Path) -> Layout:
@@ -185,10 +196,17 @@ def _exportable_layout(run: str | Path) -> Layout:
     return layout_of(spec)
 
 
-def _readme(spec: ClassifierSpec, layout: Layout, lines: str) -> str:
+def _readme(spec: ClassifierSpec, layout: Layout, lines: str, out: str = "") -> str:
+    pair = ""
+    if spec.pair:
+        pair = (f" It classifies pairs of texts ({', '.join(spec.text_pair.columns)}), joined as "
+                f"{spec.text_pair.describe()}: this folder's tokenizer does it, `tokenizer(first, second)`")
+        lines += (f"\nfrom transformers import AutoTokenizer\ntokenizer = AutoTokenizer.from_pretrained({out!r})\n"
+                  f"logits = model(**tokenizer(\"first text\", \"second text\", return_tensors=\"pt\")).logits")
     return (f"# LoRA adapter (PEFT) exported by lorafit\n\nA {layout.architecture} with LoRA rank {spec.lora.rank}, "
             f"alpha {spec.lora.alpha:g}{' (rsLoRA)' if spec.lora.use_rslora else ''}, classes "
-            f"{', '.join(spec.labels)}.{spec.long.describe()} In fp32 it gives lorafit's probabilities within 1e-5:\n\n"
+            f"{', '.join(spec.labels)}.{spec.long.describe()}{pair} In fp32 it gives lorafit's probabilities within "
+            f"1e-5:\n\n"
             f"```python\n{lines}\n```\n")
 
 
@@ -209,7 +227,7 @@ def _verify(folder: Path, model, backbone, spec, local: str, gguf: str | None, t
             local, num_labels=len(spec.labels), id2label=id2label, label2id=label2id,
             pad_token_id=backbone.encoder.pad_id, problem_type=spec.problem_type, **float32(transformers), **kwargs)
         hf = peft.PeftModel.from_pretrained(hf, str(folder)).eval()
-    tokenizer = _tokenizer(transformers, local, kwargs)
+    tokenizer = _tokenizer(transformers, str(folder), {}) if spec.pair else _tokenizer(transformers, local, kwargs)
     if tokenizer is not None:
         check_tokenizer(backbone.encoder, tokenizer, texts, where)
     batch, mask = padded(backbone.encoder, texts, where)
@@ -324,7 +342,8 @@ def load_peft(directory: str | Path) -> tuple[Classifier, object, ClassifierSpec
     lora = LoRAConfig(rank=rank, alpha=alpha, use_rslora=rslora, targets=names)
     spec = ClassifierSpec(backbone_spec, lora, labels, head_bias=_GPT2_NORM[1] in other,
                           multi_label=meta.get("problem_type") == "multi_label_classification",
-                          thresholds=json.loads(meta["thresholds"]) if meta.get("thresholds") else {})
+                          thresholds=json.loads(meta["thresholds"]) if meta.get("thresholds") else {},
+                          text_pair=PairJoin.from_dict(json.loads(meta["text_pair"])) if meta.get("text_pair") else None)
     model, backbone, spec = build_classifier(spec)
     if spec.architecture.get("kind") == "hf" and spec.architecture.get("model_type") != "llama":
         raise LorafitError(f"{directory}: a {spec.architecture.get('model_type')} base; lorafit reads PEFT adapters "
