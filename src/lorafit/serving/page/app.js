@@ -149,7 +149,10 @@ async function classifyOne() {
     $("label").textContent = decided(predictions);
     renderBars(predictions);
     $("result").hidden = false;
-    await explainOne(text);
+    if (multiLabel) {  // POST /explain explains one softmax's log-odds: not a multi-label classifier's
+      $("tokens").replaceChildren();
+      $("why-status").textContent = "Token explanations are for single-label classifiers.";
+    } else await explainOne(text);
   } catch (e) {
     $("latency").textContent = "";
     showError("error", e.message);
