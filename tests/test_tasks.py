@@ -97,6 +97,8 @@ def test_multi_label_run_learns_and_reports_per_label(multi_run, capsys):
     md = (multi_run / "report.md").read_text()
     assert "## Test set, per label" in md and "micro F1" in md and "confusion_matrix.png" not in md
     assert not (multi_run / "confusion_matrix.png").exists()
+    for figure in ("pr_curve.png", "roc_curve.png"):  # every label with a star at its threshold, linked from report.md
+        assert f"({figure})" in md and (multi_run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["eval", "--run", str(multi_run), "--json", "--device", "cpu", "--precision", "fp32"]) == 0
     again = json.loads(capsys.readouterr().out)["metrics"]["test"]
     assert again["micro_f1"] == pytest.approx(test["micro_f1"]) and again["accuracy"] == test["accuracy"]

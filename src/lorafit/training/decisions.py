@@ -88,6 +88,31 @@ def most_wrong(kept: Kept, test: Encoded, probs: np.ndarray, spec: ClassifierSpe
     return rows
 
 
+def draw_labels(out: Path, probs: dict[str, np.ndarray], y: dict[str, np.ndarray], labels: list[str],
+                thresholds: dict[str, float]) -> None:
+    """A multi-label run's pr_curve.png and roc_curve.png: every label against its absence on the held-out
+    split, each with a star at its own threshold."""
+    split = _shown_split(y)
+    series, pr_points, roc_points = {}, {}, {}
+    for k, name in enumerate(labels):
+        scores, positive = probs[split][:, k], y[split][:, k].astype(bool)
+        if not positive.any() or positive.all():
+            continue
+        key = f"{name} ({split})"
+        series[key] = (scores, positive)
+        if name in thresholds:
+            called = scores >= thresholds[name]
+            tp = int((called & positive).sum())
+            if called.any():
+                pr_points[key] = (tp / int(positive.sum()), tp / int(called.sum()))
+            roc_points[key] = (int((called & ~positive).sum()) / int((~positive).sum()), tp / int(positive.sum()))
+    title = f"each label against its absence, {split} split"
+    plot_pr({s: pr_curve(*v) for s, v in series.items()}, pr_points, "its threshold", f"Precision-recall: {title}",
+            out / FIGURES[1])
+    plot_roc({s: {**roc_curve(*v), "auc": roc_auc(v[1].astype(int), v[0])} for s, v in series.items()},
+             roc_points, "its threshold", f"ROC: {title}", out / FIGURES[2])
+
+
 def _shown_split(y: dict[str, np.ndarray]) -> str:
     """The held-out split the figures show: test, or val when there is no test."""
     return "test" if len(y.get("test", ())) else "val"

@@ -36,7 +36,7 @@ from ..reporting.report import build_report, render_markdown
 from ..runtime import Compute, check_compute, resolve_compute
 from .checkpoint import (CHECKPOINT, Checkpoint, PeriodicCheckpoints, RunPlan, RunSettings, load_checkpoint,
                          remove_checkpoint, save_checkpoint, saved_command)
-from .decisions import Kept, decide_run
+from .decisions import Kept, decide_run, draw_labels
 from .distributed import Distributed, Launch, launched_by_torchrun, regroup, restart_count, session
 from .loop import History, Hooks, TrainConfig, TrainingStopped, TrainState, fit
 
@@ -242,6 +242,7 @@ class _Training:
             spec = replace(spec, thresholds=dict(zip(spec.labels, label_thresholds(enc["val"].labels, probs["val"])))
                            if len(enc["val"].ids) else {})
             save_spec(self.out, spec)
+            draw_labels(self.out, probs, {k: e.labels for k, e in enc.items()}, spec.labels, spec.thresholds)
             return spec, split_metrics(probs, enc, spec.labels, spec.thresholds), {}
         return decide_run(self.out, spec, probs, enc, self.plan.settings.decision,
                           Kept(model, backbone.encoder, compute, frame_inputs(self.splits.test)))
