@@ -5,6 +5,7 @@ trial is one line, after which the search goes on."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 import pytest
@@ -88,3 +89,29 @@ def test_a_failed_trial_is_one_line_and_the_search_goes_on(tmp_path, hf_gpt2_dir
     assert "Traceback" not in err and "failed with parameters" not in err
     summary = json.loads((out / "tune.json").read_text())
     assert [t["state"] for t in summary["trials"]] == ["complete", "fail", "complete"]
+
+
+def test_ctrl_c_stops_every_trial_of_a_parallel_search(tmp_path, hf_gpt2_dir, sms_file, capsys, monkeypatch):
+    """--jobs 2: a Ctrl-C sent to the process (as a terminal sends it) from within trial 1's thread reaches the
+    main thread's handler; both trials, running in threads, stop at their next step."""
+    out = tmp_path / "tune"
+    argv = [*tune_argv(hf_gpt2_dir, sms_file, out), "--jobs", "2"]
+    sent = []
+
+    def ctrl_c(record):
+        if record["event"] == "train" and record["step"] == 3 and not sent:
+            sent.append(record["step"])
+            os.kill(os.getpid(), signal.SIGINT)
+
+    during_trial(monkeypatch, 1, ctrl_c)
+    code, err = run_cli(capsys, *argv)
+    assert code == 130 and sent == [3] and "search interrupted" in error_line(err), err
+    states = [s for s, _ in trial_states(out).values()]
+    # trial 1 stopped, and trial 0 with it unless it had finished; every stopped trial is queued again
+    assert states[1] == "FAIL" and states[0] in ("FAIL", "COMPLETE") and states.count("WAITING") == states.count("FAIL")
+    assert not (out / "trial-002").exists()
+    monkeypatch.undo()
+    code, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    summary = json.loads((out / "tune.json").read_text())
+    assert sum(t["state"] == "complete" for t in summary["trials"]) == 2

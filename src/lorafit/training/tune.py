@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -170,8 +172,17 @@ def _optimize(optuna, study, objective, cfg: TuneConfig, progress: bool) -> None
         failures += n - (_finished(optuna, study) - done)  # trials run less trials finished
 
 
+def _signals_to_the_main_thread() -> None:
+    """Block SIGINT / SIGTERM in a trial's worker thread (``--jobs`` > 1): the kernel then delivers a Ctrl-C to
+    the main thread, whose handler stops every trial at once, instead of to a worker, where Python would run
+    the handler only once the main thread next wakes (after a whole trial)."""
+    if threading.current_thread() is not threading.main_thread() and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _objective(optuna, spec, data_cfg, train_cfg, cfg, out, settings, halt: Callable[[], bool]):
     def objective(trial) -> float:
+        _signals_to_the_main_thread()
         spec_t, train_t = suggest(trial, spec, train_cfg, cfg)
         if halt():  # asked to stop between two trials
             trial.study.enqueue_trial(trial.params)
