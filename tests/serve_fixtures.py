@@ -3,6 +3,8 @@ head are random, so that the adapter and the merge both change every prediction.
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -69,3 +71,23 @@ def start_server(run: Path | str, *flags: str, timeout: float = 60.0):
         proc.kill()
         raise AssertionError(f"lorafit serve said {line!r}; stderr: {proc.stderr.read()}")
     return proc, found.group(0)
+
+
+@contextmanager
+def held_batches(batcher):
+    """Every batch the server's batcher runs waits at a gate: yields (gate, entered), ``entered`` set once a
+    batch reached the gate, ``gate.set()`` lets them through; the batcher is restored on exit."""
+    gate, entered = threading.Event(), threading.Event()
+    run = batcher.run_batch
+
+    def held(ids, adapters):
+        entered.set()
+        gate.wait(10)
+        return run(ids, adapters)
+
+    batcher.run_batch = held
+    try:
+        yield gate, entered
+    finally:
+        gate.set()
+        batcher.run_batch = run

@@ -23,7 +23,7 @@ from lorafit.serving import security  # noqa: E402
 from lorafit.serving.app import create_app  # noqa: E402
 from lorafit.serving.config import ServeConfig  # noqa: E402
 from lorafit.serving.model import ServedModel  # noqa: E402
-from serve_fixtures import TEXTS, write_tiny_run  # noqa: E402
+from serve_fixtures import TEXTS, held_batches, write_tiny_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -156,17 +156,7 @@ def client_decode(run_dir, ids: list[int]) -> str:
 
 def test_a_full_queue_gets_429_and_the_next_request_is_answered(run_dir, reference):
     with make_client(run_dir, max_concurrent=1, max_wait_ms=0) as c:
-        gate, entered = threading.Event(), threading.Event()
-        batcher = c.app.state.batcher
-        run = batcher.run_batch
-
-        def slow(ids, adapters):
-            entered.set()
-            gate.wait(10)
-            return run(ids, adapters)
-
-        batcher.run_batch = slow
-        with ThreadPoolExecutor(1) as pool:
+        with held_batches(c.app.state.batcher) as (gate, entered), ThreadPoolExecutor(1) as pool:
             first = pool.submit(c.post, "/predict", json={"inputs": TEXTS[0]})
             assert entered.wait(10)
             r = c.post("/predict", json={"inputs": TEXTS[1]})
@@ -174,7 +164,6 @@ def test_a_full_queue_gets_429_and_the_next_request_is_answered(run_dir, referen
             assert "--max-concurrent 1" in r.json()["error"]
             gate.set()
             assert_matches(first.result(10).json(), reference[TEXTS[0]])
-        batcher.run_batch = run
         assert_matches(c.post("/predict", json={"inputs": TEXTS[1]}).json(), reference[TEXTS[1]])
 
 

@@ -22,7 +22,7 @@ from lorafit.inference.predict import predict_texts  # noqa: E402
 from lorafit.serving.app import create_app  # noqa: E402
 from lorafit.serving.config import ServeConfig  # noqa: E402
 from lorafit.serving.model import ServedModel  # noqa: E402
-from serve_fixtures import TEXTS, start_server, write_adapter, write_tiny_base  # noqa: E402
+from serve_fixtures import TEXTS, held_batches, start_server, write_adapter, write_tiny_base  # noqa: E402
 
 # different class counts, ranks, targets and variants (plain, rsLoRA, DoRA, PiSSA) on one base
 ADAPTERS = {
@@ -181,16 +181,8 @@ def test_adapters_are_added_and_removed_without_a_restart_and_no_request_is_lost
               reference["mood"][TEXTS[0]])
         assert c.post("/admin/models", json={"name": "mood", "path": str(runs["topic"])}, headers=key).status_code == 409
         # a request for "mood" held in the queue while "mood" is removed is still answered, by "mood"
-        batcher, gate, entered = c.app.state.batcher, threading.Event(), threading.Event()
-        run = batcher.run_batch
-
-        def held(ids, adapters):
-            entered.set()
-            gate.wait(10)
-            return run(ids, adapters)
-
-        batcher.run_batch = held
-        with ThreadPoolExecutor(2) as pool:
+        batcher = c.app.state.batcher
+        with held_batches(batcher) as (gate, entered), ThreadPoolExecutor(2) as pool:
             first = pool.submit(c.post, "/predict", json={"inputs": TEXTS[1], "model": "spam"}, headers=key)
             assert entered.wait(10)
             queued = pool.submit(c.post, "/predict", json={"inputs": TEXTS[3], "model": "mood"}, headers=key)
@@ -200,7 +192,6 @@ def test_adapters_are_added_and_removed_without_a_restart_and_no_request_is_lost
             gate.set()
             close(first.result(10).json(), reference["spam"][TEXTS[1]])
             close(queued.result(10).json(), reference["mood"][TEXTS[3]])
-        batcher.run_batch = run
         assert c.post("/predict", json={"inputs": "hi", "model": "mood"}, headers=key).status_code == 404
         assert [m["id"] for m in c.get("/v1/models", headers=key).json()["data"]] == ["spam"]
         assert 'lorafit_model_loaded{model="mood"}' not in c.get("/metrics", headers=key).text
