@@ -212,3 +212,23 @@ def test_pairs_are_not_chunked(bpe_dir):
     encoder = TiktokenEncoder(load_tokenizer(bpe_dir))
     with pytest.raises(SettingError, match="long chunk reads single texts"):
         encode_texts(encoder, [("first text", "second text")], None, 64, long=LongTexts("chunk"))
+
+
+def test_every_window_of_a_bert_text_keeps_its_cls_and_sep(tmp_path):
+    pytest.importorskip("transformers", reason="lorafit[hf] is not installed")
+    from conftest import save_tiny
+
+    from lorafit.backbones.base import BackboneSpec as Spec
+    from lorafit.backbones.loader import load_backbone
+
+    backbone = load_backbone(Spec(f"hf:{save_tiny(tmp_path / 'bert', bert=True)}"), lm_head=False)
+    tok = backbone.encoder.tokenizer
+    assert backbone.encoder.frame == (1, 1)
+    text = " ".join(["see you at lunch later ok thanks"] * 4)  # 28 words, 30 tokens with [CLS] and [SEP]
+    enc = encode_texts(backbone.encoder, [text], None, backbone.context_length,
+                       long=LongTexts("chunk", stride=4, max_length=10))
+    rows, _ = enc.windows.split(enc.ids)
+    words = tok("see you at lunch later ok thanks", add_special_tokens=False)["input_ids"] * 4
+    assert len(rows) == enc.n_windows == 6 and all(len(r) == 10 for r in rows)  # starts 0, 4, ..., 16, then 20
+    assert all(r[0] == tok.cls_token_id and r[-1] == tok.sep_token_id for r in rows)
+    assert [x for r in rows for x in r[1:-1]][:8] == words[:8] and rows[-1][1:-1] == words[-8:]
