@@ -45,8 +45,9 @@ def test_the_page_classifies_one_message_and_a_file(tmp_path, browser):
     topic = write_adapter(tmp_path / "base", tmp_path / "topic", ["sport", "news", "tech", "food"], LoRAConfig(rank=2),
                           seed=5)
     tags = multi_label_run(tmp_path / "base", tmp_path / "tags")
+    pairs = pair_run(tmp_path / "base", tmp_path / "pairs")
     reference = {r["text"]: r for r in predict_texts(run, TEXTS, device="cpu", precision="fp32")}
-    proc, url = start_server(run, "--run", f"topic={topic}", "--run", f"tags={tags}")
+    proc, url = start_server(run, "--run", f"topic={topic}", "--run", f"tags={tags}", "--run", f"pairs={pairs}")
     try:
         wait = WebDriverWait(browser, 30)
         browser.get(url)
@@ -103,9 +104,48 @@ def test_the_page_classifies_one_message_and_a_file(tmp_path, browser):
         shown = {b.get_attribute("data-label"): b.find_element(By.CLASS_NAME, "bar-value").text for b in bars}
         assert shown == {k: f"{100 * p:.1f} %" for k, p in expected["probabilities"].items()}
         check_multi_label(browser, wait, tags, tmp_path)
+        check_pairs(browser, wait, pairs, tmp_path)
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+def pair_run(base, out):
+    """An adapter that reads pairs of texts (question, answer), joined as GPT-2 joins them."""
+    from dataclasses import replace
+
+    from lorafit.adapters.storage import read_spec, save_spec
+    from lorafit.backbones.pairs import PairJoin
+
+    write_adapter(base, out, ["diff", "same"], LoRAConfig(rank=2), seed=9)
+    save_spec(out, replace(read_spec(out), text_pair=PairJoin("sep", "<|endoftext|>", ("question", "answer"))))
+    return out
+
+
+def check_pairs(browser, wait, run, tmp_path) -> None:
+    """A pair classifier: a second text box, both texts sent as one pair; a CSV's two columns as the batch."""
+    Select(browser.find_element(By.ID, "model")).select_by_visible_text("pairs")
+    wait.until(lambda d: "Classifier pairs" in d.find_element(By.ID, "model-info").text)
+    assert browser.find_element(By.ID, "pair-row").is_displayed()
+    assert browser.find_element(By.ID, "pair-label").text == "Second text (answer)"
+    expected = predict_texts(run, [(TEXTS[0], TEXTS[1])], device="cpu", precision="fp32")[0]
+    browser.find_element(By.ID, "text").clear()
+    browser.find_element(By.ID, "text").send_keys(TEXTS[0])
+    browser.find_element(By.ID, "text-pair").send_keys(TEXTS[1])
+    browser.find_element(By.ID, "classify").click()
+    wait.until(lambda d: d.find_element(By.ID, "label").text == expected["label"])
+    bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar-row")
+    assert {b.get_attribute("data-label"): b.find_element(By.CLASS_NAME, "bar-value").text for b in bars} == \
+        {k: f"{100 * p:.1f} %" for k, p in expected["probabilities"].items()}
+    upload = tmp_path / "pairs.csv"
+    upload.write_text(f'answer,question\n"{TEXTS[1]}","{TEXTS[0]}"\n"{TEXTS[3]}","{TEXTS[2]}"\n', encoding="utf-8")
+    browser.find_element(By.ID, "file").send_keys(str(upload))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#batch-body tr")) == 2
+               and d.find_element(By.CSS_SELECTOR, "#batch-body tr td:nth-child(3)").text == TEXTS[1])
+    reference = predict_texts(run, [(TEXTS[0], TEXTS[1]), (TEXTS[2], TEXTS[3])], device="cpu", precision="fp32")
+    for tr, ref in zip(browser.find_elements(By.CSS_SELECTOR, "#batch-body tr"), reference):
+        cells = [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+        assert cells[1:4] == [ref["text"], ref["text_pair"], ref["label"]]
 
 
 def multi_label_run(base, out):

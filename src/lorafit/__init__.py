@@ -27,6 +27,7 @@ _API = {
     "backbones.generate": ("generate",),
     "backbones.gpt2": ("PRESETS", "GPTConfig", "GPTModel"),
     "backbones.loader": ("load_backbone",),
+    "backbones.pairs": ("PairJoin",),
     "backbones.tokenizer": ("load_tokenizer",),
     "backbones.weights": ("load_gpt2",),
     "data.batching": ("encode_frame", "encode_texts"),
