@@ -221,3 +221,31 @@ def test_served_int8_base_agrees_with_fp32(gpt2_run):
         out[p] = torch.softmax(torch.stack(s.logits(ids, [s.default] * len(ids), 4)), -1)
     assert torch.equal(out["fp32"].argmax(1), out["int8"].argmax(1))
     assert float((out["fp32"] - out["int8"]).abs().max()) < 0.15
+
+
+@pytest.mark.parametrize("run_fixture", ["gpt2_run", "llama_run"])
+def test_rounded_batch_shapes_change_no_result(run_fixture, request):
+    """Inference pads batches to a multiple of 8 and stacks to a multiple of 16 rows (few distinct oneDNN
+    shapes, bounded memory); the padding is masked, so logits stay those of tight batches."""
+    from lorafit.backbones.packing import ROW_MULTIPLE, Packing, rounded_rows
+    from lorafit.data.batching import collate, encode_texts, eval_order, lengths_of
+    from lorafit.inference.predict import predict_logits
+
+    loaded = load_for_inference(request.getfixturevalue(run_fixture), "cpu", "fp32")
+    enc = loaded.backbone.encoder
+    texts = TEXTS + ["a much longer message, with many more words in it than the others have"] * 2
+    data = encode_texts(enc, texts, None, loaded.backbone.context_length)
+    rounded = predict_logits(loaded.model, data, enc.pad_id, batch_size=3)
+    tight = []
+    with torch.inference_mode():
+        for index in eval_order(lengths_of(data), 3):
+            batch = collate(data, index, enc.pad_id)  # no rounding: longest text's length, real tokens only
+            assert ROW_MULTIPLE.get() == 1
+            tight.append((index, loaded.model(batch.input_ids, batch.attention_mask)))
+    for index, logits in tight:
+        assert torch.allclose(rounded[torch.from_numpy(index)], logits, atol=1e-5)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]])
+    with rounded_rows(16):
+        packing = Packing(2, 8, mask, "cpu")
+    assert len(packing.keep) == 16 and packing.keep.tolist()[:3] == [0, 1, 2]  # real tokens first in each row
+    assert Packing(2, 8, mask, "cpu").keep.tolist() == [0, 1, 2, 8, 9, 10, 11, 12]  # outside: real tokens only

@@ -8,6 +8,9 @@ it costs nothing in the matmuls that dominate a step.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +29,10 @@ class Packing:
             self.keep = None
             self.positions = positions.repeat(batch)  # (N,) position of each token in its sequence
         else:
-            self.keep = attention_mask.flatten().nonzero().squeeze(1)  # (N,) flat indices of real tokens
+            real = attention_mask.flatten().bool()  # (B * T,)
+            self.keep = real.nonzero().squeeze(1)  # (N,) flat indices of real tokens
+            if ROW_MULTIPLE.get() > 1:
+                self.keep = _rounded(self.keep, real, ROW_MULTIPLE.get())
             self.positions = positions.repeat(batch)[self.keep]  # (N,)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +63,33 @@ class Packing:
     def visible(self, at: torch.Tensor) -> torch.Tensor:
         """(B, 1, 1, T) attention mask for one query per sequence at position ``at[b]``: causal for it."""
         return (torch.arange(self.t, device=at.device)[None, :] <= at[:, None])[:, None, None, :]
+
+
+# inference stacks take padded positions up to a multiple of this many rows (see rounded_rows); 1: none
+ROW_MULTIPLE: contextvars.ContextVar[int] = contextvars.ContextVar("row_multiple", default=1)
+
+
+@contextlib.contextmanager
+def rounded_rows(multiple: int = 16):
+    """Inside the block, stacks are rounded up to ``multiple`` rows with padded positions where the batch has
+    them, so that a stream of batches meets few distinct shapes (see data.batching.padded_length). For
+    predicting and evaluating; not for serving several adapters, whose rows map to adapters by count."""
+    token = ROW_MULTIPLE.set(multiple)
+    try:
+        yield
+    finally:
+        ROW_MULTIPLE.reset(token)
+
+
+def _rounded(keep: torch.Tensor, real: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``keep`` and the first padded positions, up to a multiple of ``multiple`` rows where the batch has that
+    many. A padded position sits after its sequence's real tokens: under causal attention no real token sees
+    it, and nothing reads its output."""
+    extra = -len(keep) % multiple
+    if not extra:
+        return keep
+    pads = (~real).nonzero().squeeze(1)[:extra]
+    return torch.cat([keep, pads]).sort().values
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:

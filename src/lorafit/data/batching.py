@@ -138,11 +138,22 @@ class Batch:
         return logits if self.owner is None else pool_windows(logits, self.owner, len(self.index), self.pool)
 
 
-def collate(data: Encoded, index: np.ndarray, pad_id: int) -> Batch:
+INFERENCE_MULTIPLE = 8  # inference batches are padded to a multiple of this length: see padded_length
+
+
+def padded_length(longest: int, multiple: int = 1) -> int:
+    """A batch's padded length: its longest sequence rounded up to ``multiple``. Inference rounds (to
+    ``INFERENCE_MULTIPLE``) so that a stream of batches meets few distinct shapes: oneDNN builds kernels and
+    scratch per shape, and scoring 10,000 texts in bf16 grew RSS by 212-260 MiB without it (issue 22).
+    The padding is masked, so results do not change."""
+    return -(-longest // multiple) * multiple
+
+
+def collate(data: Encoded, index: np.ndarray, pad_id: int, multiple: int = 1) -> Batch:
     seqs, owner = [data.ids[i] for i in index], None
     if data.windows is not None:
         seqs, owner = data.windows.split(seqs)
-    t = max(len(s) for s in seqs)
+    t = padded_length(max(len(s) for s in seqs), multiple)
     input_ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), t), dtype=torch.long)
     for row, s in enumerate(seqs):
@@ -170,9 +181,9 @@ def eval_order(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def iterate(data: Encoded, order: list[np.ndarray], pad_id: int) -> Iterator[Batch]:
+def iterate(data: Encoded, order: list[np.ndarray], pad_id: int, multiple: int = 1) -> Iterator[Batch]:
     for index in order:
-        yield collate(data, index, pad_id)
+        yield collate(data, index, pad_id, multiple)
 
 
 def lengths_of(data: Encoded) -> np.ndarray:

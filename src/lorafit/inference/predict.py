@@ -15,7 +15,8 @@ from ..adapters.lora import merge_and_unload, store_frozen_linears
 from ..adapters.storage import ClassifierSpec
 from ..backbones.base import Backbone
 from ..backbones.int8 import quantize_checked, quantize_linears, resolve_inference_compute
-from ..data.batching import Encoded, Input, encode_texts, eval_order, iterate, lengths_of, text_fields
+from ..backbones.packing import rounded_rows
+from ..data.batching import INFERENCE_MULTIPLE, Encoded, Input, encode_texts, eval_order, iterate, lengths_of, text_fields
 from ..reporting.calibration import decide, thresholds_for
 from ..runtime import Compute, check_compute, resolve_compute
 
@@ -33,9 +34,9 @@ def predict_logits(model, data: Encoded, pad_id: int, *, batch_size: int = 32, c
     model.eval()
     out = torch.zeros((len(data.ids), model.num_classes), dtype=torch.float32)
     order = eval_order(lengths_of(data), batch_size) if order is None else order
-    for batch in iterate(data, order, pad_id):
+    for batch in iterate(data, order, pad_id, INFERENCE_MULTIPLE):  # few distinct shapes: see padded_length
         batch = batch.to(compute.device)
-        with compute.autocast():
+        with compute.autocast(), rounded_rows():
             logits = batch.pooled(model(batch.input_ids, batch.attention_mask))  # (B, C): a chunked text's windows pooled
         out[torch.from_numpy(batch.index)] = logits.float().cpu()
     model.train(was_training)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..adapters.multi import Adapter, SharedBase, open_base
+from ..data.batching import INFERENCE_MULTIPLE, padded_length
 from ..data.windows import Windows, frame_of, pool_windows
 from ..errors import LorafitError
 from ..reporting.report import library_versions
@@ -162,7 +163,7 @@ class ServedModel:
 
     def _run(self, ids, adapters, chunk: np.ndarray, lengths: np.ndarray) -> list[torch.Tensor]:
         """One batch, rows already grouped by adapter."""
-        t = int(lengths[chunk].max())
+        t = padded_length(int(lengths[chunk].max()), INFERENCE_MULTIPLE)  # few distinct shapes
         input_ids = torch.full((len(chunk), t), self.encoder.pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), t), dtype=torch.long)
         for row, i in enumerate(chunk):
