@@ -21,7 +21,7 @@ from ..backbones.weights import lorafit_to_hf
 from ..errors import LorafitError
 from ..files import atomic_dir, write_text
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps, layout_of,
-                        padded, sample_texts, save_tokenizer, transformers_tokenizer)
+                        padded, sample_texts, save_tokenizer, transformers_tokenizer, within)
 from .loading import load_classifier
 from .lora import merge_and_unload
 from .storage import ClassifierSpec
@@ -71,7 +71,7 @@ def to_transformers(run: str | Path, n_texts: int, where: str, transformers=None
     pair classifier); a base, head or pair join transformers cannot hold exactly is refused in one line."""
     transformers = transformers or require_transformers(where)
     model, backbone, spec = load_classifier(run)
-    texts = sample_texts(run, n_texts, pair=spec.pair)
+    texts = within(backbone.encoder, sample_texts(run, n_texts, pair=spec.pair), backbone.context_length, where)
     model.divide_logits(spec.temperature)  # the run's calibration, folded into the exported head
     layout = layout_of(spec)
     with torch.no_grad():  # batches of 32: memory stays small however many texts there are

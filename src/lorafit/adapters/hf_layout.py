@@ -143,6 +143,12 @@ def encoded(encoder, texts: list, where: str) -> list[list[int]]:
     return encoder.encode(list(texts)) if pairs is None else encoder.encode_pairs(pairs)[0]
 
 
+def within(encoder, texts: list, limit: int, where: str) -> list:
+    """The texts (or pairs) whose ids fit ``limit`` tokens: an agreement check runs each one whole, and a run's
+    test split may hold longer ones (truncated or, with ``--long chunk``, cut into windows by lorafit)."""
+    return [t for t, ids in zip(texts, encoded(encoder, texts, where)) if len(ids) <= limit]
+
+
 def padded(encoder, texts: list, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``texts`` (or pairs) as one right-padded batch (ids, mask); an input whose last token is the pad token
     is refused (transformers' pooling would skip it, lorafit's reads it)."""

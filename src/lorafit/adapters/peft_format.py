@@ -32,7 +32,7 @@ from ..files import (atomic_dir, load_safetensors, read_json, safetensors_metada
 from .classifier import Classifier
 from ..backbones.pairs import PairJoin
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps,
-                        layout_of, padded, sample_texts, save_tokenizer, transformers_tokenizer)
+                        layout_of, padded, sample_texts, save_tokenizer, transformers_tokenizer, within)
 from .lora import LoRAConfig, lora_layers
 from .build import build_classifier, rebuild_classifier
 from .storage import ClassifierSpec, is_merged, read_spec
@@ -169,7 +169,8 @@ def export_peft(run: str | Path, out: str | Path, *, overwrite: bool = False) ->
         write_text(tmp / "README.md", _readme(spec, layout, user_lines(base, gguf, spec.labels, pad, str(out),
                                                                   spec.problem_type), str(out)))
         if _importable("transformers", "peft"):
-            diff = _verify(tmp, model, backbone, spec, local, gguf, sample_texts(run, pair=spec.pair), str(out))
+            texts = within(backbone.encoder, sample_texts(run, pair=spec.pair), backbone.context_length, str(out))
+            diff = _verify(tmp, model, backbone, spec, local, gguf, texts, str(out))
     return diff
 
 
