@@ -106,6 +106,8 @@ def test_a_pair_run_learns_and_keeps_its_join(pair_run, capsys):
     spec = json.loads((pair_run / "adapter.json").read_text())
     assert spec["text_pair"] == {"join": "sep", "sep": "<|endoftext|>", "columns": ["first", "second"]}
     assert list(pd.read_csv(pair_run / "test.csv").columns) == ["text", "text_pair", "label"]
+    assert "Pairs of texts: columns first and second, read as one sequence (first, <|endoftext|>, second)." in \
+        (pair_run / "report.md").read_text()
     assert main(["eval", "--run", str(pair_run), "--json", *cpu()]) == 0
     again = json.loads(capsys.readouterr().out)["metrics"]["test"]
     assert again["accuracy"] == report["metrics"]["test"]["accuracy"]

@@ -90,7 +90,16 @@ def _summary(r: dict) -> list[str]:
         f"{len(r['model']['labels'])} classes ({', '.join(r['model']['labels'])}).",
         *_balancing(r["data"].get("balancing")),
         *_long_texts(r["data"]),
+        *_pairs(r["model"].get("text_pair")),
     ]
+
+
+def _pairs(pair: dict | None) -> list[str]:
+    """One line for a classifier of text pairs: its columns and how the base joins them."""
+    if not pair:
+        return []
+    join = f"first, {pair['sep']}, second" if pair.get("join") == "sep" else "the tokenizer's own pair template"
+    return ["", f"Pairs of texts: columns {' and '.join(pair['columns'])}, read as one sequence ({join})."]
 
 
 def _long_texts(data: dict) -> list[str]:
