@@ -161,8 +161,10 @@ def occlusion(forward: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor
 
 
 def explain_ids(forward: Callable[[torch.Tensor], torch.Tensor], embedding: nn.Embedding, encoder, text: str,
-                ids: list[int], labels: list[str], k: int, method: str, steps: int = IG_STEPS) -> Explanation:
-    """One text's :class:`Explanation` for class ``k``; ``method`` as :func:`resolve_method` left it."""
+                ids: list[int], labels: list[str], k: int, method: str, steps: int = IG_STEPS,
+                refine: int = IG_REFINE) -> Explanation:
+    """One text's :class:`Explanation` for class ``k``; ``method`` as :func:`resolve_method` left it;
+    integrated gradients may take up to ``refine`` times ``steps`` to converge."""
     device = embedding.weight.device
     x = torch.tensor([ids], dtype=torch.long, device=device)
     tokens = [encoder.decode([i]) for i in ids]
@@ -171,7 +173,7 @@ def explain_ids(forward: Callable[[torch.Tensor], torch.Tensor], embedding: nn.E
         while True:
             attr, fx, fb, delta = integrated_gradients(forward, embedding, x, encoder.pad_id, k, n)
             gap = abs(delta) / max(abs(fx - fb), 1e-6)
-            if gap <= COMPLETENESS or n * 2 > steps * IG_REFINE:
+            if gap <= COMPLETENESS or n * 2 > steps * refine:
                 break
             n *= 2
         how = (f"integrated gradients (Captum, {n} steps, baseline: every token the pad token; completeness gap "

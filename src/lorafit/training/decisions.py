@@ -81,7 +81,7 @@ def most_wrong(kept: Kept, test: Encoded, probs: np.ndarray, spec: ClassifierSpe
     rows = []
     for i in wrong:
         e = explain_ids(forward, embedding, kept.encoder, shown(kept.test_texts[i]), test.ids[i], labels, int(decided[i]),
-                        method)
+                        method, refine=1)  # bounded after training: no refining (the gap is shown)
         rows.append({"text": e.text, "label": labels[test.labels[i]], "predicted": e.label, "p_true": float(p_true[i]),
                      "method": e.method, "top_tokens": e.top(3)})
     model.train(was_training)
