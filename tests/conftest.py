@@ -66,17 +66,21 @@ def hf_gpt2_config(cfg: GPTConfig):
                       eos_token_id=cfg.vocab_size - 1)
 
 
-@pytest.fixture
-def hf_gpt2_dir(tmp_path, tiny_cfg) -> Path:
-    """A random tiny GPT-2 written by transformers' save_pretrained, with its tokenizer files."""
+def write_hf_gpt2(directory: Path, seed: int = 1) -> Path:
+    """A random tiny GPT-2 (``TINY``) written by transformers' save_pretrained into ``directory``, with its
+    tokenizer files."""
     from transformers import GPT2LMHeadModel
 
-    torch.manual_seed(1)
-    model = GPT2LMHeadModel(hf_gpt2_config(tiny_cfg)).eval()
-    d = tmp_path / "hf-gpt2"
-    model.save_pretrained(d)
-    write_bpe(d, names=("vocab.json", "merges.txt"))
-    return d
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(hf_gpt2_config(GPTConfig(**TINY))).eval().save_pretrained(directory)
+    write_bpe(directory, names=("vocab.json", "merges.txt"))
+    return directory
+
+
+@pytest.fixture
+def hf_gpt2_dir(tmp_path) -> Path:
+    """A random tiny GPT-2 written by transformers' save_pretrained, with its tokenizer files."""
+    return write_hf_gpt2(tmp_path / "hf-gpt2")
 
 
 def write_sms_like(path: Path, n: int = 160, seed: int = 0) -> Path:

@@ -9,25 +9,18 @@ from pathlib import Path
 
 import torch
 
-from conftest import TINY, hf_gpt2_config, write_bpe
+from conftest import write_hf_gpt2
 from lorafit.adapters.lora import LoRAConfig, lora_layers
 from lorafit.adapters.build import build_classifier
 from lorafit.adapters.storage import ClassifierSpec, save_adapter
 from lorafit.backbones.base import BackboneSpec
-from lorafit.backbones.gpt2 import GPTConfig
 
 TEXTS = ["WIN cash prize now!!! call 09061701461", "see you at lunch later", "ok", "FREE entry txt WIN to claim",
          "are we still on for dinner tonight, or on friday?", "hello hello"]
 
 
 def write_tiny_base(root: Path, seed: int = 1) -> Path:
-    from transformers import GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    base = root / "base"
-    GPT2LMHeadModel(hf_gpt2_config(GPTConfig(**TINY))).eval().save_pretrained(base)
-    write_bpe(base, names=("vocab.json", "merges.txt"))
-    return base
+    return write_hf_gpt2(root / "base", seed)
 
 
 def write_adapter(base: Path, run: Path, labels: list[str], lora: LoRAConfig, seed: int = 3) -> Path:

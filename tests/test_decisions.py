@@ -9,21 +9,16 @@ import random
 import pytest
 import torch
 
-from lorafit.backbones.gpt2 import GPTConfig
 from lorafit.cli import main
 
-from conftest import TINY, hf_gpt2_config, train_args, write_bpe, write_sms_like
+from conftest import train_args, write_hf_gpt2, write_sms_like
 
 
 @pytest.fixture(scope="module")
 def decided_run(tmp_path_factory):
     """A run on SMS-like data with 12 % of the labels flipped, so that validation has mistakes to calibrate on."""
-    from transformers import GPT2LMHeadModel
-
     root = tmp_path_factory.mktemp("decided")
-    torch.manual_seed(1)
-    GPT2LMHeadModel(hf_gpt2_config(GPTConfig(**TINY))).eval().save_pretrained(root / "base")
-    write_bpe(root / "base", names=("vocab.json", "merges.txt"))
+    write_hf_gpt2(root / "base")
     data = write_sms_like(root / "SMSSpamCollection", n=240)
     rng = random.Random(5)
     lines = data.read_text().splitlines()

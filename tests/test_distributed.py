@@ -18,8 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, hf_gpt2_config, save_tiny, write_bpe, write_sms_like
-from lorafit.backbones.gpt2 import GPTConfig
+from conftest import save_tiny, write_hf_gpt2, write_sms_like
 from lorafit import cli
 from lorafit.cli import main
 from lorafit.errors import LorafitError
@@ -104,12 +103,8 @@ def report(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """The tiny GPT-2 and the data, shared by this module's runs (written once)."""
-    from transformers import GPT2LMHeadModel
-
     d = tmp_path_factory.mktemp("dist")
-    torch.manual_seed(1)
-    GPT2LMHeadModel(hf_gpt2_config(GPTConfig(**TINY))).eval().save_pretrained(d / "gpt2")
-    write_bpe(d / "gpt2", names=("vocab.json", "merges.txt"))
+    write_hf_gpt2(d / "gpt2")
     return {"dir": d, "gpt2": d / "gpt2", "data": write_sms_like(d / "sms.tsv")}
 
 

@@ -94,17 +94,11 @@ def test_a_word_past_the_truncation_point_is_learned_only_when_chunked(tmp_path,
 @pytest.fixture(scope="module")
 def chunk_run(tmp_path_factory):
     """A --long chunk run on the tail task (max pooling), trained once for the tests below."""
-    from conftest import TINY, hf_gpt2_config, write_bpe
-    from transformers import GPT2LMHeadModel
-
-    from lorafit.backbones.gpt2 import GPTConfig
+    from conftest import write_hf_gpt2
     from lorafit.cli import main
 
     tmp = tmp_path_factory.mktemp("long")
-    torch.manual_seed(1)
-    base = tmp / "hf-gpt2"
-    GPT2LMHeadModel(hf_gpt2_config(GPTConfig(**TINY))).eval().save_pretrained(base)
-    write_bpe(base, names=("vocab.json", "merges.txt"))
+    base = write_hf_gpt2(tmp / "hf-gpt2")
     data = write_tail_task(tmp / "tail.csv")
     assert main(train_args(base, data, tmp / "run", "--epochs", "2", *LONG, "--pool", "max")) == 0
     return tmp / "run"

@@ -85,15 +85,10 @@ def test_hf_tokenizers_use_their_pair_template_or_put_eos_between(tiny_bert, tin
 @pytest.fixture(scope="module")
 def pair_run(tmp_path_factory):
     """A pair run on the tiny GPT-2: the run directory."""
-    from conftest import TINY, hf_gpt2_config, train_args, write_bpe
-    from lorafit.backbones.gpt2 import GPTConfig
-    from transformers import GPT2LMHeadModel
+    from conftest import train_args, write_hf_gpt2
 
     tmp = tmp_path_factory.mktemp("pairs")
-    torch.manual_seed(1)
-    base = tmp / "hf-gpt2"
-    GPT2LMHeadModel(hf_gpt2_config(GPTConfig(**TINY))).eval().save_pretrained(base)
-    write_bpe(base, names=("vocab.json", "merges.txt"))
+    base = write_hf_gpt2(tmp / "hf-gpt2")
     out = tmp / "run"
     assert main(train_args(base, write_pairs(tmp / "pairs.csv"), out, "--text-col", "first,second",
                            "--epochs", "6", "--lr", "5e-3", "--no-head-bias")) == 0

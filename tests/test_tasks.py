@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from lorafit.cli import main
 from lorafit.data.datasets import DataConfig, encode_labels, load_splits, read_table
@@ -69,16 +68,10 @@ def test_best_f1_threshold_and_multilabel_metrics_by_hand():
 @pytest.fixture(scope="module")
 def multi_run(tmp_path_factory):
     """A multi-label run on the tiny GPT-2 (4 epochs): the run directory."""
-    from conftest import hf_gpt2_config, train_args, write_bpe
-    from lorafit.backbones.gpt2 import GPTConfig
-    from conftest import TINY
-    from transformers import GPT2LMHeadModel
+    from conftest import train_args, write_hf_gpt2
 
     tmp = tmp_path_factory.mktemp("multi")
-    torch.manual_seed(1)
-    base = tmp / "hf-gpt2"
-    GPT2LMHeadModel(hf_gpt2_config(GPTConfig(**TINY))).eval().save_pretrained(base)
-    write_bpe(base, names=("vocab.json", "merges.txt"))
+    base = write_hf_gpt2(tmp / "hf-gpt2")
     data = write_multi_label(tmp / "topics.csv")
     out = tmp / "run"
     assert main(train_args(base, data, out, "--multi-label", "--epochs", "4", "--lr", "5e-3",
