@@ -12,13 +12,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..adapters.classifier import Classifier
 from ..adapters.storage import ClassifierSpec, save_spec
 from ..data.batching import Encoded, shown
 from ..inference.evaluate import split_metrics
-from ..inference.explain import explain_ids, resolve_method, token_embedding
+from ..inference.explain import classifier_forward, explain_ids, resolve_method, token_embedding
 from ..reporting.calibration import Calibration, DecisionConfig, calibrate, decide, pr_curve, reliability, roc_curve
 from ..reporting.metrics import roc_auc
 from ..reporting.plots import plot_pr, plot_reliability, plot_roc
@@ -72,9 +71,10 @@ def most_wrong(kept: Kept, test: Encoded, probs: np.ndarray, spec: ClassifierSpe
     method, model = resolve_method("auto"), kept.model
     embedding = token_embedding(model.backbone)
 
+    logits = classifier_forward(model, kept.compute)
+
     def forward(ids):  # the calibrated logits, as predict computes them
-        with kept.compute.autocast():
-            return model(ids, torch.ones_like(ids)) / spec.temperature
+        return logits(ids) / spec.temperature
 
     was_training = model.training
     model.eval()
