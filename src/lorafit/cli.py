@@ -44,7 +44,7 @@ from .serving.server import serve
 from .training.checkpoint import CheckpointPolicy, RunSettings
 from .training.loop import SCHEDULES, TrainConfig
 from .training.distributed import Launch, launched_by_torchrun
-from .training.run import default_run_dir, resume_run, run_to_resume, train_run
+from .training.run import default_run_dir, model_name, resume_run, run_to_resume, train_run
 from .training.tune import SPACE, TuneConfig, render_table, tune
 
 
@@ -345,10 +345,15 @@ def _lora_config(args):
                       targets=targets, use_dora=args.dora, init=args.init)
 
 
+def _command(args) -> str:
+    """The command line as typed, for report.md's "Reproduce" and the checkpoint's check on resume."""
+    return "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
+
+
 def cmd_train(args) -> None:
     launch = Launch(args.dist_backend, args.dist_timeout)
     out = Path(args.out) if args.out else default_run_dir(args.model, args.rank, args.seed)
-    command = "lorafit " + " ".join(shlex.quote(a) for a in args.argv)
+    command = _command(args)
     resume = run_to_resume(args.resume, out, command, args.overwrite)
     if resume:
         loggers = LoggerConfig(tuple(args.logger), args.mlflow_uri) if args.logger else None
@@ -403,9 +408,8 @@ def _print_summary(result) -> None:
 def cmd_tune(args) -> None:
     if args.resume:
         raise UsageError("tune: run the same command again to continue a search (its study is in --out)")
-    spec, dcfg, tcfg, settings = train_configs(args, "lorafit " + " ".join(shlex.quote(a) for a in args.argv))
-    name = Path(args.model.removeprefix("hf:")).name or "model"
-    out = Path(args.out or f"tunes/{name}-s{args.seed}")
+    spec, dcfg, tcfg, settings = train_configs(args, _command(args))
+    out = Path(args.out or f"tunes/{model_name(args.model)}-s{args.seed}")
     space = tuple(s.strip() for s in args.space.split(",") if s.strip())
     cfg = TuneConfig(trials=args.trials, jobs=args.jobs, space=space, prune=not args.no_prune,
                      max_epochs=args.max_epochs)

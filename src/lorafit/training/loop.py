@@ -107,12 +107,14 @@ class TrainState:
 
 
 class TrainingStopped(FieldError):
-    """Training stopped early (interrupted, or diverged); ``state`` is the last good step, resumable."""
+    """Training stopped early (interrupted, or diverged); ``state`` is the last good step, resumable.
+    ``reason``: what stopped it, without the advice on resuming that the message may add."""
 
-    def __init__(self, template: str, *values, state: TrainState, exit_code: int = 1):
+    def __init__(self, template: str, *values, state: TrainState, exit_code: int = 1, reason: str | None = None):
         super().__init__(template, *values)
         self.state = state
         self.exit_code = exit_code
+        self.reason = reason or str(self)
 
 
 def rng_state(device: torch.device) -> torch.Tensor:

@@ -127,7 +127,12 @@ def resume_run(out: str | Path, *, progress: bool = True, loggers: LoggerConfig 
 
 def default_run_dir(model: str, rank: int, seed: int) -> Path:
     """Where a run goes when no directory is named: runs/<model>-r<rank>-s<seed>."""
-    return Path("runs") / f"{Path(model.removeprefix('hf:')).name or 'model'}-r{rank}-s{seed}"
+    return Path("runs") / f"{model_name(model)}-r{rank}-s{seed}"
+
+
+def model_name(model: str) -> str:
+    """The base model as run and tune folders name it: a preset, or the last part of a path or hub id."""
+    return Path(model.removeprefix("hf:")).name or "model"
 
 
 def run_to_resume(resume: str | Path | None, out: Path, command: str, overwrite: bool) -> Path | None:
@@ -276,7 +281,7 @@ class _Training:
                        "last good state saved in {}; best adapter so far in {}")
                 where = (out,) if e.exit_code == 130 else (out / CHECKPOINT, out / ADAPTER_WEIGHTS)
                 raise TrainingStopped(e.template + "; " + how, *e.values, *where, state=e.state,
-                                      exit_code=e.exit_code) from None
+                                      exit_code=e.exit_code, reason=e.reason) from None
 
     def predict_kept(self, model: Classifier, enc: dict, pad_id: int, compute: Compute,
                      history: History) -> tuple[dict, float]:

@@ -218,7 +218,7 @@ def _objective(optuna, spec, data_cfg, train_cfg, cfg, out, settings, halt: Call
 
 def _failed(trial, error: LorafitError, directory: Path) -> float:
     """A failed trial, said in one line; NaN makes Optuna record it as failed and go on."""
-    message = str(error).split("; resume with")[0].split("; last good state")[0]
+    message = error.reason if isinstance(error, TrainingStopped) else str(error)
     trial.set_user_attr("error", message)
     warnings.warn(f"trial {trial.number} failed: {message} (its run folder: {directory})", stacklevel=2)
     return float("nan")
