@@ -74,8 +74,10 @@ def _cpuinfo(field: str) -> str | None:
     return None
 
 
-def cpu_flags() -> set[str]:
-    return set((_cpuinfo("flags") or "").split())
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, read from /proc/cpuinfo once per process (every int8 linear asks)."""
+    return frozenset((_cpuinfo("flags") or "").split())
 
 
 def cpu_name() -> str:

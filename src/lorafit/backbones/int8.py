@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import LorafitError
-from ..runtime import Compute, check_precision, cpu_flags, resolve_compute, resolve_device
+from ..runtime import Compute, cap_onednn_caches, check_precision, cpu_flags, resolve_compute, resolve_device
 
 INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # int8 dot-product instructions oneDNN uses
 INT8_TOLERANCE = 0.05  # the largest change of a class probability ``auto`` accepts on a run's sample texts
@@ -348,6 +348,7 @@ def resolve_inference_compute(device: str | torch.device = "auto", precision: st
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     check_precision(precision, dev, inference=True)
     if precision == "int8":
+        cap_onednn_caches()  # as resolve_compute does: oneDNN's quantised kernels fill the same caches
         return Compute(dev, None, int8=True)
     compute = resolve_compute(dev, precision, width)
     if precision == "auto" and dev.type == "cpu" and module is not None and cpu_has_int8_dot() \

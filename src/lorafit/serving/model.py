@@ -206,7 +206,6 @@ class ServedModel:
             "labels": labels,
             "problem_type": adapter.spec.problem_type,
             "text_pair": None if adapter.spec.text_pair is None else adapter.spec.text_pair.to_dict(),  # pairs: how joined
-            **({"thresholds": dict(adapter.spec.thresholds)} if adapter.spec.thresholds else {}),
             "lora": adapter.spec.lora.to_dict(),
             "temperature": adapter.spec.temperature,  # calibration: logits are divided by it
             "thresholds": adapter.spec.thresholds,  # class -> probability that decides it
