@@ -249,3 +249,13 @@ def test_rounded_batch_shapes_change_no_result(run_fixture, request):
         packing = Packing(2, 8, mask, "cpu")
     assert len(packing.keep) == 16 and packing.keep.tolist()[:3] == [0, 1, 2]  # real tokens first in each row
     assert Packing(2, 8, mask, "cpu").keep.tolist() == [0, 1, 2, 8, 9, 10, 11, 12]  # outside: real tokens only
+
+
+def test_the_int8_check_reads_a_multi_label_run_as_it_decides():
+    """A label whose logit crosses 0 flips a multi-label decision though softmax's class and probabilities
+    barely move: int8 is refused (the float linears back) for a multi-label run, kept for a single-label one."""
+    for multi_label, kept in ((False, True), (True, False)):
+        module = nn.Sequential(nn.Linear(8, 8))
+        calls = iter([torch.tensor([[0.1, -3.0]]), torch.tensor([[-0.1, -3.0]])])  # before, after quantising
+        assert quantize_checked(module, lambda: next(calls), multi_label=multi_label) is kept
+        assert isinstance(module[0], Int8Linear) is kept

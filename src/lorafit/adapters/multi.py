@@ -224,7 +224,7 @@ class SharedBase:
         def logits() -> torch.Tensor:
             return torch.stack(self.forward(input_ids, mask, [adapter], [len(ids)]))
 
-        return quantize_checked(module, logits)
+        return quantize_checked(module, logits, multi_label=adapter.spec.multi_label)
 
     def load_adapter(self, name: str, directory: str | Path) -> Adapter:
         """A lorafit adapter folder as an :class:`Adapter` of this base, or a one-line error naming what differs."""

@@ -228,15 +228,21 @@ def _set(module: nn.Module, name: str, child: nn.Module) -> None:
 
 
 def quantize_checked(module: nn.Module, logits: Callable[[], torch.Tensor], skip: tuple[nn.Module, ...] = (),
-                     tolerance: float | None = None) -> bool:
+                     tolerance: float | None = None, multi_label: bool = False) -> bool:
     """Quantise ``module``'s linears and keep them only if ``logits()`` (the class logits of a few sample texts)
-    still gives every text its class and each probability within ``tolerance`` (None: ``INT8_TOLERANCE``);
-    otherwise the float linears go back. Returns whether int8 was kept: what ``auto`` asks before it settles on int8."""
+    still gives every text its class (``multi_label``: each label's sigmoid on the same side of 0.5) and each
+    probability within ``tolerance`` (None: ``INT8_TOLERANCE``); otherwise the float linears go back. Returns
+    whether int8 was kept: what ``auto`` asks before it settles on int8."""
     tolerance = INT8_TOLERANCE if tolerance is None else tolerance
-    before = torch.softmax(logits().float(), -1)
+
+    def decided(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = z.float()
+        return (torch.sigmoid(z), z >= 0) if multi_label else (torch.softmax(z, -1), z.argmax(-1))
+
+    (before, classes) = decided(logits())
     linears = quantize_linears(module, skip)
-    after = torch.softmax(logits().float(), -1)
-    if torch.equal(before.argmax(-1), after.argmax(-1)) and float((before - after).abs().max()) <= tolerance:
+    (after, classes_after) = decided(logits())
+    if torch.equal(classes, classes_after) and float((before - after).abs().max()) <= tolerance:
         return True
     restore_linears(module, linears)
     return False

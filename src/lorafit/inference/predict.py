@@ -80,7 +80,8 @@ def load_for_inference(run: str | Path, device: str = "auto", precision: str = "
     if compute.int8:
         if precision == "int8":
             quantize_linears(model.backbone)
-        elif not quantize_checked(model.backbone, lambda: _sample_logits(model, backbone, run, spec.pair)):
+        elif not quantize_checked(model.backbone, lambda: _sample_logits(model, backbone, run, spec.pair),
+                                  multi_label=spec.multi_label):
             compute = resolve_compute(compute.device, "auto", backbone.hidden_size)
     if compute.autocast_dtype is not None:  # the merged weights in the compute precision: no casts per batch
         store_frozen_linears(model, compute.autocast_dtype)
