@@ -17,6 +17,7 @@ if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
     pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them)", allow_module_level=True)
 
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -140,8 +141,10 @@ def check_pairs(browser, wait, run, tmp_path) -> None:
     upload = tmp_path / "pairs.csv"
     upload.write_text(f'answer,question\n"{TEXTS[1]}","{TEXTS[0]}"\n"{TEXTS[3]}","{TEXTS[2]}"\n', encoding="utf-8")
     browser.find_element(By.ID, "file").send_keys(str(upload))
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#batch-body tr")) == 2
-               and d.find_element(By.CSS_SELECTOR, "#batch-body tr td:nth-child(3)").text == TEXTS[1])
+    # the table is rebuilt when the answer comes: a row read while it is replaced is stale, so look again
+    WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#batch-body tr")) == 2
+        and d.find_element(By.CSS_SELECTOR, "#batch-body tr td:nth-child(3)").text == TEXTS[1])
     reference = predict_texts(run, [(TEXTS[0], TEXTS[1]), (TEXTS[2], TEXTS[3])], device="cpu", precision="fp32")
     for tr, ref in zip(browser.find_elements(By.CSS_SELECTOR, "#batch-body tr"), reference):
         cells = [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
