@@ -50,6 +50,28 @@ def test_multi_label_cells_and_columns_read_to_the_same_label_sets(tmp_path):
     assert splits.labels == ["late", "money"] and sum(map(len, (splits.train, splits.val, splits.test))) == 160
 
 
+def test_one_probabilities_serves_the_classifier_the_server_and_the_export_check():
+    """Softmax ignores a shift of every logit, each label's sigmoid does not: the export check compares
+    what the run decides on (sigmoids for multi-label), as predict and serve score it."""
+    import torch
+    from types import SimpleNamespace
+    from lorafit.adapters.classifier import probabilities
+    from lorafit.adapters.hf_layout import check_same_predictions
+    from lorafit.serving.schema import predictions
+
+    z = torch.tensor([[2.0, -1.0, 0.5]])
+    np.testing.assert_allclose(probabilities(z, False).sum(-1), [1.0], atol=1e-6)
+    np.testing.assert_allclose(probabilities(z, True), torch.sigmoid(z), atol=0)
+    scores = [s["score"] for s in predictions(z, ["a", "b", "c"], raw_scores=False, multi_label=True)[0]]
+    assert sorted(scores, reverse=True) == pytest.approx(sorted(torch.sigmoid(z)[0].tolist(), reverse=True))
+    shifted = SimpleNamespace(logits=z + 1.0)
+    hf_model = lambda input_ids, attention_mask: shifted  # noqa: E731
+    ids = torch.zeros((1, 2), dtype=torch.long)
+    assert check_same_predictions(z, hf_model, ids, ids, "here") < 1e-6
+    with pytest.raises(LorafitError, match="differ from lorafit's"):
+        check_same_predictions(z, hf_model, ids, ids, "here", multi_label=True)
+
+
 def test_best_f1_threshold_and_multilabel_metrics_by_hand():
     y = np.array([1, 1, 0, 1, 0, 0])
     s = np.array([0.9, 0.4, 0.35, 0.3, 0.2, 0.1])

@@ -24,6 +24,12 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.
     raise LorafitError(f"pooling must be one of {', '.join(POOLINGS)}, got {how!r}")
 
 
+def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """(..., C) logits -> per-class probabilities: a softmax over the classes, or for a multi-label classifier
+    each label's own sigmoid (any number of labels may be true)."""
+    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
+
+
 class Classifier(nn.Module):
     """``head(pool(backbone.hidden_states(ids)))``: the head runs only at the pooled position."""
 
@@ -58,8 +64,8 @@ class Classifier(nn.Module):
                 self.head.bias.div_(temperature)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, C) logits -> per-class probabilities: softmax, or for multi-label one sigmoid each."""
-        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+        """(N, C) logits -> this classifier's probabilities (see :func:`probabilities`)."""
+        return probabilities(logits, self.multi_label)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "last" and getattr(self.backbone, "can_pool_last_block", False):

@@ -22,7 +22,7 @@ from ..data.batching import Encoded, collate, frame_inputs, pairs_of
 from ..data.datasets import TEXT, TEXT_PAIR, read_table
 from ..errors import FieldError, LorafitError
 from ..files import read_json, write_json
-from .classifier import Classifier
+from .classifier import Classifier, probabilities
 from .storage import ClassifierSpec
 
 # lorafit GPT-2 layer (under backbone.trf_blocks.{i}.) -> (transformers module under transformer.h.{i}., slot)
@@ -178,8 +178,7 @@ def check_same_predictions(ours: torch.Tensor, hf_model, batch: torch.Tensor, ma
     ``atol``. Returns the largest difference."""
     with torch.no_grad():
         theirs = hf_model(input_ids=batch, attention_mask=mask).logits.float()
-    prob = torch.sigmoid if multi_label else (lambda x: torch.softmax(x, -1))
-    diff = (prob(ours.float()) - prob(theirs)).abs().max().item()
+    diff = (probabilities(ours.float(), multi_label) - probabilities(theirs, multi_label)).abs().max().item()
     if not diff <= atol:
         raise LorafitError(f"{where}: transformers' probabilities differ from lorafit's by {diff:.2e} "
                            f"(more than {atol:g}); nothing written")

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from ..adapters.classifier import probabilities
 from ..reporting.calibration import decide
 from .config import TRUNCATION_DIRECTIONS
 from .model import RequestError
@@ -156,11 +157,6 @@ class ClassifyRequest:
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep == 0 or keep < -1):
             raise invalid(f"truncate_prompt_tokens must be a positive integer or -1, got {json.dumps(keep)}")
         return cls(texts, model_of(data), keep)
-
-
-def probabilities(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    """Softmax over the classes, or for a multi-label model each label's sigmoid."""
-    return torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=-1)
 
 
 def classification(logits: list[torch.Tensor], labels: list[str], model: str, tokens: int,
