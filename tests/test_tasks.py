@@ -72,6 +72,20 @@ def test_one_probabilities_serves_the_classifier_the_server_and_the_export_check
         check_same_predictions(z, hf_model, ids, ids, "here", multi_label=True)
 
 
+def test_predict_and_eval_decide_a_label_without_a_threshold_at_the_same_default():
+    from types import SimpleNamespace
+    from lorafit.inference.evaluate import split_metrics
+    from lorafit.inference.predict import labelled
+    from lorafit.reporting.metrics import LABEL_THRESHOLD
+
+    probs, labels = np.array([[LABEL_THRESHOLD, LABEL_THRESHOLD - 1e-9]]), ["a", "b"]
+    loaded = SimpleNamespace(labels=labels, spec=SimpleNamespace(multi_label=True))
+    (row,) = labelled(loaded, ["t"], probs, {})
+    metrics = split_metrics({"test": probs}, {"test": SimpleNamespace(labels=np.array([[1, 0]]))}, labels)["test"]
+    assert row["labels"] == ["a"] and list(row["thresholds"].values()) == metrics["thresholds"] == [LABEL_THRESHOLD] * 2
+    assert metrics["accuracy"] == 1.0  # eval decides as predict: a on, b off
+
+
 def test_best_f1_threshold_and_multilabel_metrics_by_hand():
     y = np.array([1, 1, 0, 1, 0, 0])
     s = np.array([0.9, 0.4, 0.35, 0.3, 0.2, 0.1])

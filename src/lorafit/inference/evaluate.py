@@ -14,7 +14,7 @@ from ..data.batching import Encoded, encode_frame
 from ..errors import FieldError
 from ..data.datasets import SPLIT_NAMES, DataConfig, Splits
 from ..reporting.calibration import decide
-from ..reporting.metrics import classification_metrics, multilabel_metrics
+from ..reporting.metrics import LABEL_THRESHOLD, classification_metrics, multilabel_metrics
 from ..runtime import Compute
 from .predict import load_for_inference, predict_proba
 
@@ -39,12 +39,12 @@ def split_metrics(probs: dict[str, np.ndarray], data: dict[str, Encoded], labels
                   thresholds: dict[str, float] | None = None) -> dict:
     """:func:`classification_metrics` per split; with ``thresholds``, also ``at_threshold``: the same
     metrics for the thresholded decisions (what predict and serve answer). Multi-label (0/1 rows):
-    :func:`multilabel_metrics`, each label decided at its threshold (0.5 without one)."""
+    :func:`multilabel_metrics`, each label decided at its threshold (:data:`LABEL_THRESHOLD` without one)."""
     metrics = {}
     for split, p in probs.items():
         y = data[split].labels
         if y.ndim == 2:
-            metrics[split] = multilabel_metrics(y, p, labels, [(thresholds or {}).get(k, 0.5) for k in labels])
+            metrics[split] = multilabel_metrics(y, p, labels, [(thresholds or {}).get(k, LABEL_THRESHOLD) for k in labels])
             continue
         metrics[split] = classification_metrics(y, p, labels)
         if thresholds:

@@ -18,6 +18,7 @@ from ..backbones.int8 import quantize_checked, quantize_linears, resolve_inferen
 from ..backbones.packing import rounded_rows
 from ..data.batching import INFERENCE_MULTIPLE, Encoded, Input, encode_texts, eval_order, iterate, lengths_of, text_fields
 from ..reporting.calibration import decide, thresholds_for
+from ..reporting.metrics import LABEL_THRESHOLD
 from ..runtime import Compute, check_compute, resolve_compute
 
 
@@ -127,7 +128,7 @@ def labelled(loaded: InferenceModel, texts: list[Input], probs: np.ndarray, thre
 
 def _label_set(text: Input, probs: np.ndarray, labels: list[str], thresholds: dict[str, float]) -> dict:
     """One multi-label prediction: the labels at or over their thresholds (0.5 for a label without one)."""
-    t = np.array([thresholds.get(k, 0.5) for k in labels])
+    t = np.array([thresholds.get(k, LABEL_THRESHOLD) for k in labels])
     chosen = [name for name, p, th in zip(labels, probs, t) if p >= th]
     return {**text_fields(text), "label": "|".join(chosen), "labels": chosen,
             "probabilities": dict(zip(labels, map(float, probs))),

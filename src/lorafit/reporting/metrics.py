@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+LABEL_THRESHOLD = 0.5  # a multi-label classifier's label is on at this sigmoid, unless the run chose its own
+
 
 def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float | None:
     """Area under the ROC curve via the rank-sum (Mann-Whitney) statistic; ties get average ranks."""
@@ -51,7 +53,7 @@ def _prf(tp: float, fp: float, fn: float) -> tuple[float, float, float]:
     return float(p), float(r), float(2 * p * r / (p + r)) if p + r else 0.0
 
 
-def best_f1_threshold(y_true: np.ndarray, score: np.ndarray, default: float = 0.5) -> float:
+def best_f1_threshold(y_true: np.ndarray, score: np.ndarray, default: float = LABEL_THRESHOLD) -> float:
     """The score threshold (predict positive when ``score >= t``) with the highest F1 on ``y_true`` (0/1):
     one-vs-rest, so it serves binary decisions and each label of a multi-label classifier alike. Ties go
     to the threshold nearest ``default``; without positives (or negatives) the answer is ``default``."""
@@ -76,9 +78,9 @@ def multilabel_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str],
                        thresholds: list[float] | None = None) -> dict:
     """Multi-label metrics from (N, C) 0/1 targets and per-label probabilities: ``accuracy`` is subset
     accuracy (every label right), loss the mean binary cross-entropy, micro and macro F1, Hamming loss,
-    per-label precision/recall/F1/support at ``thresholds`` (default 0.5 each), macro ROC-AUC over labels."""
+    per-label precision/recall/F1/support at ``thresholds`` (default :data:`LABEL_THRESHOLD` each), macro ROC-AUC over labels."""
     n, k = y_true.shape
-    t = np.full(k, 0.5) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    t = np.full(k, LABEL_THRESHOLD) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
     pred = probs >= t  # (N, C)
     y = y_true.astype(bool)
     tp, fp, fn = (pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0)
