@@ -90,7 +90,9 @@ def test_stacked_qkv_equals_separate_linears_and_runs_once(tiny_cfg, lengths):
         a, b = fused.hidden_states(ids, mask), separate.hidden_states(ids, mask)
         last = torch.tensor(lengths) - 1
         pa, pb = fused.hidden_states(ids, mask, at=last), separate.hidden_states(ids, mask, at=last)
-    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(pa, pb, atol=1e-5)
+    # pooled: the stacked product quantises the pooled rows' queries with the whole batch, separate W_query with
+    # those rows alone (one activation scale per input), so they differ by that rounding
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(pa, pb, atol=1e-3)
     assert calls == [sum(lengths), sum(lengths)]  # Q, K and V of block 0 in one product per forward
 
 

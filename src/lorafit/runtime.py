@@ -143,22 +143,47 @@ def choose_autocast_dtype(precision: str, device: torch.device, width: int = 768
     return None
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
 @functools.lru_cache(maxsize=None)
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) \
+        and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
+
+
 def return_freed_buffers_to_the_os() -> bool:
-    """Pin glibc's mmap threshold at 1 MiB (where glibc is the allocator; a no-op elsewhere).
+    """For training: pin glibc's mmap threshold at 1 MiB (where glibc is the allocator; a no-op elsewhere).
 
     Training allocates activation buffers of a different size at every batch length. glibc raises its
     mmap threshold each time such a buffer is freed, after which buffers come from the heap and stay
     there, fragmented, and peak RSS grows (README gives the measured effect). With the threshold pinned,
     large buffers go back to the OS when freed.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    return _mallopt(1 << 20, 128 << 10)  # glibc's default trim threshold
+
+
+def keep_freed_buffers() -> bool:
+    """For inference: buffers up to 32 MiB come from glibc's heap and stay there when freed (a no-op where glibc
+    is not the allocator).
+
+    A forward pass frees and allocates the same few activation sizes again and again. Each such buffer that
+    glibc maps fresh costs a page fault per 4 KiB on first touch: at GPT-2 small's 1,000-token batches an
+    int8 feed-forward took 20.7 ms instead of 9.1 (Zen 5, one thread), and whole-model int8 inference ran at
+    0.80x. Kept buffers are reused as an arena allocator (ONNX Runtime's) reuses them; peak RSS is unchanged.
+    """
+    return _mallopt(32 << 20, 1 << 30)
 
 
 def check_compute(device: str, precision: str, inference: bool = False) -> torch.device:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import LorafitError
 from ..files import from_known_fields
+from .int8 import stacked_output
 from .packing import Packing, attention
 
 
@@ -148,16 +149,21 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, packing: Packing, at: torch.Tensor | None = None) -> torch.Tensor:
         """(N, D) tokens -> (N, D); with ``at`` (B,) stack rows, only those rows' queries -> (B, D)."""
-        k = packing.heads(self.W_key(x), self.n_heads)  # (B, H, T, hd)
-        v = packing.heads(self.W_value(x), self.n_heads)  # (B, H, T, hd)
         dropout = self.drop_rate if self.training else 0.0
+        qkv = stacked_output((self.W_query, self.W_key, self.W_value), x)  # (N, 3D) as int8's one product, else None
+        if qkv is not None:
+            q, k, v = packing.heads(qkv, 3 * self.n_heads).split(self.n_heads, dim=1)  # (B, H, T, hd) each
+        else:
+            k = packing.heads(self.W_key(x), self.n_heads)  # (B, H, T, hd)
+            v = packing.heads(self.W_value(x), self.n_heads)  # (B, H, T, hd)
         if at is not None:
             b = at.shape[0]
-            q = self.W_query(x.index_select(0, at)).view(b, self.n_heads, 1, self.head_dim)  # (B, H, 1, hd)
-            y = attention(q, k, v, attn_mask=packing.visible(packing.positions[at]),
-                                               dropout_p=dropout)  # (B, H, 1, hd)
+            q = self.W_query(x.index_select(0, at)) if qkv is None else qkv[:, :k.shape[1] * k.shape[3]][at]
+            y = attention(q.view(b, self.n_heads, 1, self.head_dim), k, v,  # (B, H, 1, hd)
+                          attn_mask=packing.visible(packing.positions[at]), dropout_p=dropout)
             return self.out_proj(y.reshape(b, -1))  # (B, D)
-        q = packing.heads(self.W_query(x), self.n_heads)  # (B, H, T, hd)
+        if qkv is None:
+            q = packing.heads(self.W_query(x), self.n_heads)  # (B, H, T, hd)
         y = attention(q, k, v, is_causal=True, dropout_p=dropout)  # (B, H, T, hd)
         return self.out_proj(packing.tokens(y))  # (N, D)
 

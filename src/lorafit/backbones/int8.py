@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from ..errors import LorafitError
-from ..runtime import Compute, cap_onednn_caches, check_precision, cpu_flags, resolve_compute, resolve_device
+from ..runtime import (Compute, cap_onednn_caches, check_precision, cpu_flags, keep_freed_buffers, resolve_compute,
+                       resolve_device)
 
 INT8_DOT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # int8 dot-product instructions oneDNN uses
 INT8_TOLERANCE = 0.05  # the largest change of a class probability ``auto`` accepts on a run's sample texts
@@ -184,6 +185,16 @@ class Int8Slice(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, columns {self.start}:{self.stop}"
+
+
+def stacked_output(linears: tuple[nn.Module, ...], x: torch.Tensor) -> torch.Tensor | None:
+    """``linears``' outputs on ``x`` side by side, (N, sum of outs), as the one product they are where they are,
+    in order, all the slices of one :class:`SharedInput`; otherwise None (compute them one by one)."""
+    shared = getattr(linears[0], "shared", None)
+    if shared is None or any(type(m) is not Int8Slice or m.shared is not shared or m.part != i
+                             for i, m in enumerate(linears)) or len(linears) != linears[0].parts:
+        return None
+    return shared.linear(x)
 
 
 INT8_LINEARS = (Int8Linear, Int8Slice)  # what an int8 model's frozen linears are
@@ -353,6 +364,8 @@ def resolve_inference_compute(device: str | torch.device = "auto", precision: st
     checked once it is loaded (:func:`quantize_checked`). ``module`` None: no timing, no int8 for ``auto``."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     check_precision(precision, dev, inference=True)
+    if dev.type == "cpu":
+        keep_freed_buffers()
     if precision == "int8":
         cap_onednn_caches()  # as resolve_compute does: oneDNN's quantised kernels fill the same caches
         return Compute(dev, None, int8=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +44,21 @@ class Packing:
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (B, T, ...) with zeros at padded positions."""
-        if self.keep is not None:
-            x = x.new_zeros(self.b * self.t, *x.shape[1:]).index_copy(0, self.keep, x)
+        if self.keep is not None and torch.is_grad_enabled() and x.requires_grad:
+            x = x.new_zeros(self.b * self.t, *x.shape[1:]).index_copy(0, self.keep, x)  # backward: an index_select
+        elif self.keep is not None:  # a gather from the rows and one zero row: 0.4x index_copy's time (Zen 5)
+            x = torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, self.gather)
         return x.view(self.b, self.t, *x.shape[1:])
 
+    @functools.cached_property
+    def gather(self) -> torch.Tensor:
+        """(B * T,) the stack row of each batch position; N (one past the last row) at padded ones."""
+        rows = torch.full((self.b * self.t,), len(self.keep), dtype=torch.long, device=self.keep.device)
+        return rows.index_copy_(0, self.keep, torch.arange(len(self.keep), device=self.keep.device))
+
     def heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
-        """(N, n_heads * hd) -> (B, n_heads, T, hd): the layout attention runs on."""
+        """(N, n_heads * hd) -> (B, n_heads, T, hd): the layout attention runs on (``x`` may hold Q, K and V side
+        by side: their 3 x n_heads heads come out, to be split on dim 1)."""
         return self.unpack(x).view(self.b, self.t, n_heads, -1).transpose(1, 2)
 
     def tokens(self, y: torch.Tensor) -> torch.Tensor:
