@@ -227,6 +227,40 @@ def test_a_single_text_adapter_is_served_beside_the_pair_one(pair_client):
     assert cards["single"]["text_pair"] is None and cards["pairs"]["text_pair"]["columns"] == ["first", "second"]
 
 
+def test_serve_cuts_pairs_at_the_run_s_max_length_in_one_pass(pair_run, tmp_path):
+    """A pair run trained with a max_length below the server's limit: served pairs are cut longest first to it
+    from their whole texts, as predict cuts them, tokenised once; only a pair over the server's own limit
+    without truncate costs a second pass, to be refused with 413."""
+    pytest.importorskip("fastapi", reason="lorafit[serve] is not installed")
+    import shutil
+
+    from lorafit.serving.config import ServeConfig
+    from lorafit.serving.model import RequestError, ServedModel
+
+    run = shutil.copytree(pair_run, tmp_path / "run")
+    spec = json.loads((run / "adapter.json").read_text())
+    spec["long"]["max_length"] = 6
+    (run / "adapter.json").write_text(json.dumps(spec))
+    served = ServedModel.load(ServeConfig(runs=(str(run),), device="cpu", precision="fp32"))
+    encoder, calls = served.encoder, []
+    real = encoder.encode_pairs
+    encoder.encode_pairs = lambda pairs, max_length=None: calls.append(max_length) or real(pairs, max_length)
+    expected = real(PAIRS, 6)[0]
+    assert all(len(x) > 6 for x in real(PAIRS)[0])  # every pair is cut
+    for truncate in (True, False):
+        calls.clear()
+        ids = served.encode(PAIRS, truncate, adapter=served.default)
+        assert ids == expected and calls == ([6] if truncate else [6, None])
+    calls.clear()
+    with pytest.raises(RequestError, match="more than the limit of 10"):
+        served.encode(PAIRS, False, limit=10, adapter=served.default)
+    got = torch.softmax(torch.stack(served.logits(expected, [served.default] * 2, 4)), -1)
+    with pytest.warns(UserWarning, match="2 pair"):  # predict cuts them too
+        reference = predict_texts(run, PAIRS, device="cpu", precision="fp32")
+    labels = served.default.labels
+    assert got.flatten().tolist() == pytest.approx([r["probabilities"][k] for r in reference for k in labels], abs=1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["hf", "peft", "onnx"])
 def test_exports_join_pairs_as_lorafit_does(pair_run, tmp_path, fmt, capsys):
     transformers = pytest.importorskip("transformers")

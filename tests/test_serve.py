@@ -356,3 +356,30 @@ def test_a_lone_request_skips_the_wait_and_crowded_ones_are_gathered():
     finally:
         release.set()
         b.stop(timeout=30)
+
+
+def test_auto_refusing_int8_keeps_the_base_loaded_once_in_its_float_precision(run_dir, monkeypatch):
+    """auto's int8 check refusing (forced here) leaves the float linears it put back, cast to auto's float
+    precision: the base is not read a second time, and the answers are those of that precision."""
+    from functools import partial
+
+    from lorafit.adapters import multi
+    from lorafit.backbones.int8 import INT8_LINEARS, quantize_checked
+    from lorafit.backbones.loader import load_backbone
+    from lorafit.runtime import Compute, choose_autocast_dtype
+
+    loads = []
+    monkeypatch.setattr(multi, "load_backbone", lambda *a, **k: loads.append(1) or load_backbone(*a, **k))
+    monkeypatch.setattr(multi, "resolve_inference_compute", lambda device, *a, **k: Compute(device, None, int8=True))
+    monkeypatch.setattr(multi, "quantize_checked", partial(quantize_checked, tolerance=-1.0))  # always refused
+    refused = ServedModel.load(ServeConfig(runs=(str(run_dir),), device="cpu", precision="auto"))
+    assert len(loads) == 1
+    width = refused.base.backbone.hidden_size
+    expected = {None: "fp32", torch.bfloat16: "bf16"}[choose_autocast_dtype("auto", torch.device("cpu"), width)]
+    assert refused.compute.precision == expected
+    assert not any(isinstance(m, INT8_LINEARS) for m in refused.base.backbone.module.modules())
+    monkeypatch.undo()
+    direct = ServedModel.load(ServeConfig(runs=(str(run_dir),), device="cpu", precision=expected))
+    ids = direct.encode(TEXTS, truncate=True)
+    got, want = (torch.stack(s.logits(ids, [s.default] * len(ids), 4)) for s in (refused, direct))
+    assert torch.equal(got, want)

@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import Backbone
-from ..data.batching import encode_texts
+from ..data.batching import collate, encode_texts
+from ..data.windows import Windows, frame_of
 from ..backbones.int8 import INT8_LINEARS, quantize_checked, quantize_linears, resolve_inference_compute
 from ..backbones.loader import load_backbone
 from ..errors import LorafitError
 from ..files import load_safetensors
-from ..runtime import Compute, choose_autocast_dtype
+from ..runtime import Compute, resolve_compute
 from .classifier import pool
 from .hf_layout import sample_texts
 from .loading import load_classifier
@@ -62,6 +63,7 @@ class Adapter:
     head_weight: torch.Tensor  # (C, D)
     head_bias: torch.Tensor | None  # (C,)
     size_bytes: int = 0  # what the adapter's own tensors take in memory
+    windows: Windows | None = None  # how it cuts long texts on this base, as in its training (None: it truncates)
     created: int = field(default_factory=lambda: int(time.time()))  # when it was loaded (Unix time)
 
     def __post_init__(self) -> None:
@@ -170,6 +172,17 @@ class SharedBase:
             store_frozen_linears(module, self.compute.autocast_dtype)
         module.to(self.compute.device)
 
+    def settle(self, compute: Compute, adapter: Adapter) -> None:
+        """Compute in ``compute`` from now on (auto's float choice after int8 was refused): the base's linears and
+        ``adapter``'s tensors, loaded for the other precision, are cast to it in place, not loaded again."""
+        self.compute = compute
+        self.prepare()
+        for u in adapter.layers.values():
+            u.a, u.bt = self._stored(u.a), self._stored(u.bt)
+            u.row_scale = None if u.row_scale is None else self._stored(u.row_scale)
+        adapter.head_weight = self._stored(adapter.head_weight)
+        adapter.head_bias = None if adapter.head_bias is None else self._stored(adapter.head_bias)
+
     def linear_names(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.backbone.module.named_modules()
                 if isinstance(m, (nn.Linear, *INT8_LINEARS, GroupedLoRALinear))}
@@ -213,16 +226,12 @@ class SharedBase:
             quantize_linears(module)
             return True
         self.wrap(list(adapter.layers))
-        ids = encode_texts(self.backbone.encoder, texts, None, self.backbone.context_length, warn=False).ids
-        lengths = [len(x) for x in ids]
-        input_ids = torch.full((len(ids), max(lengths)), self.backbone.encoder.pad_id, dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask = (torch.arange(input_ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+        data = encode_texts(self.backbone.encoder, texts, None, self.backbone.context_length, warn=False)
+        batch = collate(data, np.arange(len(data.ids)), self.backbone.encoder.pad_id)
 
         @torch.inference_mode()
         def logits() -> torch.Tensor:
-            return torch.stack(self.forward(input_ids, mask, [adapter], [len(ids)]))
+            return torch.stack(self.forward(batch.input_ids, batch.attention_mask, [adapter], [len(data.ids)]))
 
         return quantize_checked(module, logits, multi_label=adapter.spec.multi_label)
 
@@ -245,7 +254,11 @@ class SharedBase:
         head_w, head_b = (None if t is None else self._stored(t) for t in (head_w, head_b))
         own = [head_w, head_b, *(t for u in layers.values() for t in (u.a, u.bt, u.row_scale))]
         size = sum(t.numel() * t.element_size() for t in own if t is not None)
-        return Adapter(name, str(directory), spec, layers, head_w, head_b, size)
+        return Adapter(name, str(directory), spec, layers, head_w, head_b, size, self.windows(spec))
+
+    def windows(self, spec: ClassifierSpec) -> Windows | None:
+        """How a run cuts long texts on this base (settings that do not fit it fail here, before it is served)."""
+        return spec.long.windows(self.backbone.context_length, frame_of(self.backbone.encoder))
 
     def check(self, spec: ClassifierSpec, where: str) -> None:
         """Refuse an adapter trained on another base (architecture or weights) or pooling differently."""
@@ -305,14 +318,13 @@ def open_base(name: str, directory: str | Path, device: str, precision: str) -> 
     A lorafit adapter folder loads its base once, plain; other adapters then join it. A merged or PEFT
     folder becomes its own base (the update folded in) and serves alone: no adapter matches its weights.
     In int8 the base's linears are quantised (the adapters' updates stay fp32); ``auto`` keeps int8 only
-    where the first run's sample texts keep their classes, and otherwise loads the base again in float.
+    where the first run's sample texts keep their classes, and otherwise keeps the float linears the check put
+    back, in the precision ``auto`` picks without int8.
     """
     base, adapter = _open(name, Path(directory), device, precision)
     if base.compute.int8 and not base.quantize(adapter, sample_texts(directory, pair=adapter.spec.pair),
                                                checked=precision == "auto"):
-        width = base.backbone.hidden_size
-        dtype = choose_autocast_dtype("auto", base.compute.device, width)
-        base, adapter = _open(name, Path(directory), device, "fp32" if dtype is None else "bf16")
+        base.settle(resolve_compute(base.compute.device, "auto", base.backbone.hidden_size), adapter)
     return base, adapter
 
 
@@ -333,4 +345,4 @@ def _open(name: str, directory: Path, device: str, precision: str) -> tuple[Shar
     head = model.head
     return base, Adapter(name, str(directory), spec, {}, base._stored(head.weight.detach()),
                          None if head.bias is None else base._stored(head.bias.detach()),
-                         sum(p.numel() * p.element_size() for p in head.parameters()))
+                         sum(p.numel() * p.element_size() for p in head.parameters()), base.windows(spec))

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..adapters.multi import Adapter, SharedBase, open_base
-from ..data.batching import INFERENCE_MULTIPLE, padded_length
-from ..data.windows import Windows, frame_of, pool_windows
+from ..data.batching import INFERENCE_MULTIPLE, Encoded, collate
+from ..data.windows import Windows, pool_windows
 from ..errors import LorafitError
 from ..reporting.report import library_versions
 from ..runtime import Compute, check_compute
@@ -91,14 +91,13 @@ class ServedModel:
         return adapter
 
     def _register(self, adapter: Adapter) -> None:
-        self.windows(adapter)  # settings that do not fit this base fail here, before it is served
         with self.base.lock:  # layers are wrapped between batches, never under one
             self.base.wrap(list(adapter.layers))
         self.adapters = {**self.adapters, adapter.name: adapter}
 
     def windows(self, adapter: Adapter) -> Windows | None:
         """How ``adapter`` cuts long texts (None: it truncates them), as in its training."""
-        return adapter.spec.long.windows(self.base.backbone.context_length, frame_of(self.encoder))
+        return adapter.windows
 
     def encode(self, texts: list, truncate: bool, direction: str = "right", limit: int | None = None,
                adapter: Adapter | None = None) -> list[list[int]]:
@@ -106,23 +105,30 @@ class ServedModel:
         the limit (``limit`` or the server's) is cut (``truncate``: a text at ``direction``, a pair longest first)
         or refused with 413. An ``adapter`` that chunks long texts gets them whole (:meth:`rows` cuts them; an
         explicit ``limit`` still cuts first); one trained with a shorter ``max_length`` gets them cut there, as
-        its training cut them."""
+        its training cut them (a pair longest first from its whole texts, in the same pass where it can be)."""
         pairs = bool(texts) and isinstance(texts[0], tuple)
-        if adapter is not None and not pairs and self.windows(adapter) is not None:
+        if adapter is not None and not pairs and adapter.windows is not None:
             ids = self.encoder.encode(texts)
             return ids if limit is None else [x[:limit] if direction == "right" else x[-limit:] for x in ids]
-        ids = self._encode(texts, truncate, direction, limit)
+        limit = min(limit or self.max_input_tokens, self.max_input_tokens)
         trained = adapter.spec.long.max_length if adapter is not None else None
-        if trained and any(len(x) > trained for x in ids):
-            ids = self.encoder.encode_pairs(texts, trained)[0] if pairs else [x[:trained] for x in ids]
+        if pairs:
+            return self._encode_pairs(texts, truncate, limit, trained)
+        ids = self._within(self.encoder.encode(texts), limit, truncate, direction)
+        return ids if not trained or trained >= limit else [x[:trained] for x in ids]
+
+    def _encode_pairs(self, pairs: list, truncate: bool, limit: int, trained: int | None) -> list[list[int]]:
+        """Pairs cut longest first to the shorter of ``limit`` and ``trained`` in one pass; without ``truncate``, a
+        pair over ``limit`` is a 413 (known at once, or by a second pass over pairs that ``trained`` cut)."""
+        cut = min(limit, trained or limit)
+        ids, n_cut = self.encoder.encode_pairs(pairs, cut if truncate or cut < limit else None)
+        if not truncate:
+            self._within(self.encoder.encode_pairs(pairs)[0] if n_cut and cut < limit else ids, limit, False)
         return ids
 
-    def _encode(self, texts: list, truncate: bool, direction: str, limit: int | None) -> list[list[int]]:
-        limit = min(limit or self.max_input_tokens, self.max_input_tokens)
-        if texts and isinstance(texts[0], tuple):
-            ids, _ = self.encoder.encode_pairs(texts, limit if truncate else None)
-        else:
-            ids = self.encoder.encode(texts)
+    @staticmethod
+    def _within(ids: list[list[int]], limit: int, truncate: bool, direction: str = "right") -> list[list[int]]:
+        """``ids`` with every input over ``limit`` cut at ``direction`` (``truncate``), else 413 for the first."""
         for i, x in enumerate(ids):
             if len(x) > limit:
                 if not truncate:
@@ -157,23 +163,17 @@ class ServedModel:
         for start in range(0, len(ids), batch_size):
             chunk = by_length[start:start + batch_size]
             chunk = chunk[np.argsort([rank[adapters[i]] for i in chunk], kind="stable")]
-            for i, row in zip(chunk, self._run(ids, adapters, chunk, lengths)):
+            for i, row in zip(chunk, self._run(ids, adapters, chunk)):
                 out[i] = row
         return out
 
-    def _run(self, ids, adapters, chunk: np.ndarray, lengths: np.ndarray) -> list[torch.Tensor]:
-        """One batch, rows already grouped by adapter."""
-        t = padded_length(int(lengths[chunk].max()), INFERENCE_MULTIPLE)  # few distinct shapes
-        input_ids = torch.full((len(chunk), t), self.encoder.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), t), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            input_ids[row, :lengths[i]] = torch.tensor(ids[i], dtype=torch.long)
-            mask[row, :lengths[i]] = 1
+    def _run(self, ids, adapters, chunk: np.ndarray) -> list[torch.Tensor]:
+        """One batch, rows already grouped by adapter (padded to a multiple of 8: few distinct shapes)."""
+        batch = collate(Encoded(ids, None, 0), chunk, self.encoder.pad_id, INFERENCE_MULTIPLE).to(self.compute.device)
         groups = list(dict.fromkeys(adapters[i] for i in chunk))
         counts = [sum(adapters[i] is a for i in chunk) for a in groups]
-        device = self.compute.device
         with self.base.lock, self.compute.autocast():
-            return [r.cpu() for r in self.base.forward(input_ids.to(device), mask.to(device), groups, counts)]
+            return [r.cpu() for r in self.base.forward(batch.input_ids, batch.attention_mask, groups, counts)]
 
     def describe(self, adapter: Adapter) -> dict:
         """One adapter as /info and /v1/models describe it."""
