@@ -267,6 +267,7 @@ def test_exports_join_pairs_as_lorafit_does(pair_run, tmp_path, fmt, capsys):
     if fmt != "hf":
         pytest.importorskip("peft" if fmt == "peft" else "onnxruntime")
     from lorafit.backbones.loader import load_backbone
+    from lorafit.adapters.hf_layout import pair_note
     from lorafit.adapters.storage import read_spec
 
     out = tmp_path / fmt
@@ -280,7 +281,9 @@ def test_exports_join_pairs_as_lorafit_does(pair_run, tmp_path, fmt, capsys):
     firsts, seconds = [a for a, _ in PAIRS], [b for _, b in PAIRS]
     assert tokenizer(firsts, seconds)["input_ids"] == encoder.encode_pairs(PAIRS)[0]
     assert "token_type_ids" not in tokenizer(firsts[0], seconds[0])  # GPT-2 would add them to its embeddings
-    assert '"text_pair": "second text"' in (out / "README.md").read_text() or fmt == "peft"
+    readme = (out / "README.md").read_text()
+    assert pair_note(read_spec(pair_run)) in readme  # one sentence for every format: how the texts are joined
+    assert '"text_pair": "second text"' in readme or fmt == "peft"
     expected = predict_texts(pair_run, PAIRS, device="cpu", precision="fp32")
     if fmt == "hf":
         classify = transformers.pipeline("text-classification", model=str(out), device="cpu")

@@ -20,8 +20,8 @@ from ..backbones.hf import float32, require_transformers
 from ..backbones.weights import lorafit_to_hf
 from ..errors import LorafitError
 from ..files import atomic_dir, write_text
-from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps, layout_of,
-                        padded, sample_texts, save_tokenizer, transformers_tokenizer, within)
+from .hf_layout import (Layout, check_same_predictions, check_tokenizer, example_input, head_for_transformers, label_maps,
+                        layout_of, padded, pair_note, sample_texts, save_tokenizer, transformers_tokenizer, within)
 from .loading import load_classifier
 from .lora import merge_and_unload
 from .storage import ClassifierSpec
@@ -112,15 +112,6 @@ def export_hf(run: str | Path, out: str | Path, *, overwrite: bool = False) -> f
     return diff
 
 
-def pair_note(spec: ClassifierSpec) -> str:
-    """A pair classifier's model-card sentence: how the two texts are joined (the tokenizer does it)."""
-    if not spec.pair:
-        return ""
-    needs = " (transformers >= 4.49 pools it right)" if spec.text_pair.join == "sep" else ""
-    return (f" It classifies pairs of texts ({', '.join(spec.text_pair.columns)}), joined as "
-            f"{spec.text_pair.describe()}: the tokenizer's pair template does it, `tokenizer(first, second)`{needs}.")
-
-
 def _readme(layout: Layout, spec, out: str) -> str:
     multi = ""
     if spec.multi_label:
@@ -128,8 +119,7 @@ def _readme(layout: Layout, spec, out: str) -> str:
         multi = (" It is multi-label (config.json's problem_type): every label has its own sigmoid score; "
                  "`top_k=None` returns them all" + (f", and lorafit's per-label thresholds, chosen on validation, "
                                                     f"are {thresholds}" if thresholds else "") + ".")
-    text = '{"text": "first text", "text_pair": "second text"}' if spec.pair else '"your text"'
-    call = f'classify({text}, top_k=None)' if spec.multi_label else f'classify({text})'
+    call = f"classify({example_input(spec)}{', top_k=None' if spec.multi_label else ''})"
     return (f"# Text classifier exported by lorafit\n\nA {layout.architecture} (LoRA merged) for the classes "
             f"{', '.join(spec.labels)}.{multi}{spec.long.describe()}{pair_note(spec)} Needs only transformers:\n\n"
             f"```python\nfrom transformers import pipeline\n"

@@ -258,3 +258,17 @@ def _check_pair_pooling(transformers, encoder, join: PairJoin, where: str) -> No
         raise LorafitError(f"{where}: transformers {transformers.__version__} pools the token before the first pad "
                            f"token, and this pair classifier's separator {join.sep} is the pad token: exporting it "
                            f"needs transformers >= {'.'.join(map(str, PAIR_POOLING))}; nothing written")
+
+
+def pair_note(spec: ClassifierSpec) -> str:
+    """A pair classifier's model-card sentence: how the two texts are joined (the tokenizer does it)."""
+    if not spec.pair:
+        return ""
+    needs = " (transformers >= 4.49 pools it right)" if spec.text_pair.join == "sep" else ""
+    return (f" It classifies pairs of texts ({', '.join(spec.text_pair.columns)}), joined as "
+            f"{spec.text_pair.describe()}: the tokenizer's pair template does it, `tokenizer(first, second)`{needs}.")
+
+
+def example_input(spec: ClassifierSpec) -> str:
+    """What an export's model card passes to a transformers pipeline: a text, or a pair's dict."""
+    return '{"text": "first text", "text_pair": "second text"}' if spec.pair else '"your text"'

@@ -23,8 +23,8 @@ import torch
 from ..backbones.hf import require_transformers
 from ..errors import LorafitError, SettingError
 from ..files import atomic_dir, write_text
-from .hf_format import TransformersClassifier, pair_note, to_transformers
-from .hf_layout import check_tokenizer, padded, save_tokenizer
+from .hf_format import TransformersClassifier, to_transformers
+from .hf_layout import check_tokenizer, example_input, padded, pair_note, save_tokenizer
 
 ONNX_FILE = "model.onnx"
 INPUTS = ("input_ids", "attention_mask")
@@ -138,7 +138,6 @@ def export_onnx(run: str | Path, out: str | Path, *, quantize: str | None = None
 
 def _readme(clf: TransformersClassifier, quantize: str | None, out: str) -> str:
     kind = f"{quantize} (dynamic quantisation)" if quantize else "fp32"
-    text = '{"text": "first text", "text_pair": "second text"}' if clf.spec.pair else '"your text"'
     return (f"# Text classifier exported by lorafit\n\nA {clf.layout.architecture} (LoRA merged) in ONNX, {kind}, for "
             f"the classes {', '.join(clf.labels)}.{clf.spec.long.describe()}{pair_note(clf.spec)} Serve it with "
             f"optimum's ONNX Runtime classes "
@@ -146,7 +145,7 @@ def _readme(clf: TransformersClassifier, quantize: str | None, out: str) -> str:
             f"from optimum.onnxruntime import ORTModelForSequenceClassification\n"
             f"from transformers import AutoTokenizer, pipeline\n"
             f"classify = pipeline(\"text-classification\", model=ORTModelForSequenceClassification.from_pretrained("
-            f"{out!r}), tokenizer=AutoTokenizer.from_pretrained({out!r}))\nprint(classify({text}))\n```\n\n"
+            f"{out!r}), tokenizer=AutoTokenizer.from_pretrained({out!r}))\nprint(classify({example_input(clf.spec)}))\n```\n\n"
             f"or with onnxruntime alone: inputs `input_ids` and `attention_mask` (int64, batch x length, padded on "
             f"the right with `pad_token_id` {clf.encoder.pad_id}), output `logits` (batch x classes):\n\n```python\n"
             f"import onnxruntime\nsession = onnxruntime.InferenceSession({str(Path(out) / ONNX_FILE)!r})\n"

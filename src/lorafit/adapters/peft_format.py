@@ -32,7 +32,7 @@ from ..files import (atomic_dir, load_safetensors, read_json, safetensors_metada
 from .classifier import Classifier
 from ..backbones.pairs import PairJoin
 from .hf_layout import (Layout, check_same_predictions, check_tokenizer, head_for_transformers, label_maps,
-                        layout_of, padded, sample_texts, save_tokenizer, transformers_tokenizer, within)
+                        layout_of, padded, pair_note, sample_texts, save_tokenizer, transformers_tokenizer, within)
 from .lora import LoRAConfig, lora_layers
 from .build import build_classifier, rebuild_classifier
 from .storage import ClassifierSpec, is_merged, read_spec
@@ -198,15 +198,12 @@ def _exportable_layout(run: str | Path) -> Layout:
 
 
 def _readme(spec: ClassifierSpec, layout: Layout, lines: str, out: str = "") -> str:
-    pair = ""
     if spec.pair:
-        pair = (f" It classifies pairs of texts ({', '.join(spec.text_pair.columns)}), joined as "
-                f"{spec.text_pair.describe()}: this folder's tokenizer does it, `tokenizer(first, second)`")
         lines += (f"\nfrom transformers import AutoTokenizer\ntokenizer = AutoTokenizer.from_pretrained({out!r})\n"
                   f"logits = model(**tokenizer(\"first text\", \"second text\", return_tensors=\"pt\")).logits")
     return (f"# LoRA adapter (PEFT) exported by lorafit\n\nA {layout.architecture} with LoRA rank {spec.lora.rank}, "
             f"alpha {spec.lora.alpha:g}{' (rsLoRA)' if spec.lora.use_rslora else ''}, classes "
-            f"{', '.join(spec.labels)}.{spec.long.describe()}{pair} In fp32 it gives lorafit's probabilities within "
+            f"{', '.join(spec.labels)}.{spec.long.describe()}{pair_note(spec)} In fp32 it gives lorafit's probabilities within "
             f"1e-5:\n\n"
             f"```python\n{lines}\n```\n")
 
