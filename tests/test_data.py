@@ -347,3 +347,21 @@ def test_any_table_python_csv_writes_is_read_back_with_its_separator_sniffed(tmp
         assert list(zip(df.text, df.label)) == rows
 
     round_trip()
+
+
+def test_balancing_modes_and_column_lists_read_alike_everywhere():
+    import pandas as pd
+    from lorafit.data.datasets import _columns, balancing_plan, text_columns
+    from lorafit.errors import SettingError
+
+    counts = pd.Series({"ham": 30, "spam": 10})
+    assert DataConfig(balance=True).balance == balancing_plan(counts, True, "here")["method"] == "undersample"
+    assert DataConfig(balance=False).balance == balancing_plan(counts, False, "here")["method"] == "none"
+    for bad in (lambda: DataConfig(balance="most"), lambda: balancing_plan(counts, "most", "here")):
+        with pytest.raises(SettingError, match="balance must be one of auto, undersample, weights, none"):
+            bad()
+    with pytest.raises(SettingError, match="got 3: a, b, c"):
+        DataConfig(text_col="a, b,c")
+    assert DataConfig(text_col=" q , a ").pair and text_columns(["q ", "a"]) == ["q", "a"]
+    assert _columns("q, a", " x , y,", True) == (["q", "a"], ["x", "y"])  # label columns: empty names dropped
+    assert _columns(None, "label", True) == (["text"], "label")

@@ -64,6 +64,15 @@ def sms_spam_path() -> Path:
     return target
 
 
+def balancing_mode(balance: str | bool) -> str:
+    """``balance`` checked, one of BALANCING (True / False, as older runs saved it: undersample / none)."""
+    if balance is True or balance is False:
+        balance = "undersample" if balance else "none"
+    if balance not in BALANCING:
+        raise SettingError("{balance} must be one of {}, got {!r}", ", ".join(BALANCING), balance)
+    return balance
+
+
 @dataclass
 class DataConfig:
     """Which labelled texts, and how they are read and split."""
@@ -95,13 +104,11 @@ class DataConfig:
         if self.val_split is not None and not str(self.data or "").startswith("hf:"):
             raise SettingError("{val_split} / {test_split} apply to {data} hf:<dataset>; use {val} / {test} for files")
 
-        if len(text_columns(self.text_col)) > 2:
+        columns = text_columns(self.text_col)
+        if len(columns) > 2:
             raise SettingError("{text_col} names one text column, or two for text pairs; got {}: {}",
-                               len(text_columns(self.text_col)), ", ".join(text_columns(self.text_col)))
-        if self.balance is True or self.balance is False:
-            self.balance = "undersample" if self.balance else "none"
-        if self.balance not in BALANCING:
-            raise SettingError("{balance} must be one of {}, got {!r}", ", ".join(BALANCING), self.balance)
+                               len(columns), ", ".join(columns))
+        self.balance = balancing_mode(self.balance)
 
     @property
     def pair(self) -> bool:
@@ -386,10 +393,11 @@ def _columns(text_col: str | list | None, label_col: str | None, header: bool) -
 
 
 def _comma_list(col: str | None):
-    """"a,b" -> ["a", "b"]; a single name (or None) stays as it is."""
+    """"a,b" -> ["a", "b"] (read as :func:`text_columns` reads them, empty names dropped); a single name (or
+    None) stays as it is."""
     if col is None or "," not in str(col):
         return col
-    return [c.strip() for c in str(col).split(",") if c.strip()]
+    return [c for c in text_columns(col) if c]
 
 
 def _looks_headerless(content: str) -> bool:
@@ -433,7 +441,7 @@ def balancing_plan(counts: pd.Series, balance: str | bool, where: str) -> dict:
     (every text kept, the loss weighted by inverse class frequency) or ``none``; ``auto`` under-samples two
     classes (the book's SMS recipe) and more when that keeps at least half the texts, else weights.
     Under-sampling that drops more than half the texts is said in a warning with the numbers."""
-    balance = DataConfig(balance=balance).balance
+    balance = balancing_mode(balance)
     total, rarest = int(counts.sum()), int(counts.min())
     kept = rarest * len(counts)
     method = balance
