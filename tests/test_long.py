@@ -19,7 +19,7 @@ from lorafit.data.datasets import DataConfig
 from lorafit.errors import LorafitError
 from lorafit.inference.evaluate import evaluate_run
 from lorafit.inference.explain import explain_texts
-from lorafit.data.windows import LongTexts, Windows
+from lorafit.data.windows import LongTexts, Windows, frame_of
 from lorafit.inference.predict import predict_logits, predict_texts
 
 from conftest import train_args
@@ -223,7 +223,8 @@ def test_every_window_of_a_bert_text_keeps_its_cls_and_sep(tmp_path):
 
     backbone = load_backbone(Spec(f"hf:{save_tiny(tmp_path / 'bert', bert=True)}"), lm_head=False)
     tok = backbone.encoder.tokenizer
-    assert backbone.encoder.frame == (1, 1)
+    assert frame_of(backbone.encoder) == (1, 1)
+    assert backbone.encoder.single_template == ([tok.cls_token_id], [tok.sep_token_id])
     text = " ".join(["see you at lunch later ok thanks"] * 4)  # 28 words, 30 tokens with [CLS] and [SEP]
     enc = encode_texts(backbone.encoder, [text], None, backbone.context_length,
                        long=LongTexts("chunk", stride=4, max_length=10))

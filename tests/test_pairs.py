@@ -68,15 +68,17 @@ def test_hf_tokenizers_use_their_pair_template_or_put_eos_between(tiny_bert, tin
     from transformers import AutoTokenizer
 
     from lorafit.backbones.hf import HFEncoder
+    from lorafit.data.windows import frame_of
 
     bert = HFEncoder(AutoTokenizer.from_pretrained(tiny_bert))
     assert bert.pair_join.join == "template"
+    assert frame_of(bert) == (1, 1)  # [CLS] text [SEP]: what pairs and windows keep around the text
     (ids,), _ = bert.encode_pairs([("win cash", "see you at lunch")])
     assert ids == bert.tokenizer("win cash", "see you at lunch")["input_ids"]  # [CLS] a [SEP] b [SEP]
     (ids,), cut = bert.encode_pairs([("win cash prize now", "see you")], max_length=6)
     assert cut == 1 and ids == bert.tokenizer("win cash prize now", "see you", truncation=True, max_length=6)["input_ids"]
     word = HFEncoder(AutoTokenizer.from_pretrained(tiny_llama))  # no pair template: a </s> b
-    assert word.pair_join.join == "sep" and word.pair_join.sep == "</s>"
+    assert word.pair_join.join == "sep" and word.pair_join.sep == "</s>" and frame_of(word) == (0, 0)
     (ids,), _ = word.encode_pairs([("win cash", "see you")])
     t = word.tokenizer
     assert ids == t("win cash")["input_ids"] + [t.eos_token_id] + t("see you")["input_ids"]

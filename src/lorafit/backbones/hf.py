@@ -82,17 +82,6 @@ class HFEncoder:
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
 
-    @functools.cached_property
-    def frame(self) -> tuple[int, int]:
-        """Special tokens the tokenizer puts before and after a text ([CLS] ... [SEP]: (1, 1)); a text cut into
-        windows (lorafit.data.windows) gets them in every window."""
-        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        for lead in range(len(full) - len(plain) + 1):
-            if full[lead:lead + len(plain)] == plain:
-                return lead, len(full) - lead - len(plain)
-        return 0, 0
-
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
@@ -111,11 +100,13 @@ class HFEncoder:
 
     @functools.cached_property
     def single_template(self) -> tuple[list[int], list[int]]:
-        """The special ids the tokenizer puts before and after one text (e.g. ``[bos]``, ``[]``)."""
-        with_special = self.tokenizer("x")["input_ids"]
+        """The special ids the tokenizer puts before and after one text (``[bos]``, ``[]``; ``[CLS]``, ``[SEP]``):
+        a pair joined by ``sep`` keeps them around both texts, a text cut into windows (lorafit.data.windows) in
+        every window. None found where the text's own ids are not inside its encoding: ``[]``, ``[]``."""
+        full = self.tokenizer("x", add_special_tokens=True)["input_ids"]
         plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
-        at = next(i for i in range(len(with_special)) if with_special[i:i + len(plain)] == plain)
-        return with_special[:at], with_special[at + len(plain):]
+        at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+        return ([], []) if at is None else (full[:at], full[at + len(plain):])
 
     def encode_pairs(self, pairs: list[tuple[str, str]], max_length: int | None = None) -> tuple[list[list[int]], int]:
         """Pairs joined as :attr:`pair_join` says, cut longest first to ``max_length`` ids (as transformers

@@ -96,8 +96,10 @@ class LongTexts:
 
 
 def frame_of(encoder) -> tuple[int, int]:
-    """Special tokens an encoder adds before and after each text (a [CLS] ... [SEP] pair: (1, 1))."""
-    return tuple(getattr(encoder, "frame", (0, 0)))
+    """How many special tokens an encoder adds before and after each text (a [CLS] ... [SEP] pair: (1, 1)), as
+    its ``single_template`` says (lorafit's own tokenizers add none)."""
+    prefix, suffix = getattr(encoder, "single_template", ([], []))
+    return len(prefix), len(suffix)
 
 
 @dataclass(frozen=True)
