@@ -108,6 +108,7 @@ def test_every_way_in_gives_one_pooled_answer(chunk_run, tmp_path, capsys):
     pytest.importorskip("fastapi", reason="lorafit[serve] is not installed")
     from fastapi.testclient import TestClient
 
+    from lorafit.cli import main
     from lorafit.serving.app import create_app
     from lorafit.serving.config import ServeConfig
     from lorafit.serving.model import ServedModel
@@ -136,9 +137,12 @@ def test_every_way_in_gives_one_pooled_answer(chunk_run, tmp_path, capsys):
         classified = client.post("/classify", json={"input": text}).json()["data"][0]["probs"]
         info = client.get("/info").json()["adapters"][0]["long"]
         refused = client.post("/explain", json={"inputs": text})
-    assert refused.status_code == 422 and "more than the run's 16-token window" in refused.json()["error"]
+    assert refused.status_code == 422 and "more than the run's 16-token window (long chunk)" in refused.json()["error"]
     with pytest.raises(LorafitError, match="input 0 has [0-9]+ tokens, more than the run's 16-token window"):
         explain_texts(chunk_run, [text], device="cpu", precision="fp32", method="occlusion")
+    assert main(["predict", "--run", str(chunk_run), "--explain", "--explain-method", "occlusion", "--device", "cpu",
+                 "--precision", "fp32", text]) == 1  # the CLI names the flag
+    assert "16-token window (--long chunk)" in capsys.readouterr().err
     assert info["long"] == "chunk" and info["pool"] == "max"
     for label, p in probs.items():
         assert math.isclose(served[label], p, abs_tol=1e-5) and math.isclose(classified[0 if label == "ham" else 1],

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import SettingError
+from ..errors import FieldError, SettingError
 
 LONG_MODES = ("truncate", "chunk")
 POOLS = ("mean", "max")
@@ -126,15 +126,15 @@ class Windows:
         """How many windows a text of ``n_tokens`` tokens becomes."""
         return 1 if n_tokens <= self.size else -(-(n_tokens - self.size) // self.stride) + 1
 
-    def unexplained(self, texts: list[list[int]]) -> str | None:
-        """Why these texts cannot be explained token by token (a text over one window: its answer pools several
-        windows, which one sequence's attributions do not describe), or None."""
+    def check_explainable(self, texts: list[list[int]]) -> None:
+        """Refuse a text over one window: its answer pools several windows, which one sequence's token
+        attributions do not describe. The error names the setting by field (``long``), so that the HTTP API
+        says the field and the CLI its flag."""
         i = next((k for k, ids in enumerate(texts) if len(ids) > self.size), None)
-        if i is None:
-            return None
-        return (f"input {i} has {len(texts[i])} tokens, more than the run's {self.size}-token window (--long chunk): "
-                "its answer pools several windows, which token attributions do not explain; explain a text that "
-                "fits one window")
+        if i is not None:
+            raise FieldError("input {} has {} tokens, more than the run's {}-token window ({long} chunk): its answer "
+                             "pools several windows, which token attributions do not explain; explain a text that "
+                             "fits one window", i, len(texts[i]), self.size)
 
     def split(self, texts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
         """Encoded texts -> every window in text order, and the text each window came from (R,)."""

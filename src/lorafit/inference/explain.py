@@ -208,8 +208,8 @@ def explain_texts(run: str | Path, texts: list[str], *, target: str | None = Non
     rows = label_texts(loaded, texts, threshold=threshold)
     enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input", pair=loaded.spec.pair,
                        long=loaded.spec.long)
-    if enc.windows is not None and enc.windows.unexplained(enc.ids):
-        raise LorafitError(enc.windows.unexplained(enc.ids))
+    if enc.windows is not None:
+        enc.windows.check_explainable(enc.ids)
     forward, embedding = classifier_forward(loaded.model, loaded.compute), token_embedding(loaded.model.backbone)
     out = []
     for text, row, ids in zip(texts, rows, enc.ids):

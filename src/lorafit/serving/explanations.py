@@ -74,8 +74,11 @@ def explain(served: ServedModel, adapter: Adapter, req: ExplainRequest) -> list[
         raise invalid(f"target {req.target!r} is not one of the labels {', '.join(labels)}")
     ids = served.encode(req.texts, truncate=True, adapter=adapter)
     windows = served.windows(adapter)
-    if windows is not None and windows.unexplained(ids):
-        raise invalid(windows.unexplained(ids))
+    try:
+        if windows is not None:
+            windows.check_explainable(ids)
+    except LorafitError as e:  # names the field (long), not the CLI's flag
+        raise invalid(str(e)) from e
     forward, embedding = _forward(served, adapter), token_embedding(served.base.backbone.module)
     out = []
     with served.base.lock:
