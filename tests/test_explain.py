@@ -69,9 +69,34 @@ def test_auto_takes_the_cheaper_method_and_more_steps_until_complete(tiny_run, m
     assert long.method.startswith("integrated gradients (Captum, ")
     assert (long.gap <= 0.05) == ("not converged" not in long.method)
     monkeypatch.setattr(explain, "COMPLETENESS", 0.0)  # never converged: 2, 4, 8 steps, then labelled
+    rows = []  # the rows of every forward pass the explanation runs
+    forward = explain.classifier_forward
+    monkeypatch.setattr(explain, "classifier_forward",
+                        lambda *a: (lambda ids, f=forward(*a): rows.append(len(ids)) or f(ids)))
     (never,) = explain_texts(tiny_run, [TEXTS[4]], steps=2, device="cpu", precision="fp32")
     assert "8 steps" in never.method and "not converged, unreliable" in never.method
     assert never.to_dict()["completeness_gap"] == never.gap > 0
+    assert rows.count(1) == 2  # f(text) and f(baseline) once, not again in each of the three rounds
+    assert sum(never.attributions) - (never.log_odds - never.baseline_log_odds) == pytest.approx(never.delta, abs=1e-9)
+
+
+def test_a_text_is_tokenised_once_for_its_prediction_and_its_explanation(tiny_run, monkeypatch):
+    from lorafit.inference import predict
+
+    calls = []
+    for module in (explain, predict):
+        monkeypatch.setattr(module, "encode_texts", lambda *a, f=module.encode_texts, **k: calls.append(a[1]) or f(*a, **k),
+                            raising=False)
+    explain_texts(tiny_run, TEXTS[:3], method="occlusion", device="cpu", precision="fp32")
+    assert calls == [TEXTS[:3]]
+
+
+def test_explanations_refuse_what_they_cannot_explain_naming_the_field(tiny_run):
+    from lorafit.errors import SettingError
+
+    with pytest.raises(SettingError, match="target 'eggs': not one of the labels") as e:
+        explain_texts(tiny_run, TEXTS[:1], target="eggs", device="cpu", precision="fp32")
+    assert e.value.render(lambda f: "--" + f).startswith("--target 'eggs'")
 
 
 PLANTED = "urgent"

@@ -30,8 +30,10 @@ from torch import nn
 
 from ..errors import LorafitError, SettingError
 from ..runtime import Compute
-from ..data.batching import encode_texts, shown
-from .predict import label_texts, load_for_inference
+from ..data.batching import Input, encode_texts, shown
+from ..data.windows import Windows
+from ..reporting.calibration import decide, thresholds_for
+from .predict import load_for_inference, predict_proba
 
 METHODS = ("auto", "ig", "occlusion")
 IG_STEPS = 32
@@ -125,9 +127,17 @@ def method_for(method: str, n_tokens: int, steps: int) -> str:
     return "occlusion" if n_tokens + 1 <= 3 * steps else "ig"
 
 
-def integrated_gradients(forward: Callable[[torch.Tensor], torch.Tensor], embedding: nn.Embedding,
-                         ids: torch.Tensor, pad_id: int, k: int, steps: int = IG_STEPS) -> tuple[np.ndarray, float, float, float]:
-    """(attributions (T,), f(text), f(baseline), delta) for one (1, T) text; ``forward``: ids (S, T) -> logits (S, C)."""
+def completeness_gap(delta: float, fx: float, fb: float) -> float:
+    """|delta| relative to |f(text) - f(baseline)|: how far integrated gradients' attributions miss completeness."""
+    return abs(delta) / max(abs(fx - fb), 1e-6)
+
+
+def integrated_gradients(forward: Callable[[torch.Tensor], torch.Tensor], embedding: nn.Embedding, ids: torch.Tensor,
+                         pad_id: int, k: int, steps: int = IG_STEPS,
+                         refine: int = 1) -> tuple[np.ndarray, float, float, float, int]:
+    """(attributions (T,), f(text), f(baseline), delta, steps taken) for one (1, T) text; ``forward``: ids (S, T)
+    -> logits (S, C). The steps double, up to ``refine`` times ``steps``, until the completeness gap is within
+    COMPLETENESS; f(text) and f(baseline) are computed once, and delta from them (what Captum would recompute)."""
     from captum.attr import IntegratedGradients
 
     with torch.no_grad():
@@ -141,12 +151,17 @@ def integrated_gradients(forward: Callable[[torch.Tensor], torch.Tensor], embedd
         finally:
             hook.remove()
 
-    with torch.enable_grad():
-        attr, delta = IntegratedGradients(f).attribute(x, baselines=base, n_steps=steps, internal_batch_size=CHUNK,
-                                                       return_convergence_delta=True)
-        with torch.no_grad():
-            fx, fb = float(f(x)[0]), float(f(base)[0])
-    return attr.sum(dim=-1)[0].detach().numpy().astype(np.float64), fx, fb, float(delta[0])
+    with torch.no_grad():
+        fx, fb = float(f(x)[0]), float(f(base)[0])
+    n = steps
+    while True:
+        with torch.enable_grad():
+            attr = IntegratedGradients(f).attribute(x, baselines=base, n_steps=n, internal_batch_size=CHUNK)
+        attr = attr.sum(dim=-1)[0].detach().numpy().astype(np.float64)  # (T,)
+        delta = float(attr.sum()) - (fx - fb)
+        if completeness_gap(delta, fx, fb) <= COMPLETENESS or n * 2 > steps * refine:
+            return attr, fx, fb, delta, n
+        n *= 2
 
 
 @torch.no_grad()
@@ -169,13 +184,8 @@ def explain_ids(forward: Callable[[torch.Tensor], torch.Tensor], embedding: nn.E
     x = torch.tensor([ids], dtype=torch.long, device=device)
     tokens = [encoder.decode([i]) for i in ids]
     if method_for(method, len(ids), steps) == "ig":
-        n = steps
-        while True:
-            attr, fx, fb, delta = integrated_gradients(forward, embedding, x, encoder.pad_id, k, n)
-            gap = abs(delta) / max(abs(fx - fb), 1e-6)
-            if gap <= COMPLETENESS or n * 2 > steps * refine:
-                break
-            n *= 2
+        attr, fx, fb, delta, n = integrated_gradients(forward, embedding, x, encoder.pad_id, k, steps, refine)
+        gap = completeness_gap(delta, fx, fb)
         how = (f"integrated gradients (Captum, {n} steps, baseline: every token the pad token; completeness gap "
                f"{gap:.1%}" + (")" if gap <= COMPLETENESS else ": not converged, unreliable; try occlusion)"))
         return Explanation(text, labels[k], tokens, attr.tolist(), how, fx, fb, delta, gap)
@@ -193,28 +203,46 @@ def classifier_forward(model, compute: Compute) -> Callable[[torch.Tensor], torc
     return forward
 
 
+def check_explainable(multi_label: bool, labels: list[str], target: str | None, windows: Windows | None,
+                      ids: list[list[int]], name: str) -> None:
+    """What an explanation refuses, for :func:`explain_texts` and POST /explain alike: a multi-label classifier
+    (no one softmax's log-odds to explain), a ``target`` that is not a label, a text over one window."""
+    if multi_label:
+        raise LorafitError(f"explanations are for single-label classifiers (softmax log-odds); {name} is multi-label")
+    if target is not None and target not in labels:
+        raise SettingError("{target} {!r}: not one of the labels {}", target, ", ".join(labels))
+    if windows is not None:
+        windows.check_explainable(ids)
+
+
+def explain_decided(forward: Callable[[torch.Tensor], torch.Tensor], embedding: nn.Embedding, encoder,
+                    texts: list[Input], ids: list[list[int]], probs: np.ndarray, labels: list[str],
+                    thresholds: dict[str, float], target: str | None, method: str,
+                    steps: int = IG_STEPS) -> list[Explanation]:
+    """Each text's :class:`Explanation` towards ``target`` (none: the class decided from its ``probs`` (N, C) at
+    ``thresholds``, as predict decides), with that prediction in ``extra``; checked by :func:`check_explainable`."""
+    out = []
+    for text, x, p, d in zip(texts, ids, probs, decide(probs, labels, thresholds)):
+        k = labels.index(target) if target is not None else int(d)
+        e = explain_ids(forward, embedding, encoder, shown(text), x, labels, k, method, steps)
+        e.extra = {"predicted": labels[d], "probability": float(p[d]),
+                   "probabilities": dict(zip(labels, map(float, p)))}
+        out.append(e)
+    return out
+
+
 def explain_texts(run: str | Path, texts: list[str], *, target: str | None = None, method: str = "auto",
                   steps: int = IG_STEPS, device: str = "auto", precision: str = "auto",
                   threshold: float | dict | None = None) -> list[Explanation]:
     """Each text's prediction (as :func:`predict_texts` gives it, in ``extra``) and its tokens' attributions
-    to ``target`` (none: the class predict decides)."""
+    to ``target`` (none: the class predict decides). Every text is tokenised once, for both."""
     method = resolve_method(method)
     loaded = load_for_inference(run, device, precision)
     labels, encoder = loaded.labels, loaded.backbone.encoder
-    if loaded.spec.multi_label:
-        raise LorafitError(f"explanations are for single-label runs (softmax log-odds); {run} is multi-label")
-    if target is not None and target not in labels:
-        raise SettingError("{target} {!r}: not one of the labels {}", target, ", ".join(labels))
-    rows = label_texts(loaded, texts, threshold=threshold)
     enc = encode_texts(encoder, texts, None, loaded.backbone.context_length, where="input", pair=loaded.spec.pair,
                        long=loaded.spec.long)
-    if enc.windows is not None:
-        enc.windows.check_explainable(enc.ids)
+    check_explainable(loaded.spec.multi_label, labels, target, enc.windows, enc.ids, str(run))
+    probs = predict_proba(loaded.model, enc, encoder.pad_id, compute=loaded.compute)
     forward, embedding = classifier_forward(loaded.model, loaded.compute), token_embedding(loaded.model.backbone)
-    out = []
-    for text, row, ids in zip(texts, rows, enc.ids):
-        e = explain_ids(forward, embedding, encoder, shown(text), ids, labels, labels.index(target or row["label"]),
-                        method, steps)
-        e.extra = {"predicted": row["label"], "probability": row["probability"], "probabilities": row["probabilities"]}
-        out.append(e)
-    return out
+    return explain_decided(forward, embedding, encoder, texts, enc.ids, probs, labels,
+                           thresholds_for(loaded.spec.thresholds, labels, threshold), target, method, steps)

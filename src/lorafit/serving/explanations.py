@@ -12,14 +12,13 @@ import asyncio
 import json
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from ..adapters.multi import Adapter
-from ..data.batching import shown
 from ..errors import LorafitError
-from ..inference.explain import IG_STEPS, METHODS, Explanation, explain_ids, resolve_method, token_embedding
-from ..reporting.calibration import decide, thresholds_for
+from ..inference.explain import (METHODS, Explanation, check_explainable, explain_decided, resolve_method,
+                                 token_embedding)
+from ..reporting.calibration import thresholds_for
 from .model import RequestError, ServedModel
 from .schema import PairOf, invalid, json_object, model_of, texts_of, threshold_of
 from .security import read_body
@@ -61,37 +60,24 @@ def _forward(served: ServedModel, adapter: Adapter):
 
 
 def explain(served: ServedModel, adapter: Adapter, req: ExplainRequest) -> list[Explanation]:
-    """What the worker thread runs for POST /explain; user mistakes become 422."""
+    """What the worker thread runs for POST /explain; user mistakes become 422 (the library's errors, which
+    name settings by field)."""
     labels = adapter.labels
-    if adapter.spec.multi_label:
-        raise invalid(f"POST /explain explains single-label classifiers; {adapter.name!r} is multi-label")
+    ids = served.encode(req.texts, truncate=True, adapter=adapter)
     try:
         method = resolve_method(req.method)
         thresholds = thresholds_for(adapter.spec.thresholds, labels, req.threshold)
+        check_explainable(adapter.spec.multi_label, labels, req.target, served.windows(adapter), ids,
+                          repr(adapter.name))
     except LorafitError as e:
         raise invalid(str(e)) from e
-    if req.target is not None and req.target not in labels:
-        raise invalid(f"target {req.target!r} is not one of the labels {', '.join(labels)}")
-    ids = served.encode(req.texts, truncate=True, adapter=adapter)
-    windows = served.windows(adapter)
-    try:
-        if windows is not None:
-            windows.check_explainable(ids)
-    except LorafitError as e:  # names the field (long), not the CLI's flag
-        raise invalid(str(e)) from e
     forward, embedding = _forward(served, adapter), token_embedding(served.base.backbone.module)
-    out = []
     with served.base.lock:
-        for text, x in zip(req.texts, ids):
-            with torch.no_grad():
-                probs = torch.softmax(forward(torch.tensor([x], device=served.compute.device)), -1).cpu().numpy()
-            decided = labels[int(decide(probs.astype(np.float64), labels, thresholds)[0])]
-            k = labels.index(req.target or decided)
-            e = explain_ids(forward, embedding, served.encoder, shown(text), x, labels, k, method, IG_STEPS)
-            e.extra = {"predicted": decided, "probability": float(probs[0, labels.index(decided)]),
-                       "probabilities": dict(zip(labels, map(float, probs[0])))}
-            out.append(e)
-    return out
+        with torch.no_grad():  # one text at a time: forward takes ids of one length
+            logits = [forward(torch.tensor([x], device=served.compute.device))[0] for x in ids]
+        probs = torch.softmax(torch.stack(logits), -1).cpu().double().numpy()
+        return explain_decided(forward, embedding, served.encoder, req.texts, ids, probs, labels, thresholds,
+                               req.target, method)
 
 
 def explain_route(app, served: ServedModel, config, answer_error) -> None:
