@@ -45,6 +45,7 @@ def test_windows_overlap_cover_the_text_and_keep_special_tokens():
     assert w.cut(list(range(10))) == [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9]]
     assert w.cut(list(range(9))) == [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [5, 6, 7, 8]]  # the last ends at the end
     assert w.cut([7, 8]) == [[7, 8]] and [w.count(n) for n in (2, 4, 9, 10)] == [1, 1, 4, 4]
+    assert [w.fits(list(range(n))) for n in (2, 4, 5)] == [w.count(n) == 1 for n in (2, 4, 5)] == [True, True, False]
     framed = Windows(size=5, stride=2, frame=(1, 1)).cut([100, *range(7), 200])  # [CLS] 0..6 [SEP]
     assert framed == [[100, 0, 1, 2, 200], [100, 2, 3, 4, 200], [100, 4, 5, 6, 200]]
     rows, owner = w.split([list(range(6)), [9]])

@@ -126,11 +126,15 @@ class Windows:
         """How many windows a text of ``n_tokens`` tokens becomes."""
         return 1 if n_tokens <= self.size else -(-(n_tokens - self.size) // self.stride) + 1
 
+    def fits(self, ids: list[int]) -> bool:
+        """One window holds the whole text: its answer is one sequence's, which token attributions explain."""
+        return len(ids) <= self.size
+
     def check_explainable(self, texts: list[list[int]]) -> None:
         """Refuse a text over one window: its answer pools several windows, which one sequence's token
         attributions do not describe. The error names the setting by field (``long``), so that the HTTP API
         says the field and the CLI its flag."""
-        i = next((k for k, ids in enumerate(texts) if len(ids) > self.size), None)
+        i = next((k for k, ids in enumerate(texts) if not self.fits(ids)), None)
         if i is not None:
             raise FieldError("input {} has {} tokens, more than the run's {}-token window ({long} chunk): its answer "
                              "pools several windows, which token attributions do not explain; explain a text that "

@@ -63,7 +63,7 @@ def most_wrong(kept: Kept, test: Encoded, probs: np.ndarray, spec: ClassifierSpe
     labels = spec.labels
     decided = decide(probs, labels, spec.thresholds)
     p_true = probs[np.arange(len(test.labels)), test.labels]
-    fits = (lambda i: True) if test.windows is None else (lambda i: len(test.ids[i]) <= test.windows.size)
+    fits = (lambda i: True) if test.windows is None else (lambda i: test.windows.fits(test.ids[i]))
     # a chunked text is decided by several windows: the token attributions here read one sequence only
     wrong = [i for i in np.argsort(p_true, kind="stable") if decided[i] != test.labels[i] and fits(i)][:n]
     if not wrong:
