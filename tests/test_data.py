@@ -96,6 +96,19 @@ def test_truncation_warns_with_a_count(bpe_dir):
     assert [len(x) for x in out.ids] == [5, 2, 5] and out.truncated == 2
 
 
+def test_the_gpt2_encoder_tokenises_in_the_calling_thread(bpe_dir, monkeypatch):
+    """tiktoken's batch call starts a thread pool per call (serve paid it on every request): same ids without."""
+    import threading
+
+    from lorafit.backbones.tokenizer import TiktokenEncoder, load_tokenizer
+
+    enc = TiktokenEncoder(load_tokenizer(bpe_dir))
+    texts = ["hello world", "special text <|endoftext|> stays plain", "", "abc"]
+    expected = enc.encoding.encode_ordinary_batch(texts)
+    monkeypatch.setattr(threading.Thread, "start", lambda self: pytest.fail("a thread was started"))
+    assert enc.encode(texts) == expected
+
+
 def test_batches_pad_to_their_own_longest_and_bucket():
     lengths = np.array([3, 50, 4, 48, 5, 47, 6, 49] * 8)
     order = train_order(lengths, 4, np.random.default_rng(0), bucket=4)
