@@ -185,6 +185,32 @@ def test_quantize_checked_puts_the_float_linears_back_when_classes_move():
     assert isinstance(model[0], Int8Linear) and isinstance(model[2], Int8Linear)
 
 
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="no oneDNN quantized engine")
+def test_a_merged_models_gelu_runs_inside_the_int8_linear_and_goes_back_with_it(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(int8, "cpu_has_int8_dot", lambda: True)  # (where it is not, the fusion is not offered)
+    torch.manual_seed(0)
+    fused, plain = GPTModel(tiny_cfg, lm_head=False).eval(), GPTModel(tiny_cfg, lm_head=False).eval()
+    plain.load_state_dict(fused.state_dict())
+    ff = fused.trf_blocks[0].ff.layers
+    gelu = ff[1]
+    replaced = quantize_linears(fused, fuse=True)
+    quantize_linears(plain)
+    assert isinstance(ff[0], int8.Int8Activated) and isinstance(ff[1], nn.Identity)
+    assert isinstance(plain.trf_blocks[0].ff.layers[0], Int8Linear)  # not fused unless asked (an adapter may follow)
+    ids = torch.randint(0, tiny_cfg.vocab_size, (3, 9))
+    mask = (torch.arange(9)[None, :] < torch.tensor([9, 4, 6])[:, None]).long()
+    with torch.inference_mode():
+        a, b = fused.hidden_states(ids, mask), plain.hidden_states(ids, mask)
+    assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())  # both int8: the same products, rounded alike
+    fc = fused.trf_blocks[0].ff.layers[0]
+    x = torch.randn(5, tiny_cfg.emb_dim)
+    with torch.inference_mode():
+        want = torch.nn.functional.gelu(replaced["trf_blocks.0.ff.layers.0"](x), approximate="tanh")
+        assert torch.allclose(fc(x), want, atol=0.02 * float(want.abs().max()))
+    int8.restore_linears(fused, replaced)
+    assert ff[1] is gelu and type(ff[0]) is nn.Linear
+
+
 def test_auto_falls_back_to_float_when_int8_moves_the_samples(gpt2_run, monkeypatch):
     monkeypatch.setattr(int8, "cpu_has_int8_dot", lambda: True)
     monkeypatch.setattr(int8, "time_block", lambda module, dtype: BlockTiming(int8=0.1, float=1.0))
@@ -193,7 +219,7 @@ def test_auto_falls_back_to_float_when_int8_moves_the_samples(gpt2_run, monkeypa
     monkeypatch.setattr(int8, "INT8_TOLERANCE", -1.0)  # nothing is close enough
     loaded = load_for_inference(gpt2_run, "cpu", "auto")
     assert not loaded.compute.int8
-    assert not any(isinstance(m, Int8Linear) for m in loaded.model.modules())
+    assert not any(isinstance(m, (Int8Linear, int8.Int8Activated)) for m in loaded.model.modules())
 
 
 def test_quantize_linears_skips_what_it_is_told():

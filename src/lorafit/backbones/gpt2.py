@@ -80,8 +80,11 @@ class GELU(nn.Module):
 
     Outside autograd it is computed as ``x * sigmoid(2u)``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``: the same
     function (``0.5 (1 + tanh u) = sigmoid(2u)``), within 5e-7 of torch's, in 0.62x its time on a Zen 5 at
-    640 x 3072 (torch's CPU tanh is slow; the feed-forward's GELU was 16 % of int8 inference).
+    640 x 3072 (torch's CPU tanh is slow; the feed-forward's GELU was 16 % of int8 inference). Int8 inference
+    computes it inside the linear's kernel instead (``onednn_post_op``, see backbones.int8.Int8Activated).
     """
+
+    onednn_post_op = ("gelu", "tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

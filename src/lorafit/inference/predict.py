@@ -82,9 +82,9 @@ def load_for_inference(run: str | Path, device: str = "auto", precision: str = "
     compute = resolve_inference_compute(device, precision, model.backbone, backbone.hidden_size)
     if compute.int8:
         if precision == "int8":
-            quantize_linears(model.backbone)
+            quantize_linears(model.backbone, fuse=True)
         elif not quantize_checked(model.backbone, lambda: _sample_logits(model, backbone, run, spec.pair),
-                                  multi_label=spec.multi_label):
+                                  multi_label=spec.multi_label, fuse=True):
             compute = resolve_compute(compute.device, "auto", backbone.hidden_size)
     if compute.autocast_dtype is not None:  # the merged weights in the compute precision: no casts per batch
         store_frozen_linears(model, compute.autocast_dtype)
