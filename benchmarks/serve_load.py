@@ -188,10 +188,21 @@ def rss_mb(pid: int, field: str = "VmHWM") -> float:
     return float("nan")
 
 
+def served_dtype(port: int) -> str | None:
+    """What a lorafit server computes in (its /info's model_dtype: what auto chose); None for the baselines."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/info")
+    r = conn.getresponse()
+    body = r.read()
+    return json.loads(body).get("model_dtype") if r.status == 200 else None
+
+
 def measure(name: str, cmd: list[str], port: int, texts: list[str], short: str, args) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_healthy(port, proc)
+        dtype = served_dtype(port)
+        name = name if dtype is None else f"{name} ({dtype})"
         warm = Client(port)
         for t in texts[:8]:
             warm.post(t)
@@ -218,6 +229,8 @@ def main() -> None:
     import serve_adapters
 
     serve_adapters.add_options(p.add_argument_group("with --adapters"))
+    p.add_argument("--no-pipeline", action="store_true", help="leave the FastAPI + pipeline server out (the slowest: "
+                                                                   "most of the run's time)")
     p.add_argument("--ort-python", default=sys.executable,
                    help="an interpreter with optimum-onnx and onnxruntime for the ONNX Runtime int8 server (none: skip it)")
     p.add_argument("--baseline-server", metavar="DIR", help=argparse.SUPPRESS)
@@ -231,6 +244,7 @@ def main() -> None:
 
     from lorafit import DataConfig, load_splits, load_tokenizer
 
+    args.load_before = os.getloadavg()[0]  # the machine's 1-minute load: wall times mean little on a busy one
     texts = load_splits(DataConfig(args.data), seed=42).test["text"].tolist()
     enc = load_tokenizer(args.tokenizer)
     short = next(t for t in texts if len(enc.encode_ordinary(t)) == 20)
@@ -238,13 +252,14 @@ def main() -> None:
         run, baseline = write_models(Path(tmp), Path(args.tokenizer))
         results = []
         port = free_port()
-        results.append(measure(f"lorafit serve ({args.precision})",
+        results.append(measure(f"lorafit serve --precision {args.precision}",
                                [sys.executable, "-m", "lorafit", "serve", "--run", str(run), "--port", str(port),
                                 "--device", "cpu", "--precision", args.precision], port, texts, short, args))
-        port = free_port()
-        results.append(measure("FastAPI + pipeline", [sys.executable, __file__, "--data", args.data, "--tokenizer",
-                                                      args.tokenizer, "--baseline-server", str(baseline),
-                                                      "--port", str(port)], port, texts, short, args))
+        if not args.no_pipeline:
+            port = free_port()
+            results.append(measure("FastAPI + pipeline", [sys.executable, __file__, "--data", args.data, "--tokenizer",
+                                                          args.tokenizer, "--baseline-server", str(baseline),
+                                                          "--port", str(port)], port, texts, short, args))
         if args.ort_python != "none":
             (Path(tmp) / "hf").symlink_to(baseline)
             subprocess.run([args.ort_python, str(Path(__file__).with_name("inference_speed.py")), "--prepare-onnx",
@@ -257,7 +272,8 @@ def main() -> None:
 
 
 def report(results: list[dict], args) -> None:
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; {args.requests} requests per level\n")
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; {args.requests} requests per level; "
+          f"load average {args.load_before:.2f} before the run (1 minute; the run's own processes raise it)\n")
     print("| server | clients | requests | texts/s | p50 ms | p99 ms | errors | peak RSS MiB | RSS at end MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
