@@ -96,6 +96,32 @@ def test_stacked_qkv_equals_separate_linears_and_runs_once(tiny_cfg, lengths):
     assert calls == [sum(lengths), sum(lengths)]  # Q, K and V of block 0 in one product per forward
 
 
+def test_llama_stacked_qkv_rotated_in_place_equals_separate_linears():
+    from transformers import LlamaConfig
+
+    from lorafit.backbones.llama import LlamaDecoder
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # grouped K/V heads, as SmolLM2's
+    fused, separate = LlamaDecoder(cfg).eval(), LlamaDecoder(cfg).eval()
+    separate.load_state_dict(fused.state_dict())
+    quantize_linears(fused)
+    quantize_linears(separate, share=False)
+    assert fused.layers[0].self_attn.q_proj.shared is fused.layers[0].self_attn.v_proj.shared
+    lengths = [5, 9, 2]
+    ids = torch.randint(0, 64, (3, 9))
+    mask = (torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]).long()
+    last = torch.tensor(lengths) - 1
+    with torch.inference_mode():
+        a, b = fused.hidden_states(ids, mask), separate.hidden_states(ids, mask)
+        pa, pb = fused.hidden_states(ids, mask, at=last), separate.hidden_states(ids, mask, at=last)
+    assert torch.allclose(a, b, atol=1e-5)
+    # pooled: queries quantised with the batch or alone (see above), the last block's rows with others or alone;
+    # a query rotated at the wrong position would be off by the size of the states themselves
+    assert torch.allclose(pa, pb, atol=1e-2) and torch.allclose(pa, a[torch.arange(3), last], atol=1e-2)
+
+
 def _probs(run, precision):
     return np.array([[r["probabilities"][k] for k in ("ham", "spam")]
                      for r in predict_texts(run, TEXTS, device="cpu", precision=precision)])

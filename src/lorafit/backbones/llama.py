@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int8 import stacked_output
 from .packing import Packing, attention
 
 
@@ -115,18 +116,32 @@ class Attention(nn.Module):
 
     def forward(self, x, packing: Packing, cos, sin, at: torch.Tensor | None = None) -> torch.Tensor:
         """(N, D) tokens -> (N, D); with ``at`` (B,) stack rows, only those rows' queries -> (B, D)."""
-        k = packing.heads(self._rotated(self.k_proj, x, self.n_kv, cos, sin), self.n_kv)  # (B, KV, T, hd)
-        v = packing.heads(self.v_proj(x), self.n_kv)  # (B, KV, T, hd)
+        qkv = stacked_output((self.q_proj, self.k_proj, self.v_proj), x)  # int8's one product, else None
+        if qkv is not None:
+            q, k, v = self._heads_of_stacked(qkv, packing, cos, sin)
+        else:
+            k = packing.heads(self._rotated(self.k_proj, x, self.n_kv, cos, sin), self.n_kv)  # (B, KV, T, hd)
+            v = packing.heads(self.v_proj(x), self.n_kv)  # (B, KV, T, hd)
         if at is None:
-            q = packing.heads(self._rotated(self.q_proj, x, self.n_heads, cos, sin), self.n_heads)  # (B, H, T, hd)
+            if qkv is None:
+                q = packing.heads(self._rotated(self.q_proj, x, self.n_heads, cos, sin), self.n_heads)  # (B, H, T, hd)
             y = attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, hd)
             return self.o_proj(packing.tokens(y))  # (N, D)
         b = at.shape[0]
-        q = self._rotated(self.q_proj, x.index_select(0, at), self.n_heads, cos[at], sin[at])  # (B, H * hd)
-        q = q.view(b, self.n_heads, 1, -1)  # (B, H, 1, hd)
-        y = attention(q, k, v, attn_mask=packing.visible(packing.positions[at]),
-                                           enable_gqa=True)  # (B, H, 1, hd)
+        if qkv is None:
+            q = self._rotated(self.q_proj, x.index_select(0, at), self.n_heads, cos[at], sin[at])  # (B, H * hd)
+        else:
+            q = qkv[at, :self.n_heads * self.head_dim]  # (B, H * hd), rotated in place above
+        y = attention(q.view(b, self.n_heads, 1, -1), k, v, attn_mask=packing.visible(packing.positions[at]),
+                      enable_gqa=True)  # (B, H, 1, hd)
         return self.o_proj(y.reshape(b, -1))  # (B, D)
+
+    def _heads_of_stacked(self, qkv: torch.Tensor, packing: Packing, cos, sin) -> tuple[torch.Tensor, ...]:
+        """(N, (H + 2 KV) hd) stacked Q, K, V -> their heads, Q and K rotated (in ``qkv``, in place), unpacked once."""
+        heads = qkv.view(qkv.shape[0], -1, self.head_dim)  # (N, H + 2 KV, hd)
+        rotating = heads[:, :self.n_heads + self.n_kv]
+        rotating.copy_(rotate(rotating, cos[:, None], sin[:, None]))
+        return packing.heads(qkv, heads.shape[1]).split([self.n_heads, self.n_kv, self.n_kv], dim=1)
 
 
 class MLP(nn.Module):
