@@ -226,7 +226,8 @@ def report(results: list[dict], n: int, adapter_mb: float, args) -> None:
 
 def add_options(p: argparse.ArgumentParser) -> None:
     """What serve_load.py --adapters takes too."""
-    p.add_argument("--rounds", type=int, default=3, help="rounds over the single and multi-adapter servers")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over the servers, driven in turn (serve_load: at "
+                                                         "each level; --adapters: the single and multi-adapter ones)")
     p.add_argument("--peft-requests", type=int, default=128, help="requests to the PEFT server (one at a time)")
 
 

@@ -5,8 +5,10 @@ transformers; lorafit serves it as its base with a rank-8 LoRA adapter (B = 0, s
 nothing) and a 2-class head, the baseline as GPT2ForSequenceClassification whose `score` is that head.
 Both answer the same texts (the balanced SMS split's 300 test messages, seed 42) to 1, 8 and 32
 concurrent clients on loopback, a bounded number of requests each, one text per request. Each server runs
-in its own process; texts/s, p50/p99 latency, errors and the server's peak RSS are printed, then the
-latency of single 20-token requests. Needs the serve and bench extras.
+in its own process, all started before the first is driven; at each level they are driven in turn,
+``--rounds`` times, the order reversed every other round, so that on a shared machine they meet the same
+neighbours (the median round's texts/s; p50/p99 over every round's latencies). Errors and each server's
+peak RSS are printed, then the latency of single 20-token requests. Needs the serve and bench extras.
 
 The second baseline is what a user deploys for speed: the same transformers folder exported by optimum to
 ONNX and quantised to dynamic int8 (`AutoQuantizationConfig.avx512_vnni`, as in inference_speed.py), served
@@ -175,9 +177,17 @@ def load(port: int, texts: list[str], clients: int, per_client: int) -> dict:
             record(*c.post(texts[(k * per_client + i) % len(texts)]))
 
     latencies, errors, wall = run_clients(clients, send)
-    lat = np.array(latencies or [float("nan")]) * 1000
     return {"clients": clients, "requests": clients * per_client, "texts_per_s": len(latencies) / wall,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)), "errors": len(errors)}
+            "latencies": latencies, "errors": len(errors)}
+
+
+def merged(rounds: list[dict]) -> dict:
+    """One level's rounds: the median round's texts/s, p50/p99 of all rounds' latencies."""
+    lat = np.array([x for r in rounds for x in r["latencies"]] or [float("nan")]) * 1000
+    return {"clients": rounds[0]["clients"], "requests": sum(r["requests"] for r in rounds),
+            "texts_per_s": float(np.median([r["texts_per_s"] for r in rounds])),
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "errors": sum(r["errors"] for r in rounds)}
 
 
 def rss_mb(pid: int, field: str = "VmHWM") -> float:
@@ -197,24 +207,38 @@ def served_dtype(port: int) -> str | None:
     return json.loads(body).get("model_dtype") if r.status == 200 else None
 
 
-def measure(name: str, cmd: list[str], port: int, texts: list[str], short: str, args) -> dict:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def measure(servers: list[tuple[str, list[str], int]], texts: list[str], short: str, args) -> list[dict]:
+    """Start every (name, command, port) server one after another (loading peaks do not overlap) and warm it, then
+    drive them in turn at each level, ``args.rounds`` times (the order reversed every other round): on a shared
+    machine they meet the same neighbours. Then each one's single 20-token requests, its memory and a probe."""
+    procs, names = [], []
     try:
-        wait_healthy(port, proc)
-        dtype = served_dtype(port)
-        name = name if dtype is None else f"{name} ({dtype})"
-        warm = Client(port)
-        for t in texts[:8]:
-            warm.post(t)
-        rows = [load(port, texts, n, max(1, args.requests // n)) for n in CLIENTS]
-        single = Client(port)
-        times = [single.post(short)[1] * 1000 for _ in range(args.single)]
-        probe = Client(port).post(texts[0])[2]
-        return {"name": name, "rows": rows, "single_p50_ms": float(np.median(times)), "peak_rss_mb": rss_mb(proc.pid),
-                "rss_mb": rss_mb(proc.pid, "VmRSS"), "probe": probe}
+        for name, cmd, port in servers:
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            wait_healthy(port, procs[-1])
+            dtype = served_dtype(port)
+            names.append(name if dtype is None else f"{name} ({dtype})")
+            warm = Client(port)
+            for t in texts[:8]:
+                warm.post(t)
+        rows = [{n: [] for n in CLIENTS} for _ in servers]
+        for r in range(args.rounds):
+            for n in CLIENTS:
+                for k in range(len(servers)) if r % 2 == 0 else reversed(range(len(servers))):
+                    rows[k][n].append(load(servers[k][2], texts, n, max(1, args.requests // n)))
+        results = []
+        for k, (_, _, port) in enumerate(servers):
+            single = Client(port)
+            times = [single.post(short)[1] * 1000 for _ in range(args.single)]
+            results.append({"name": names[k], "rows": [merged(rows[k][n]) for n in CLIENTS],
+                            "single_p50_ms": float(np.median(times)), "peak_rss_mb": rss_mb(procs[k].pid),
+                            "rss_mb": rss_mb(procs[k].pid, "VmRSS"), "probe": Client(port).post(texts[0])[2]})
+        return results
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)
 
 
 def main() -> None:
@@ -250,29 +274,31 @@ def main() -> None:
     short = next(t for t in texts if len(enc.encode_ordinary(t)) == 20)
     with tempfile.TemporaryDirectory() as tmp:
         run, baseline = write_models(Path(tmp), Path(args.tokenizer))
-        results = []
+        servers = []
         port = free_port()
-        results.append(measure(f"lorafit serve --precision {args.precision}",
-                               [sys.executable, "-m", "lorafit", "serve", "--run", str(run), "--port", str(port),
-                                "--device", "cpu", "--precision", args.precision], port, texts, short, args))
+        servers.append((f"lorafit serve --precision {args.precision}",
+                        [sys.executable, "-m", "lorafit", "serve", "--run", str(run), "--port", str(port),
+                         "--device", "cpu", "--precision", args.precision], port))
         if not args.no_pipeline:
             port = free_port()
-            results.append(measure("FastAPI + pipeline", [sys.executable, __file__, "--data", args.data, "--tokenizer",
-                                                          args.tokenizer, "--baseline-server", str(baseline),
-                                                          "--port", str(port)], port, texts, short, args))
+            servers.append(("FastAPI + pipeline", [sys.executable, __file__, "--data", args.data, "--tokenizer",
+                                                   args.tokenizer, "--baseline-server", str(baseline),
+                                                   "--port", str(port)], port))
         if args.ort_python != "none":
             (Path(tmp) / "hf").symlink_to(baseline)
             subprocess.run([args.ort_python, str(Path(__file__).with_name("inference_speed.py")), "--prepare-onnx",
                             "--work", tmp], check=True)
             port = free_port()
-            results.append(measure("FastAPI + ONNX Runtime int8", [
+            servers.append(("FastAPI + ONNX Runtime int8", [
                 args.ort_python, __file__, "--data", args.data, "--tokenizer", args.tokenizer,
-                "--ort-server", str(Path(tmp) / "onnx-int8"), "--port", str(port)], port, texts, short, args))
+                "--ort-server", str(Path(tmp) / "onnx-int8"), "--port", str(port)], port))
+        results = measure(servers, texts, short, args)
     report(results, args)
 
 
 def report(results: list[dict], args) -> None:
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; {args.requests} requests per level; "
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; {args.requests} requests per level and round, "
+          f"{args.rounds} rounds (median texts/s; p50/p99 over all rounds); "
           f"load average {args.load_before:.2f} before the run (1 minute; the run's own processes raise it)\n")
     print("| server | clients | requests | texts/s | p50 ms | p99 ms | errors | peak RSS MiB | RSS at end MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
