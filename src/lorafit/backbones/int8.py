@@ -8,7 +8,9 @@ rows of GPT-2 small's four products). Each call quantises its input to
 uint8 with one scale for the whole (N, in) input, as ``torch.ao``'s dynamic linear and ONNX Runtime's
 dynamic quantisation do, and the engine runs int8 x uint8 -> int32 and the requantisation to fp32 with the
 bias in one kernel. A narrowing linear (a feed-forward's down projection) quantises outlier tokens apart
-(:meth:`Int8Linear._product_apart`). Everything else (norms, attention, the head) stays fp32.
+(:meth:`Int8Linear._product_apart`). In a merged model, a linear followed by an activation oneDNN can apply
+in its kernel (GPT-2's GELU) becomes one :class:`Int8Activated`. Everything else (norms, attention, the head)
+stays fp32.
 
 Linears that a block always calls on the same input (GPT-2's W_query, W_key, W_value; Llama's q/k/v
 projections, and its gate and up projections) become one int8 product: one quantisation of the input and
@@ -373,7 +375,7 @@ _TIMINGS: dict[tuple, BlockTiming] = {}  # per process: one timing per block sha
 def time_block(module: nn.Module, float_dtype: torch.dtype | None) -> BlockTiming:
     """:class:`BlockTiming` of ``module``'s first block (LoRA merged), cached per process. Two copies of the
     block are timed as inference runs them, interleaved, best of three after a first call that builds
-    kernels: one quantised by :func:`quantize_linears`, one with its linears stored in ``float_dtype`` (None:
+    kernels: one quantised by :func:`quantize_linears` as a merged model is (``fuse``), one with its linears stored in ``float_dtype`` (None:
     fp32) under autocast. About a tenth of a second for GPT-2 small."""
     blocks = repeated_blocks(module)
     if blocks is None:
