@@ -375,8 +375,8 @@ _TIMINGS: dict[tuple, BlockTiming] = {}  # per process: one timing per block sha
 def time_block(module: nn.Module, float_dtype: torch.dtype | None) -> BlockTiming:
     """:class:`BlockTiming` of ``module``'s first block (LoRA merged), cached per process. Two copies of the
     block are timed as inference runs them, interleaved, best of three after a first call that builds
-    kernels: one quantised by :func:`quantize_linears` as a merged model is (``fuse``), one with its linears stored in ``float_dtype`` (None:
-    fp32) under autocast. About a tenth of a second for GPT-2 small."""
+    kernels: one quantised by :func:`quantize_linears` as a merged model is (``fuse``), one with its linears
+    stored in ``float_dtype`` (None: fp32) under autocast. About a tenth of a second for GPT-2 small."""
     blocks = repeated_blocks(module)
     if blocks is None:
         raise LorafitError(f"internal: {type(module).__name__} has no stack of blocks to time")
