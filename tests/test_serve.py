@@ -358,28 +358,47 @@ def test_a_lone_request_skips_the_wait_and_crowded_ones_are_gathered():
         b.stop(timeout=30)
 
 
-def test_auto_refusing_int8_keeps_the_base_loaded_once_in_its_float_precision(run_dir, monkeypatch):
+@pytest.mark.parametrize("api_key", [None, "k"])  # served merged (alone), or as an adapter others may join
+def test_auto_refusing_int8_keeps_the_base_loaded_once_in_its_float_precision(run_dir, monkeypatch, api_key):
     """auto's int8 check refusing (forced here) leaves the float linears it put back, cast to auto's float
     precision: the base is not read a second time, and the answers are those of that precision."""
     from functools import partial
 
     from lorafit.adapters import multi
     from lorafit.backbones.int8 import INT8_LINEARS, quantize_checked
-    from lorafit.backbones.loader import load_backbone
     from lorafit.runtime import Compute, choose_autocast_dtype
 
     loads = []
-    monkeypatch.setattr(multi, "load_backbone", lambda *a, **k: loads.append(1) or load_backbone(*a, **k))
+    for loader in ("load_backbone", "load_classifier"):
+        real = getattr(multi, loader)
+        monkeypatch.setattr(multi, loader, lambda *a, real=real, **k: loads.append(1) or real(*a, **k))
     monkeypatch.setattr(multi, "resolve_inference_compute", lambda device, *a, **k: Compute(device, None, int8=True))
     monkeypatch.setattr(multi, "quantize_checked", partial(quantize_checked, tolerance=-1.0))  # always refused
-    refused = ServedModel.load(ServeConfig(runs=(str(run_dir),), device="cpu", precision="auto"))
-    assert len(loads) == 1
+    config = ServeConfig(runs=(str(run_dir),), device="cpu", precision="auto", api_key=api_key)
+    refused = ServedModel.load(config)
+    assert len(loads) == 1 and bool(refused.base.alone) == (api_key is None)
     width = refused.base.backbone.hidden_size
     expected = {None: "fp32", torch.bfloat16: "bf16"}[choose_autocast_dtype("auto", torch.device("cpu"), width)]
     assert refused.compute.precision == expected
     assert not any(isinstance(m, INT8_LINEARS) for m in refused.base.backbone.module.modules())
     monkeypatch.undo()
-    direct = ServedModel.load(ServeConfig(runs=(str(run_dir),), device="cpu", precision=expected))
+    direct = ServedModel.load(ServeConfig(runs=(str(run_dir),), device="cpu", precision=expected, api_key=api_key))
     ids = direct.encode(TEXTS, truncate=True)
     got, want = (torch.stack(s.logits(ids, [s.default] * len(ids), 4)) for s in (refused, direct))
     assert torch.equal(got, want)
+
+
+def test_a_lone_adapter_without_a_key_runs_merged_and_answers_as_unmerged(run_dir, reference):
+    """Nothing can join a lone run served without --api-key, so its update is folded into the base (no
+    per-batch LoRA work); with a key, adapters may be added, so it stays apart. Both answer as predict does."""
+    from lorafit.adapters.multi import GroupedLoRALinear
+
+    for api_key in (None, "k"):
+        served = ServedModel.load(ServeConfig(runs=(str(run_dir),), device="cpu", precision="fp32", api_key=api_key))
+        wrapped = any(isinstance(m, GroupedLoRALinear) for m in served.base.backbone.module.modules())
+        assert bool(served.base.alone) == (api_key is None) and wrapped == (api_key is not None)
+        ids = served.encode(TEXTS, truncate=True)
+        probs = torch.softmax(torch.stack(served.logits(ids, [served.default] * len(ids), 4)), -1)
+        labels = served.default.labels
+        for text, row in zip(TEXTS, probs.tolist()):
+            assert row == pytest.approx([reference[text][k] for k in labels], abs=1e-5)

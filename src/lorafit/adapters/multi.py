@@ -312,24 +312,27 @@ class SharedBase:
         return t.to(self.compute.device, self.compute.autocast_dtype or torch.float32).contiguous()
 
 
-def open_base(name: str, directory: str | Path, device: str, precision: str) -> tuple[SharedBase, Adapter]:
+def open_base(name: str, directory: str | Path, device: str, precision: str,
+              merged: bool = False) -> tuple[SharedBase, Adapter]:
     """The base a run was trained on, ready to share (frozen, on ``--device`` in ``--precision``), and that run on it.
 
     A lorafit adapter folder loads its base once, plain; other adapters then join it. A merged or PEFT
-    folder becomes its own base (the update folded in) and serves alone: no adapter matches its weights.
+    folder becomes its own base (the update folded in) and serves alone: no adapter matches its weights;
+    so does an adapter folder with ``merged`` (nothing will join it: its update then costs nothing per batch,
+    and int8 quantises the merged weights, as predict does).
     In int8 the base's linears are quantised (the adapters' updates stay fp32); ``auto`` keeps int8 only
     where the first run's sample texts keep their classes, and otherwise keeps the float linears the check put
     back, in the precision ``auto`` picks without int8.
     """
-    base, adapter = _open(name, Path(directory), device, precision)
+    base, adapter = _open(name, Path(directory), device, precision, merged)
     if base.compute.int8 and not base.quantize(adapter, sample_texts(directory, pair=adapter.spec.pair),
                                                checked=precision == "auto"):
         base.settle(resolve_compute(base.compute.device, "auto", base.backbone.hidden_size), adapter)
     return base, adapter
 
 
-def _open(name: str, directory: Path, device: str, precision: str) -> tuple[SharedBase, Adapter]:
-    if (directory / ADAPTER_CONFIG).is_file():
+def _open(name: str, directory: Path, device: str, precision: str, merged: bool) -> tuple[SharedBase, Adapter]:
+    if (directory / ADAPTER_CONFIG).is_file() and not merged:
         spec = read_spec(directory)
         backbone = load_backbone(spec.backbone, lm_head=False)
         base = SharedBase(backbone, spec.pooling or backbone.default_pooling, weight_fingerprint(backbone.module),

@@ -45,7 +45,8 @@ class ServedModel:
         check_compute(config.device, config.precision, inference=True)
         runs = config.named_runs()
         (first, directory), *rest = runs.items()
-        base, adapter = open_base(first, directory, config.device, config.precision)
+        alone = not rest and not config.api_key  # nothing can join (adding adapters needs the key): run it merged
+        base, adapter = open_base(first, directory, config.device, config.precision, merged=alone)
         backbone = base.backbone
         limit = min(config.max_input_tokens or backbone.context_length, backbone.context_length)
         served = cls(base, backbone.encoder, limit, {})
