@@ -6,7 +6,8 @@ is real work), two classes each. Side by side, each in its own process(es), 32 c
 text per request (the balanced SMS split's test messages, seed 42), the adapters' traffic even:
 
 - lorafit serve, 1 merged adapter (a `lorafit merge` output): the single-classifier server, the yardstick;
-- lorafit serve, 1 adapter unmerged: what serving an adapter without merging costs;
+- lorafit serve, 1 adapter unmerged: what serving an adapter without merging costs (a lone run is merged at
+  load, so a second adapter, sent nothing, keeps the base shared);
 - lorafit serve, N adapters: one base, mixed batches;
 - N `lorafit serve` processes, one merged adapter each: what a user runs today;
 - PEFT's set_adapter in one FastAPI process: transformers + PEFT with the N adapters loaded, switched per
@@ -188,7 +189,7 @@ def run(args) -> None:
         ports = [free_port() for _ in range(n + 3)]
         ours = [Setup("lorafit serve, 1 merged adapter", [lorafit_cmd([str(m["merged"][0])], ports[0], args.precision)],
                       ports[:1], [None]),
-                Setup("lorafit serve, 1 adapter (unmerged)", [lorafit_cmd(named[:1], ports[1], args.precision)],
+                Setup("lorafit serve, 1 adapter (unmerged)", [lorafit_cmd(named[:2], ports[1], args.precision)],
                       ports[1:2], ["a0"]),
                 Setup(f"lorafit serve, {n} adapters", [lorafit_cmd(named, ports[2], args.precision)], ports[2:3],
                       [f"a{k}" for k in range(n)])]

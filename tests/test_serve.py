@@ -402,3 +402,19 @@ def test_a_lone_adapter_without_a_key_runs_merged_and_answers_as_unmerged(run_di
         labels = served.default.labels
         for text, row in zip(TEXTS, probs.tolist()):
             assert row == pytest.approx([reference[text][k] for k in labels], abs=1e-5)
+
+
+def test_a_lone_adapter_in_int8_is_quantised_as_predict_quantises_its_merged_model(run_dir):
+    """Merged, it takes int8's fused kernels where predict does (an activation inside the linear's kernel)."""
+    from collections import Counter
+
+    from lorafit.adapters.loading import load_classifier
+    from lorafit.adapters.lora import merge_and_unload
+    from lorafit.backbones.int8 import quantize_linears
+
+    served = ServedModel.load(ServeConfig(runs=(str(run_dir),), device="cpu", precision="int8"))
+    model, backbone, _ = load_classifier(run_dir)
+    merge_and_unload(model)
+    quantize_linears(backbone.module, fuse=True)
+    kinds = [Counter(type(m).__name__ for m in module.modules()) for module in (served.base.backbone.module, backbone.module)]
+    assert kinds[0] == kinds[1]

@@ -220,10 +220,11 @@ class SharedBase:
 
     def quantize(self, adapter: Adapter, texts: list, checked: bool) -> bool:
         """The base's linears in int8; ``checked``: only if ``adapter``'s classes and probabilities of ``texts``
-        stay put (:func:`~lorafit.backbones.int8.quantize_checked`). Returns whether int8 was kept."""
-        module = self.backbone.module
+        stay put (:func:`~lorafit.backbones.int8.quantize_checked`). Returns whether int8 was kept. A base served
+        alone (merged, no update added to any output) also takes activations into the int8 kernels (``fuse``)."""
+        module, fuse = self.backbone.module, bool(self.alone)
         if not checked:
-            quantize_linears(module)
+            quantize_linears(module, fuse=fuse)
             return True
         self.wrap(list(adapter.layers))
         data = encode_texts(self.backbone.encoder, texts, None, self.backbone.context_length, warn=False)
@@ -233,7 +234,7 @@ class SharedBase:
         def logits() -> torch.Tensor:
             return torch.stack(self.forward(batch.input_ids, batch.attention_mask, [adapter], [len(data.ids)]))
 
-        return quantize_checked(module, logits, multi_label=adapter.spec.multi_label)
+        return quantize_checked(module, logits, multi_label=adapter.spec.multi_label, fuse=fuse)
 
     def load_adapter(self, name: str, directory: str | Path) -> Adapter:
         """A lorafit adapter folder as an :class:`Adapter` of this base, or a one-line error naming what differs."""
