@@ -397,6 +397,7 @@ def test_a_lone_adapter_without_a_key_runs_merged_and_answers_as_unmerged(run_di
         served = ServedModel.load(ServeConfig(runs=(str(run_dir),), device="cpu", precision="fp32", api_key=api_key))
         wrapped = any(isinstance(m, GroupedLoRALinear) for m in served.base.backbone.module.modules())
         assert bool(served.base.alone) == (api_key is None) and wrapped == (api_key is not None)
+        assert served.describe(served.default)["merged"] == (api_key is None)  # /info and /v1/models say so
         ids = served.encode(TEXTS, truncate=True)
         probs = torch.softmax(torch.stack(served.logits(ids, [served.default] * len(ids), 4)), -1)
         labels = served.default.labels

@@ -181,7 +181,7 @@ class ServedModel:
         spec = adapter.spec
         return {"name": adapter.name, "run": adapter.source, "labels": adapter.labels,
                 "num_classes": len(adapter.labels), "lora": spec.lora.to_dict() if adapter.layers else None,
-                "adapted_layers": len(adapter.layers), "size_bytes": adapter.size_bytes,
+                "adapted_layers": len(adapter.layers), "merged": bool(self.base.alone), "size_bytes": adapter.size_bytes,
                 "temperature": spec.temperature, "thresholds": spec.thresholds,
                 "text_pair": None if spec.text_pair is None else spec.text_pair.to_dict(), "long": spec.long.to_dict()}
 
