@@ -137,7 +137,8 @@ def fusable_activation(activation: nn.Module) -> tuple[str, str] | None:
     """The oneDNN post-op (name, algorithm) that computes ``activation`` inside an int8 linear's kernel, where
     the activation names one (``onednn_post_op``, as GPT-2's GELU does) and this CPU and build run it."""
     post_op = getattr(activation, "onednn_post_op", None)
-    if post_op is None or "onednn" not in torch.backends.quantized.supported_engines or not cpu_has_int8_dot():
+    if post_op is None or "onednn" not in torch.backends.quantized.supported_engines or not cpu_has_int8_dot() \
+            or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
         return None  # (without VNNI, oneDNN's u8 x s8 products could saturate; fbgemm's path reduces the range)
     return post_op
 
