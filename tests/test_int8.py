@@ -191,6 +191,23 @@ def test_time_block_runs_the_first_block_as_inference_would_once_per_process(tin
     assert int8.time_block(module, None) is not timing  # another float precision is another question
 
 
+def test_inference_keeps_freed_buffers_and_training_returns_them(monkeypatch):
+    import platform
+
+    from lorafit import runtime
+    from lorafit.training import loop
+
+    calls = []
+    monkeypatch.setattr(runtime, "_mallopt", lambda mmap, trim: calls.append((mmap, trim)) or True)
+    resolve_inference_compute("cpu", "fp32")
+    assert calls == [(32 << 20, 1 << 30)]  # buffers up to 32 MiB stay in the heap, and the heap is not trimmed
+    monkeypatch.setattr(loop, "Trainer", lambda *a, **k: type("T", (), {"run": lambda self: "ran"})())
+    assert loop.fit(None, None, None, None) == "ran" and calls[-1] == (1 << 20, 128 << 10)  # training: 1 MiB, trim at glibc's default
+    monkeypatch.undo()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert runtime.keep_freed_buffers() and runtime.return_freed_buffers_to_the_os()  # glibc took both settings
+
+
 def test_int8_is_refused_for_training_and_off_the_cpu():
     with pytest.raises(LorafitError, match="for inference"):
         check_precision("int8", torch.device("cpu"))
