@@ -161,7 +161,7 @@ class MultiHeadAttention(nn.Module):
             v = packing.heads(self.W_value(x), self.n_heads)  # (B, H, T, hd)
         if at is not None:
             b = at.shape[0]
-            q = self.W_query(x.index_select(0, at)) if qkv is None else qkv[:, :k.shape[1] * k.shape[3]][at]
+            q = self.W_query(x.index_select(0, at)) if qkv is None else qkv[at, :self.n_heads * self.head_dim]
             y = attention(q.view(b, self.n_heads, 1, self.head_dim), k, v,  # (B, H, 1, hd)
                           attn_mask=packing.visible(packing.positions[at]), dropout_p=dropout)
             return self.out_proj(y.reshape(b, -1))  # (B, D)
