@@ -67,7 +67,7 @@ def explain(served: ServedModel, adapter: Adapter, req: ExplainRequest) -> list[
     try:
         method = resolve_method(req.method)
         thresholds = thresholds_for(adapter.spec.thresholds, labels, req.threshold)
-        check_explainable(adapter.spec.multi_label, labels, req.target, served.windows(adapter), ids,
+        check_explainable(adapter.spec.multi_label, labels, req.target, adapter.windows, ids,
                           repr(adapter.name))
     except LorafitError as e:
         raise invalid(str(e)) from e

@@ -16,7 +16,7 @@ import torch
 
 from ..adapters.multi import Adapter, SharedBase, open_base
 from ..data.batching import INFERENCE_MULTIPLE, Encoded, collate
-from ..data.windows import Windows, pool_windows
+from ..data.windows import pool_windows
 from ..errors import LorafitError
 from ..reporting.report import library_versions
 from ..runtime import Compute, check_compute
@@ -96,10 +96,6 @@ class ServedModel:
             self.base.wrap(list(adapter.layers))
         self.adapters = {**self.adapters, adapter.name: adapter}
 
-    def windows(self, adapter: Adapter) -> Windows | None:
-        """How ``adapter`` cuts long texts (None: it truncates them), as in its training."""
-        return adapter.windows
-
     def encode(self, texts: list, truncate: bool, direction: str = "right", limit: int | None = None,
                adapter: Adapter | None = None) -> list[list[int]]:
         """Token ids of each text, or of each (first, second) pair joined as the base joins pairs; an input over
@@ -141,8 +137,7 @@ class ServedModel:
     def rows(self, adapter: Adapter, ids: list[list[int]]) -> tuple[list[list[int]], torch.Tensor | None]:
         """What the model runs for these texts: the texts themselves, or (a chunking adapter) every window,
         with the text each window came from."""
-        windows = self.windows(adapter)
-        return (ids, None) if windows is None else windows.split(ids)
+        return (ids, None) if adapter.windows is None else adapter.windows.split(ids)
 
     @staticmethod
     def pooled(adapter: Adapter, logits: list[torch.Tensor], owner: torch.Tensor | None, n: int) -> list[torch.Tensor]:
